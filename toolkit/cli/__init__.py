@@ -1,0 +1,1 @@
+"""The thin click CLI over the library (see main.py)."""

@@ -1,0 +1,169 @@
+"""The ``toolkit`` command: option parsing and error mapping only; the work is in the library.
+
+Every ``ToolkitError`` becomes ``Error: <message>`` and exit code 1, never a traceback. Heavy imports
+(tensorflow, tritonclient) happen inside the commands that need them, so ``toolkit --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from toolkit.errors import ToolkitError
+
+
+def handle_errors(func):
+    """Turn the toolkit's own errors into click's ``Error: ...`` (exit 1)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except ToolkitError as e:
+            raise click.ClickException(str(e)) from e
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tf-triton-toolkit")
+def cli() -> None:
+    """Put TensorFlow/Keras models and Python hooks into production on NVIDIA Triton."""
+
+
+@cli.command("gen-repo")
+@click.option("--models", "models_dir", type=click.Path(path_type=Path), default=Path("model_repository"),
+              show_default=True, help="Folder of model folders, each with a model.yaml.")
+@click.option("--ensembles", "ensembles_dir", type=click.Path(path_type=Path), default=Path("ensembles"),
+              show_default=True, help="Folder of ensemble specs (*.yaml).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("build/model_repository"),
+              show_default=True, help="Where to write the Triton model repository (replaced whole).")
+@click.option("--target", type=click.Choice(["embedded", "container"]), default="embedded",
+              show_default=True,
+              help="embedded: the python-only tritonserver of nvidia-pytriton (ONNX runs via onnxruntime "
+                   "in a python model); container: tritonserver 24.10 with its onnxruntime backend.")
+@click.option("--check", is_flag=True, help="Validate the specs and configs without writing anything.")
+@handle_errors
+def gen_repo(models_dir: Path, ensembles_dir: Path, out: Path, target: str, check: bool) -> None:
+    """Generate a validated Triton model repository from the specs."""
+    from toolkit.project import load_project
+    from toolkit.render import build_config_text
+    from toolkit.repo import generate_repository
+
+    project = load_project(models_dir, ensembles_dir)
+    if check:
+        for source in [*project.models.values(), *project.ensembles.values()]:
+            build_config_text(source, source_label=str(getattr(source, "file", source.spec.name)),
+                              target=target)  # type: ignore[arg-type]
+        click.echo(f"OK: {len(project.models)} model(s), {len(project.ensembles)} ensemble(s) valid "
+                   f"for target {target}")
+        return
+    report = generate_repository(project, out, target=target, models_label=models_dir.name)  # type: ignore[arg-type]
+    for name, kind in sorted(report.models.items()):
+        click.echo(f"  {name:<24} {kind}")
+    click.echo(f"Wrote {report.path} ({len(report.models)} models, {report.files} files, target {target})")
+
+
+@cli.command()
+@click.option("--repository", type=click.Path(path_type=Path), default=Path("build/model_repository"),
+              show_default=True, help="The Triton model repository to serve.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; 0.0.0.0 exposes the server to the network.")
+@click.option("--http-port", type=int, default=8000, show_default=True)
+@click.option("--grpc-port", type=int, default=8001, show_default=True)
+@click.option("--metrics-port", type=int, default=8002, show_default=True)
+@click.option("--model-control", type=click.Choice(["none", "poll", "explicit"]), default="none",
+              show_default=True, help="Triton's model-control mode (poll = hot reload on file change).")
+@click.option("--load-model", "load_models", multiple=True,
+              help="With --model-control explicit: models to load at start (repeatable).")
+@click.option("--log-file", type=click.Path(path_type=Path), default=None,
+              help="Write tritonserver's log here instead of the terminal.")
+@click.option("--log-verbose", type=int, default=0, show_default=True)
+@click.option("--timeout", type=float, default=180.0, show_default=True,
+              help="Seconds to wait for every model to load.")
+@handle_errors
+def serve(repository: Path, host: str, http_port: int, grpc_port: int, metrics_port: int,
+          model_control: str, load_models: tuple[str, ...], log_file: Path | None, log_verbose: int,
+          timeout: float) -> None:
+    """Serve a model repository on the tritonserver bundled with nvidia-pytriton."""
+    from toolkit.server import TritonServer
+
+    server = TritonServer(repository, host=host, http_port=http_port, grpc_port=grpc_port,
+                          metrics_port=metrics_port, model_control=model_control,  # type: ignore[arg-type]
+                          load_models=load_models, log_file=log_file, log_verbose=log_verbose)
+    stopping = []
+
+    def request_stop(signum, _frame):
+        stopping.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        server.start(timeout=timeout)
+        models = ", ".join(sorted(m["name"] for m in server.repository_index())) or "none"
+        click.echo(f"Triton is ready with {models}")
+        click.echo(f"  HTTP     http://{server.http_url}/v2")
+        click.echo(f"  gRPC     {server.grpc_url}")
+        click.echo(f"  metrics  {server.metrics_url}")
+        click.echo("Press Ctrl-C to stop.")
+        code = server.wait()
+        raise ToolkitError(f"tritonserver exited unexpectedly with code {code}")
+    except KeyboardInterrupt:
+        click.echo("Stopping: letting in-flight requests finish ...", err=True)
+        code = server.stop()
+        click.echo(f"tritonserver stopped (exit code {code})", err=True)
+    finally:
+        server.stop()
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-i", "--input", "inputs", multiple=True, metavar="NAME=JSON|@FILE",
+              help="An input as JSON (e.g. TEXT='[\"hello\"]'), or @FILE for raw bytes (BYTES inputs).")
+@click.option("--url", default=None, help="host:port (default 127.0.0.1:8000 for http, :8001 for grpc).")
+@click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True)
+@click.option("--model-version", default="", help="A specific version (default: Triton's choice).")
+@click.option("--timeout", type=float, default=60.0, show_default=True)
+@handle_errors
+def infer(model: str, inputs: tuple[str, ...], url: str | None, protocol: str, model_version: str,
+          timeout: float) -> None:
+    """Call MODEL (a model or an ensemble) and print its outputs as JSON."""
+    from toolkit.client import TritonClient, parse_input_value, to_jsonable
+
+    url = url or ("127.0.0.1:8000" if protocol == "http" else "127.0.0.1:8001")
+    with TritonClient(url, protocol=protocol, timeout=timeout) as client:  # type: ignore[arg-type]
+        meta = {t["name"]: t for t in client.metadata(model)["inputs"]}
+        arrays = {}
+        for item in inputs:
+            name, sep, raw = item.partition("=")
+            if not sep or name not in meta:
+                raise click.BadParameter(f"{item!r}: expected NAME=VALUE with NAME one of {sorted(meta)}",
+                                         param_hint="--input")
+            shape = [int(d) for d in meta[name]["shape"]]
+            if raw.startswith("@"):
+                value = [Path(raw[1:]).read_bytes()]
+            else:
+                try:
+                    value = json.loads(raw)
+                except json.JSONDecodeError as e:
+                    raise click.BadParameter(f"{name}: not valid JSON ({e.msg})", param_hint="--input") from e
+            arrays[name] = parse_input_value(name, value, meta[name]["datatype"], shape)
+        result = client.infer(model, arrays, version=model_version)
+    json.dump({k: to_jsonable(v) for k, v in result.items()}, sys.stdout, ensure_ascii=False)
+    sys.stdout.write("\n")
+
+
+def _register_optional_commands() -> None:
+    try:
+        from toolkit.cli.export import export
+    except ImportError:
+        return
+    cli.add_command(export)
+
+
+_register_optional_commands()

@@ -1,0 +1,168 @@
+"""Call a running Triton over HTTP or gRPC with numpy in and numpy out (tritonclient underneath).
+
+    with TritonClient("127.0.0.1:8001", protocol="grpc") as client:
+        out = client.infer("embedding", {"TEXT": np.array([[b"hello"]], dtype=object)})
+
+Errors come back as ``InferenceError`` with Triton's message, and the hook's numeric code when it
+sent one (``[1001] TEXT must not be empty``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import numpy as np
+
+from toolkit.errors import InferenceError
+from toolkit.hooks import parse_coded_message
+
+Protocol = Literal["http", "grpc"]
+
+
+class TritonClient:
+    def __init__(self, url: str, *, protocol: Protocol = "http", timeout: float = 60.0):
+        from tritonclient.utils import InferenceServerException
+
+        self.url, self.protocol, self.timeout = url, protocol, timeout
+        self._server_error = InferenceServerException
+        try:
+            if protocol == "http":
+                import tritonclient.http as module
+
+                self._client = module.InferenceServerClient(
+                    url, connection_timeout=timeout, network_timeout=timeout)
+            elif protocol == "grpc":
+                import tritonclient.grpc as module
+
+                self._client = module.InferenceServerClient(url)
+            else:
+                raise InferenceError(f"unknown protocol {protocol!r}: use http or grpc")
+        except InferenceServerException as e:
+            raise InferenceError(f"cannot connect to {url}: {e.message()}") from e
+        self._module = module
+
+    def _wrap(self, error: Exception, what: str) -> InferenceError:
+        message = error.message() if isinstance(error, self._server_error) else str(error)
+        code, _ = parse_coded_message(message or "")
+        status = error.status() if isinstance(error, self._server_error) else None
+        return InferenceError(f"{what}: {message}", code=code, status=status)
+
+    def infer(self, model: str, inputs: Mapping[str, np.ndarray], *, outputs: list[str] | None = None,
+              version: str = "", timeout: float | None = None) -> dict[str, np.ndarray]:
+        """One inference; returns every output (or the named ones) as numpy arrays."""
+        from tritonclient.utils import np_to_triton_dtype
+
+        infer_inputs = []
+        for name, array in inputs.items():
+            array = np.asarray(array)
+            if array.dtype.kind in "UO":
+                array = _to_bytes(array)
+            item = self._module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            if self.protocol == "http":
+                item.set_data_from_numpy(array, binary_data=True)
+            else:
+                item.set_data_from_numpy(array)
+            infer_inputs.append(item)
+        requested = None
+        if outputs:
+            kwargs = {"binary_data": True} if self.protocol == "http" else {}
+            requested = [self._module.InferRequestedOutput(n, **kwargs) for n in outputs]
+        try:
+            if self.protocol == "grpc":
+                result = self._client.infer(model, infer_inputs, model_version=version, outputs=requested,
+                                            client_timeout=timeout or self.timeout)
+                names = [o.name for o in result.get_response().outputs]
+            else:
+                result = self._client.infer(model, infer_inputs, model_version=version, outputs=requested,
+                                            timeout=int((timeout or self.timeout) * 1e6))
+                names = [o["name"] for o in result.get_response()["outputs"]]
+        except Exception as e:
+            raise self._wrap(e, f"model '{model}'") from e
+        return {name: result.as_numpy(name) for name in names}
+
+    def metadata(self, model: str) -> dict[str, Any]:
+        try:
+            if self.protocol == "grpc":
+                return self._client.get_model_metadata(model, as_json=True)
+            return self._client.get_model_metadata(model)
+        except Exception as e:
+            raise self._wrap(e, f"model '{model}'") from e
+
+    def config(self, model: str) -> dict[str, Any]:
+        try:
+            if self.protocol == "grpc":
+                return self._client.get_model_config(model, as_json=True)["config"]
+            return self._client.get_model_config(model)
+        except Exception as e:
+            raise self._wrap(e, f"model '{model}'") from e
+
+    def statistics(self, model: str) -> dict[str, Any]:
+        """Triton's per-model statistics (inference and execution counts, queue and compute time)."""
+        try:
+            if self.protocol == "grpc":
+                stats = self._client.get_inference_statistics(model, as_json=True)
+            else:
+                stats = self._client.get_inference_statistics(model)
+        except Exception as e:
+            raise self._wrap(e, f"model '{model}'") from e
+        return stats["model_stats"][0]
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> TritonClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _to_bytes(array: np.ndarray) -> np.ndarray:
+    flat = [v.encode("utf-8") if isinstance(v, str) else v for v in array.reshape(-1)]
+    out = np.empty(len(flat), dtype=np.object_)
+    out[:] = flat
+    return out.reshape(array.shape)
+
+
+_TRITON_TO_NUMPY = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
+                    "UINT64": np.uint64, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32,
+                    "INT64": np.int64, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
+                    "BYTES": np.object_}
+
+
+def parse_input_value(name: str, value: Any, datatype: str, shape: list[int]) -> np.ndarray:
+    """A JSON value for one input -> an array of the model's dtype, adding the batch axis if needed.
+
+    ``shape`` is the model's metadata shape (with -1 for the batch axis when the model batches).
+    """
+    if datatype not in _TRITON_TO_NUMPY:
+        raise InferenceError(f"input '{name}': unsupported datatype {datatype}")
+    try:
+        array = np.array(value, dtype=_TRITON_TO_NUMPY[datatype])
+    except (TypeError, ValueError) as e:
+        raise InferenceError(f"input '{name}': cannot convert {json.dumps(value)[:80]} to {datatype}: {e}") from e
+    if datatype == "BYTES":
+        array = _to_bytes(array)
+    if array.ndim == len(shape) - 1:
+        array = array[np.newaxis, ...]
+    if array.ndim != len(shape):
+        raise InferenceError(f"input '{name}': got {array.ndim} dims {list(array.shape)}, "
+                             f"the model expects shape {shape}")
+    return array
+
+
+def to_jsonable(array: np.ndarray) -> Any:
+    if array.dtype == np.object_:
+        return [to_jsonable(a) for a in array] if array.ndim else _decode(array.item())
+    return array.tolist()
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value.hex()
+    return value

@@ -1,0 +1,231 @@
+"""Load a project's specs from disk into validated, resolved objects.
+
+A project is two folders:
+
+    model_repository/<model>/model.yaml     one folder per model: its spec, hook files, assets,
+    model_repository/<model>/<version>/     and version folders with exported artifacts
+    ensembles/<ensemble>.yaml               one file per ensemble (the DAG)
+
+Loading validates every file, resolves what the spec leaves to the artifacts (an ONNX model's
+inputs and outputs), locates hook classes without importing user code, checks every ensemble, and
+reports all problems at once. Nothing is written here.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from toolkit.dag import check_ensemble, check_nesting
+from toolkit.errors import SpecError
+from toolkit.spec import DTYPES, AnySpec, EnsembleSpec, ModelSpec, TensorSpec, parse_spec, read_yaml
+
+MODEL_FILE = "model.yaml"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    spec: ModelSpec
+    folder: Path
+    versions: list[int]
+    #: A hook module that lives in the model folder (copied into the repository), or None.
+    hook_path: Path | None = None
+    #: ``api_path`` as the hook class declares it, read from its source without importing it.
+    hook_api_path: str | None = None
+
+    @property
+    def api_path(self) -> str | None:
+        return self.spec.api_path or self.hook_api_path
+
+
+@dataclass(frozen=True)
+class EnsembleSource:
+    spec: EnsembleSpec
+    file: Path
+
+    @property
+    def api_path(self) -> str | None:
+        return self.spec.api_path
+
+
+@dataclass
+class Project:
+    models: dict[str, ModelSource] = field(default_factory=dict)
+    ensembles: dict[str, EnsembleSource] = field(default_factory=dict)
+
+    def specs(self) -> dict[str, AnySpec]:
+        out: dict[str, AnySpec] = {n: m.spec for n, m in self.models.items()}
+        out.update({n: e.spec for n, e in self.ensembles.items()})
+        return out
+
+
+def load_project(models_dir: Path, ensembles_dir: Path | None = None) -> Project:
+    """Read and check every spec; raise one SpecError listing every problem found."""
+    problems: list[SpecError] = []
+    project = Project()
+    if not models_dir.is_dir():
+        raise SpecError(f"models folder not found: {models_dir}")
+
+    for folder in sorted(p for p in models_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            source = load_model(folder)
+            project.models[source.spec.name] = source
+        except SpecError as e:
+            problems.append(e)
+
+    if ensembles_dir is not None and ensembles_dir.is_dir():
+        for file in sorted([*ensembles_dir.glob("*.yaml"), *ensembles_dir.glob("*.yml")]):
+            try:
+                spec = parse_spec(read_yaml(file), EnsembleSpec, file=file, default_name=file.stem)
+            except SpecError as e:
+                problems.append(e)
+                continue
+            if spec.name in project.models or spec.name in project.ensembles:
+                problems.append(SpecError("another model or ensemble already has this name",
+                                          file=str(file), model=spec.name, field="name"))
+                continue
+            project.ensembles[spec.name] = EnsembleSource(spec, file)
+
+    specs = project.specs()
+    for ens in project.ensembles.values():
+        problems.extend(check_ensemble(ens.spec, specs, file=str(ens.file)))
+    problems.extend(check_nesting(specs))
+    if not specs and not problems:
+        problems.append(SpecError(f"no models found: expected {models_dir}/<model>/{MODEL_FILE}"))
+    if problems:
+        if len(problems) == 1:
+            raise problems[0]
+        raise SpecError(f"{len(problems)} problems:\n" + "\n".join(f"- {p}" for p in problems))
+    return project
+
+
+def load_model(folder: Path) -> ModelSource:
+    file = folder / MODEL_FILE
+    if not file.is_file():
+        raise SpecError(f"model folder has no {MODEL_FILE}", file=str(folder))
+    spec = parse_spec(read_yaml(file), ModelSpec, file=file, default_name=folder.name)
+    assert isinstance(spec, ModelSpec)
+
+    def fail(message: str, field: str | None = None) -> SpecError:
+        return SpecError(message, file=str(file), model=spec.name, field=field)
+
+    if spec.name != folder.name:
+        raise fail(f"name must equal its folder name '{folder.name}' (Triton requires it)", "name")
+    versions = sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+    for dst, src in spec.assets.items():
+        if not (folder / src).is_file():
+            raise fail(f"asset '{dst}': file not found: {folder / src}", f"assets.{dst}")
+
+    hook_path, hook_api_path = None, None
+    if spec.kind == "python":
+        versions = versions or [1]
+        hook_path, hook_api_path = _locate_hook(folder, spec.hook, fail)
+    else:
+        versions = [v for v in versions if (folder / str(v) / spec.file).is_file()]
+        if not versions:
+            raise fail(f"no version folder holds '{spec.file}' (expected {folder}/1/{spec.file}); "
+                       "export one with `toolkit export`", "file")
+        spec = _with_onnx_io(spec, folder / str(versions[-1]) / spec.file, fail)
+
+    try:
+        spec.check_padding()
+    except ValueError as e:
+        raise fail(str(e), "pad_inputs") from None
+    return ModelSource(spec, folder, versions, hook_path, hook_api_path)
+
+
+def _locate_hook(folder: Path, ref: str, fail) -> tuple[Path | None, str | None]:
+    module, cls = ref.split(":")
+    local = folder / f"{module}.py"
+    if "." not in module and local.is_file():
+        path = local
+    else:
+        try:
+            found = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            found = None
+        if found is None or not found.origin or not found.origin.endswith(".py"):
+            raise fail(f"hook module '{module}' is neither {local} nor an importable module", "hook")
+        path = Path(found.origin)
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    except SyntaxError as e:
+        raise fail(f"hook module {path} has a syntax error at line {e.lineno}: {e.msg}", "hook") from None
+    node = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls), None)
+    if node is None:
+        raise fail(f"hook module {path} defines no class '{cls}'", "hook")
+    return (path if path == local else None), _class_string_attr(node, "api_path")
+
+
+def _class_string_attr(node: ast.ClassDef, attr: str) -> str | None:
+    for stmt in node.body:
+        targets = stmt.targets if isinstance(stmt, ast.Assign) else (
+            [stmt.target] if isinstance(stmt, ast.AnnAssign) else [])
+        value = getattr(stmt, "value", None)
+        if any(isinstance(t, ast.Name) and t.id == attr for t in targets) and isinstance(
+                value, ast.Constant) and isinstance(value.value, str):
+            return value.value
+    return None
+
+
+def _with_onnx_io(spec: ModelSpec, path: Path, fail) -> ModelSpec:
+    """Fill an ONNX model's inputs/outputs from the file, or check the declared ones against it."""
+    inputs, outputs = read_onnx_io(path, spec.max_batch_size, fail)
+    for side, found in (("inputs", inputs), ("outputs", outputs)):
+        declared = getattr(spec, side)
+        if not declared:
+            continue
+        by_name = {t.name: t for t in found}
+        for i, t in enumerate(declared):
+            real = by_name.get(t.name)
+            if real is None:
+                raise fail(f"'{t.name}' is not an {side[:-1]} of {path.name} (it has {sorted(by_name)})",
+                           f"{side}[{i}].name")
+            if real.dtype != t.dtype or len(real.dims) != len(t.dims) or any(
+                    r not in (-1, d) for r, d in zip(real.dims, t.dims, strict=True)):
+                raise fail(f"declared {t.dtype} {t.dims} but {path.name} has {real.dtype} {real.dims}",
+                           f"{side}[{i}]")
+    return spec.model_copy(update={"inputs": spec.inputs or inputs, "outputs": spec.outputs or outputs})
+
+
+_ONNX_TO_DTYPE = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int8": "INT8",
+                  "int16": "INT16", "int32": "INT32", "int64": "INT64", "uint8": "UINT8",
+                  "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64", "bool": "BOOL",
+                  "object": "BYTES"}
+assert set(_ONNX_TO_DTYPE.values()) == set(DTYPES)
+
+
+def read_onnx_io(path: Path, max_batch_size: int, fail) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as e:
+        raise fail(f"cannot read ONNX file {path}: {e}", "file") from e
+    initializers = {i.name for i in graph.initializer}
+
+    def convert(values) -> list[TensorSpec]:
+        out = []
+        for v in values:
+            if v.name in initializers:
+                continue
+            ttype = v.type.tensor_type
+            dtype = _ONNX_TO_DTYPE.get(str(tensor_dtype_to_np_dtype(ttype.elem_type)))
+            if dtype is None:
+                raise fail(f"tensor '{v.name}' of {path.name} has a type Triton cannot serve", "file")
+            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in ttype.shape.dim]
+            if max_batch_size > 0:
+                if not dims or dims[0] not in (-1,):
+                    raise fail(f"max_batch_size > 0 needs a variable first (batch) axis, but "
+                               f"'{v.name}' of {path.name} has shape {dims}", "max_batch_size")
+                dims = dims[1:]
+            if not dims:
+                raise fail(f"'{v.name}' of {path.name} has no dims besides the batch axis; give it "
+                           "shape [batch, 1] (Triton needs at least one dim)", "file")
+            out.append(TensorSpec(name=v.name, dtype=dtype, dims=dims))
+        return out
+
+    return convert(graph.input), convert(graph.output)

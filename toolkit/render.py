@@ -1,0 +1,150 @@
+"""Spec -> config.pbtxt, rendered with jinja2 and proven against Triton's real ModelConfig.
+
+``model_config`` builds the configuration as a dict shaped like Triton's protobuf (the PyTriton way).
+The jinja2 template turns that dict into the readable config.pbtxt that lands in the repository.
+``validate_config`` then parses the rendered text with ``tritonclient``'s ``ModelConfig`` (Triton's
+own schema) and compares it with the dict parsed independently: a template mistake is caught
+whether it breaks the syntax (an unknown field, a bad enum) or silently drops or alters a field.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import jinja2
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2
+
+from toolkit.errors import RenderError
+from toolkit.project import EnsembleSource, ModelSource
+from toolkit.runtime.params import API_PATH, HOOK, ONNX_HOOK, PAD_PREFIX, TRIM_PREFIX
+
+Target = Literal["embedded", "container"]
+TARGETS: tuple[str, ...] = ("embedded", "container")
+TEMPLATE_DIR = Path(__file__).parent / "templates"
+
+
+def _tensor(t) -> dict[str, Any]:
+    out = {"name": t.name, "data_type": "TYPE_STRING" if t.dtype == "BYTES" else f"TYPE_{t.dtype}",
+           "dims": list(t.dims)}
+    if t.optional:
+        out["optional"] = True
+    return out
+
+
+def _version_policy(vp) -> dict[str, Any]:
+    if vp.latest is not None:
+        return {"latest": {"num_versions": vp.latest}}
+    if vp.all:
+        return {"all": {}}
+    return {"specific": {"versions": sorted(vp.specific)}}
+
+
+def model_config(source: ModelSource | EnsembleSource, target: Target = "embedded") -> dict[str, Any]:
+    """The model's Triton configuration as a protobuf-shaped dict (field names as in the proto)."""
+    spec = source.spec
+    params: dict[str, str] = dict(spec.parameters)
+    config: dict[str, Any] = {
+        "name": spec.name,
+        "max_batch_size": spec.max_batch_size,
+        "version_policy": _version_policy(spec.version_policy),
+        "input": [_tensor(t) for t in spec.inputs],
+        "output": [_tensor(t) for t in spec.outputs],
+        "instance_group": [],
+    }
+    if source.api_path:
+        params[API_PATH] = source.api_path
+
+    if isinstance(source, EnsembleSource):
+        config["platform"] = "ensemble"
+        config["ensemble_scheduling"] = {"step": [
+            {"model_name": s.model, "model_version": s.version,
+             "input_map": dict(s.inputs), "output_map": dict(s.outputs)} for s in spec.steps]}
+    else:
+        config["instance_group"] = [{"count": spec.instance_count, "kind": "KIND_CPU"}]
+        if spec.dynamic_batching is not None:
+            db = spec.dynamic_batching
+            batching: dict[str, Any] = {
+                "preferred_batch_size": list(db.preferred_batch_size),
+                "max_queue_delay_microseconds": db.max_queue_delay_microseconds,
+                "preserve_ordering": db.preserve_ordering,
+            }
+            if db.default_queue_policy is not None:
+                batching["default_queue_policy"] = db.default_queue_policy.model_dump()
+            config["dynamic_batching"] = batching
+        if spec.kind == "onnx" and target == "container":
+            # Triton's own onnxruntime backend; it batches only requests of equal shape.
+            config["backend"] = "onnxruntime"
+            if spec.file != "model.onnx":
+                config["default_model_filename"] = spec.file
+            threads = params.pop("intra_op_threads", None)
+            if threads is not None:
+                params["intra_op_thread_count"] = threads
+        else:
+            # The embedded server has only the python backend: the fixed adapter runs the hook,
+            # and an ONNX model runs in the built-in onnxruntime hook.
+            config["backend"] = "python"
+            params[HOOK] = spec.hook if spec.kind == "python" else ONNX_HOOK
+            if spec.kind == "onnx":
+                params["onnx_file"] = spec.file
+            for name, value in spec.pad_inputs.items():
+                params[PAD_PREFIX + name] = repr(value)
+            for name, like in spec.trim_outputs.items():
+                params[TRIM_PREFIX + name] = like
+    config["parameters"] = {k: {"string_value": v} for k, v in sorted(params.items())}
+    return config
+
+
+def _quote(value: Any) -> str:
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{text}"'
+
+
+def make_environment(template_dir: Path = TEMPLATE_DIR) -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(template_dir)), undefined=jinja2.StrictUndefined,
+        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
+    env.filters["q"] = _quote
+    return env
+
+
+def render_config(config: dict[str, Any], *, source: str, target: Target,
+                  env: jinja2.Environment | None = None) -> str:
+    env = env or make_environment()
+    try:
+        return env.get_template("config.pbtxt.j2").render(c=config, source=source, target=target)
+    except jinja2.TemplateError as e:
+        raise RenderError(f"model '{config['name']}': template error: {e}") from e
+
+
+def validate_config(text: str, expected: dict[str, Any]) -> model_config_pb2.ModelConfig:
+    """Parse ``text`` as Triton's ModelConfig and require it to say exactly what ``expected`` says."""
+    name = expected.get("name", "?")
+    parsed = model_config_pb2.ModelConfig()
+    try:
+        text_format.Parse(text, parsed)
+    except text_format.ParseError as e:
+        raise RenderError(f"model '{name}': rendered config.pbtxt is not a valid Triton ModelConfig: {e}"
+                          ) from e
+    reference = model_config_pb2.ModelConfig()
+    try:
+        json_format.ParseDict(expected, reference)
+    except json_format.ParseError as e:
+        raise RenderError(f"model '{name}': configuration does not fit Triton's ModelConfig: {e}") from e
+    if parsed != reference:
+        diff = "\n".join(difflib.unified_diff(
+            text_format.MessageToString(reference).splitlines(),
+            text_format.MessageToString(parsed).splitlines(), "spec", "rendered", lineterm=""))
+        raise RenderError(f"model '{name}': rendered config.pbtxt differs from the spec:\n{diff}")
+    return parsed
+
+
+def build_config_text(source: ModelSource | EnsembleSource, *, source_label: str,
+                      target: Target = "embedded", env: jinja2.Environment | None = None) -> str:
+    """Render and validate one model's config.pbtxt."""
+    config = model_config(source, target)
+    text = render_config(config, source=source_label, target=target, env=env)
+    validate_config(text, config)
+    return text

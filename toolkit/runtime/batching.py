@@ -1,0 +1,241 @@
+"""One dynamic batch through a hook: validate each request, stack, infer once, split back.
+
+This is the adapter's logic without Triton's types, so it is unit-tested without a server:
+
+1. ``api_entry`` runs per request; a request it rejects gets its own ``Failure`` and is left out.
+2. Accepted requests are stacked along axis 0. Inputs named in ``pad_inputs`` are padded along their
+   variable dims to the longest request; requests that still differ in shape run in separate groups.
+3. ``infer`` runs once per group. Its outputs are checked against the config (names, row count,
+   fixed dims, dtype) and split back per request; ``trim_outputs`` cut padded dims back.
+4. If ``infer`` raises on a group of several requests, each request is retried alone, so a poison
+   request fails by itself and its neighbours still get their answers.
+
+Exactly one result (outputs or ``Failure``) is returned per request, in order.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from toolkit.hooks import API_ENTRY_FAILED, INFERENCE_FAILED, HookError, format_coded_message
+from toolkit.runtime.params import PAD_PREFIX, TRIM_PREFIX
+
+_NUMPY_DTYPES = {
+    "TYPE_BOOL": np.bool_, "TYPE_UINT8": np.uint8, "TYPE_UINT16": np.uint16, "TYPE_UINT32": np.uint32,
+    "TYPE_UINT64": np.uint64, "TYPE_INT8": np.int8, "TYPE_INT16": np.int16, "TYPE_INT32": np.int32,
+    "TYPE_INT64": np.int64, "TYPE_FP16": np.float16, "TYPE_FP32": np.float32, "TYPE_FP64": np.float64,
+    "TYPE_STRING": np.object_,
+}
+_MAX_MESSAGE = 500
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    name: str
+    dtype: np.dtype
+    dims: tuple[int, ...]  # without the batch axis
+
+    @property
+    def variable_axes(self) -> tuple[int, ...]:
+        return tuple(i for i, d in enumerate(self.dims) if d == -1)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the adapter needs to know of a model's config."""
+
+    max_batch_size: int
+    inputs: Mapping[str, TensorLayout]
+    outputs: Mapping[str, TensorLayout]
+    pad: Mapping[str, float]
+    trim: Mapping[str, str]
+
+    @property
+    def batching(self) -> bool:
+        return self.max_batch_size > 0
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Layout:
+        """Build from the model config JSON that Triton hands to ``initialize``."""
+
+        def tensors(key: str) -> dict[str, TensorLayout]:
+            return {t["name"]: TensorLayout(t["name"], np.dtype(_NUMPY_DTYPES[t["data_type"]]),
+                                            tuple(int(d) for d in t["dims"]))
+                    for t in config.get(key, [])}
+
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        return cls(
+            max_batch_size=int(config.get("max_batch_size", 0)),
+            inputs=tensors("input"), outputs=tensors("output"),
+            pad={k[len(PAD_PREFIX):]: float(v) for k, v in params.items() if k.startswith(PAD_PREFIX)},
+            trim={k[len(TRIM_PREFIX):]: v for k, v in params.items() if k.startswith(TRIM_PREFIX)},
+        )
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One request's error, as the client will see it."""
+
+    code: int
+    message: str
+
+    def wire_message(self) -> str:
+        return format_coded_message(self.code, self.message)
+
+
+Result = dict[str, np.ndarray] | Failure
+Log = Callable[[str], None]
+
+
+@dataclass
+class _Accepted:
+    index: int
+    inputs: dict[str, np.ndarray]
+    rows: int
+
+
+def run_batch(hook: Any, requests: list[dict[str, np.ndarray]], layout: Layout,
+              log: Log | None = None) -> list[Result]:
+    """Run one dynamic batch of requests through ``hook``; one result per request, in order."""
+    results: list[Result | None] = [None] * len(requests)
+    accepted: list[_Accepted] = []
+    for i, request in enumerate(requests):
+        try:
+            normalised = hook.api_entry(request)
+            accepted.append(_Accepted(i, normalised, _rows_of(normalised, layout)))
+        except Exception as e:
+            results[i] = _failure(e, API_ENTRY_FAILED, "api_entry", log)
+    for group in _groups(accepted, layout):
+        _run_group(hook, group, layout, results, log)
+    return results  # type: ignore[return-value]
+
+
+def _rows_of(request: Any, layout: Layout) -> int:
+    if not isinstance(request, dict) or not all(isinstance(v, np.ndarray) for v in request.values()):
+        raise TypeError("api_entry must return a dict of numpy arrays")
+    if not layout.batching:
+        return 1
+    rows = {name: (v.shape[0] if v.ndim else None) for name, v in request.items()}
+    if None in rows.values() or len(set(rows.values())) > 1:
+        raise ValueError(f"every tensor of a request needs the same batch size on axis 0, got {rows}")
+    return next(iter(rows.values()), 0)
+
+
+def _groups(accepted: list[_Accepted], layout: Layout) -> list[list[_Accepted]]:
+    """Requests that can share one ``infer`` call: all of them, unless shapes force a split."""
+    if not layout.batching:
+        return [[a] for a in accepted]
+    groups: dict[tuple, list[_Accepted]] = {}
+    for a in accepted:
+        key = []
+        for name in sorted(a.inputs):
+            array = a.inputs[name]
+            shape: list[int | None] = list(array.shape[1:])
+            if name in layout.pad and name in layout.inputs:
+                for axis in layout.inputs[name].variable_axes:
+                    if axis < len(shape):
+                        shape[axis] = None
+            key.append((name, array.dtype.str, tuple(shape)))
+        groups.setdefault(tuple(key), []).append(a)
+    return list(groups.values())
+
+
+def _run_group(hook: Any, group: list[_Accepted], layout: Layout, results: list, log: Log | None) -> None:
+    try:
+        if len(group) == 1:
+            batch = group[0].inputs
+        else:
+            batch = {name: _stack([a.inputs[name] for a in group], layout.pad.get(name))
+                     for name in group[0].inputs}
+        outputs = hook.infer(batch)
+        split = _split(outputs, group, layout)
+    except Exception as e:
+        if len(group) > 1:
+            if log:
+                log(f"infer failed on a batch of {len(group)} requests ({type(e).__name__}: {e}); "
+                    "retrying each request alone to isolate the failing one")
+            for a in group:
+                _run_group(hook, [a], layout, results, log)
+            return
+        results[group[0].index] = _failure(e, INFERENCE_FAILED, "infer", log)
+        return
+    for a, out in zip(group, split, strict=True):
+        results[a.index] = out
+
+
+def _stack(arrays: list[np.ndarray], pad: float | None) -> np.ndarray:
+    shapes = {a.shape[1:] for a in arrays}
+    if len(shapes) == 1 or pad is None:
+        return np.concatenate(arrays, axis=0)
+    target = tuple(max(s[i] for s in shapes) for i in range(arrays[0].ndim - 1))
+    out = np.full((sum(a.shape[0] for a in arrays), *target), pad, dtype=arrays[0].dtype)
+    start = 0
+    for a in arrays:
+        out[(slice(start, start + a.shape[0]), *(slice(0, n) for n in a.shape[1:]))] = a
+        start += a.shape[0]
+    return out
+
+
+def _split(outputs: Any, group: list[_Accepted], layout: Layout) -> list[dict[str, np.ndarray]]:
+    if not isinstance(outputs, Mapping):
+        raise TypeError(f"infer must return a dict of outputs, got {type(outputs).__name__}")
+    unknown = sorted(set(outputs) - set(layout.outputs))
+    if unknown:
+        raise ValueError(f"infer returned unknown outputs {unknown} (config outputs: {sorted(layout.outputs)})")
+    total = sum(a.rows for a in group)
+    per_request: list[dict[str, np.ndarray]] = [{} for _ in group]
+    for name, spec in layout.outputs.items():
+        if name not in outputs:
+            raise ValueError(f"infer returned no output '{name}'")
+        array = _as_dtype(np.asarray(outputs[name]), spec)
+        batch_axes = 1 if layout.batching else 0
+        if array.ndim != len(spec.dims) + batch_axes or any(
+                d not in (-1, n) for d, n in zip(spec.dims, array.shape[batch_axes:], strict=True)):
+            raise ValueError(f"output '{name}' has shape {list(array.shape)}, config dims are "
+                             f"{list(spec.dims)}" + (" after the batch axis" if batch_axes else ""))
+        if not layout.batching:
+            per_request[0][name] = np.ascontiguousarray(array)
+            continue
+        if array.shape[0] != total:
+            raise ValueError(f"output '{name}' has {array.shape[0]} rows for a batch of {total}")
+        like = layout.trim.get(name)
+        start = 0
+        for out, a in zip(per_request, group, strict=True):
+            part = array[start:start + a.rows]
+            start += a.rows
+            if like is not None and like in a.inputs:
+                part = _trim(part, spec, a.inputs[like], layout.inputs[like])
+            out[name] = np.ascontiguousarray(part)
+    return per_request
+
+
+def _trim(part: np.ndarray, spec: TensorLayout, source: np.ndarray, source_spec: TensorLayout) -> np.ndarray:
+    """Cut the k-th variable dim of an output back to the request's k-th variable input dim."""
+    index = [slice(None)] * part.ndim
+    for out_axis, in_axis in zip(spec.variable_axes, source_spec.variable_axes, strict=False):
+        index[out_axis + 1] = slice(0, source.shape[in_axis + 1])
+    return part[tuple(index)]
+
+
+def _as_dtype(array: np.ndarray, spec: TensorLayout) -> np.ndarray:
+    if spec.dtype == np.object_:
+        if array.dtype.kind == "U":
+            return np.char.encode(array, "utf-8").astype(np.object_)
+        return array.astype(np.object_, copy=False)
+    return array.astype(spec.dtype, copy=False)
+
+
+def _failure(error: Exception, default_code: int, stage: str, log: Log | None) -> Failure:
+    if isinstance(error, HookError):
+        return Failure(error.code, error.message)
+    if log:
+        log(f"{stage} raised {type(error).__name__}:\n{traceback.format_exc()}")
+    message = f"{stage} failed: {type(error).__name__}: {error}"
+    if len(message) > _MAX_MESSAGE:
+        message = message[:_MAX_MESSAGE - 3] + "..."
+    return Failure(default_code, message)

@@ -1,0 +1,80 @@
+"""The toolkit's Triton python-backend adapter, copied verbatim into every python model's version folder.
+
+It never changes per model: what differs travels in the config ``parameters`` (the hook class in
+``toolkit.hook``, padding in ``toolkit.pad.*`` / ``toolkit.trim.*``). It loads the user's hook,
+turns Triton requests into numpy dicts, hands one dynamic batch to ``toolkit.runtime.batching``,
+and returns exactly one response per request: outputs, or an error carrying ``[code] message``.
+"""
+
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import triton_python_backend_utils as pb_utils
+
+from toolkit.hooks import HookContext
+from toolkit.runtime.batching import Failure, Layout, run_batch
+from toolkit.runtime.params import HOOK
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.logger = pb_utils.Logger
+        self.name = args["model_name"]
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        # The hook's own modules and assets sit beside this file.
+        if str(version_dir) not in sys.path:
+            sys.path.insert(0, str(version_dir))
+        self.layout = Layout.from_config(config)
+        self.input_names = list(self.layout.inputs)
+
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        module_name, class_name = params[HOOK].split(":")
+        try:
+            hook_class = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError) as e:
+            raise pb_utils.TritonModelException(
+                f"model '{self.name}': cannot load hook {params[HOOK]}: {type(e).__name__}: {e}") from e
+        self.hook = hook_class()
+        groups = config.get("instance_group") or [{}]
+        ctx = HookContext(
+            model_name=self.name,
+            model_version=int(args["model_version"]),
+            model_dir=version_dir,
+            parameters={k: v for k, v in params.items() if not k.startswith("toolkit.")},
+            instance_name=args.get("model_instance_name", ""),
+            instance_count=max(1, sum(int(g.get("count", 1)) for g in groups)),
+            max_batch_size=self.layout.max_batch_size,
+        )
+        self.hook.init(ctx)
+        self.logger.log_info(f"model '{self.name}' v{ctx.model_version}: hook {params[HOOK]} ready "
+                             f"(pid {os.getpid()}, max_batch_size {ctx.max_batch_size})")
+
+    def execute(self, requests):
+        batch = []
+        for request in requests:
+            inputs = {}
+            for name in self.input_names:
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                if tensor is not None:  # optional inputs may be absent
+                    inputs[name] = tensor.as_numpy()
+            batch.append(inputs)
+        results = run_batch(self.hook, batch, self.layout, log=self.logger.log_error)
+        responses = []
+        for result in results:
+            if isinstance(result, Failure):
+                responses.append(pb_utils.InferenceResponse(
+                    output_tensors=[], error=pb_utils.TritonError(result.wire_message())))
+            else:
+                responses.append(pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor(n, a) for n, a in result.items()]))
+        return responses
+
+    def finalize(self):
+        finalize = getattr(self.hook, "finalize", None)
+        if finalize is not None:
+            finalize()
+

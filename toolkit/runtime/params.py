@@ -1,0 +1,8 @@
+"""Config ``parameters`` keys the toolkit reserves for itself; written by gen-repo, read by the adapter."""
+
+HOOK = "toolkit.hook"
+API_PATH = "toolkit.api_path"
+PAD_PREFIX = "toolkit.pad."
+TRIM_PREFIX = "toolkit.trim."
+#: The built-in hook that runs an ONNX file with onnxruntime on the embedded (python-only) server.
+ONNX_HOOK = "toolkit.runtime.onnx_hook:OnnxModel"

@@ -1,0 +1,233 @@
+"""Run a model repository on the real tritonserver bundled in the nvidia-pytriton wheel.
+
+What it takes to run that binary well, done once here:
+- a private backend folder of symlinks holding the python backend and the stub built for *this*
+  interpreter (the wheel is never modified; the stub's relative rpath survives a symlink);
+- an environment in which the stub finds this virtualenv's packages (its bin/ first on PATH, the
+  toolkit's own source on PYTHONPATH) and Debian's libpython it links against;
+- start-up that waits until Triton is live, then asks its repository index which models failed to
+  load and why, so a broken model ends the start with its name and Triton's reason;
+- an orderly stop: SIGTERM lets Triton finish in-flight requests before it exits, and the server
+  dies with its parent (PR_SET_PDEATHSIG) instead of outliving a crashed CLI or test run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Literal
+
+from toolkit.errors import ModelLoadError, ServerError
+
+ModelControl = Literal["none", "poll", "explicit"]
+
+
+def bundled_server_dir() -> Path:
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError("nvidia-pytriton is not installed: `pip install nvidia-pytriton==0.7.0`")
+    path = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
+    if not (path / "bin" / "tritonserver").is_file():
+        raise ServerError(f"no tritonserver binary in {path}")
+    return path
+
+
+def prepare_backends(bundle: Path, into: Path) -> Path:
+    """A backend folder whose python backend uses the stub matching this interpreter."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = bundle / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServerError(f"the bundled tritonserver has no python stub for Python {version}")
+    missing = _missing_libraries(stub)
+    if missing:
+        raise ServerError(f"the python stub needs {', '.join(missing)}; on Debian/Ubuntu install it with "
+                          f"`apt-get install libpython{version}`")
+    python_dir = into / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for item in (bundle / "backends" / "python").iterdir():
+        if item.name != "__pycache__":
+            (python_dir / item.name).symlink_to(item)
+    (python_dir / stub.name).symlink_to(stub)
+    return into
+
+
+def _missing_libraries(binary: Path) -> list[str]:
+    try:
+        out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []  # no ldd: let the server report it
+    return [line.split()[0] for line in out.splitlines() if "not found" in line]
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class TritonServer:
+    """One tritonserver process serving a repository. Use as a context manager or start()/stop()."""
+
+    def __init__(self, repository: Path, *, host: str = "127.0.0.1", http_port: int = 8000,
+                 grpc_port: int = 8001, metrics_port: int = 8002, model_control: ModelControl = "none",
+                 load_models: Sequence[str] = (), log_verbose: int = 0, log_file: Path | None = None,
+                 exit_timeout: int = 30, extra_args: Sequence[str] = ()):
+        self.repository = Path(repository).absolute()
+        self.host, self.http_port, self.grpc_port, self.metrics_port = host, http_port, grpc_port, metrics_port
+        self.model_control, self.load_models = model_control, list(load_models)
+        self.log_verbose, self.log_file, self.exit_timeout = log_verbose, log_file, exit_timeout
+        self.extra_args = list(extra_args)
+        self.process: subprocess.Popen | None = None
+        self._workdir: Path | None = None
+        self._log: IO | None = None
+
+    @property
+    def client_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.client_host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.client_host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.client_host}:{self.metrics_port}/metrics"
+
+    def command(self, backend_dir: Path) -> list[str]:
+        cmd = [str(bundled_server_dir() / "bin" / "tritonserver"),
+               f"--model-repository={self.repository}", f"--backend-directory={backend_dir}",
+               f"--http-address={self.host}", f"--http-port={self.http_port}",
+               f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+               f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+               f"--model-control-mode={self.model_control}", "--exit-on-error=false",
+               f"--exit-timeout-secs={self.exit_timeout}", f"--log-verbose={self.log_verbose}"]
+        cmd += [f"--load-model={m}" for m in self.load_models]
+        return cmd + self.extra_args
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        venv_bin = str(Path(sys.executable).parent)
+        env["PATH"] = os.pathsep.join([venv_bin, env.get("PATH", "")])
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in [package_root, env.get("PYTHONPATH", "")] if p)
+        return env
+
+    def start(self, timeout: float = 180.0) -> TritonServer:
+        if not self.repository.is_dir():
+            raise ServerError(f"model repository not found: {self.repository}")
+        bundle = bundled_server_dir()
+        self._workdir = Path(tempfile.mkdtemp(prefix="toolkit-triton-"))
+        backend_dir = prepare_backends(bundle, self._workdir / "backends")
+        output: IO | int | None = None
+        if self.log_file is not None:
+            self._log = open(self.log_file, "ab")  # noqa: SIM115 - closed in stop()
+            output = self._log
+        self.process = subprocess.Popen(
+            self.command(backend_dir), env=self.environment(), stdout=output, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+        try:
+            self._wait_until_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _get(self, path: str, method: str = "GET", body: bytes | None = None) -> tuple[int, bytes]:
+        request = urllib.request.Request(f"http://{self.http_url}{path}", data=body, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return 0, b""
+
+    def _wait_until_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive()
+            if self._get("/v2/health/live")[0] == 200:
+                break
+            if time.monotonic() > deadline:
+                raise ServerError(f"tritonserver did not come up within {timeout:.0f}s{self._log_hint()}")
+            time.sleep(0.2)
+        while True:
+            self._check_alive()
+            models = self.repository_index()
+            if not any(m.get("state") == "LOADING" for m in models):
+                break
+            if time.monotonic() > deadline:
+                raise ServerError(f"models still loading after {timeout:.0f}s{self._log_hint()}")
+            time.sleep(0.2)
+        failures = {m["name"]: m.get("reason") or "unavailable" for m in models
+                    if m.get("state") not in ("READY", None) and self._expected(m["name"])}
+        if failures:
+            raise ModelLoadError(failures)
+        while self._get("/v2/health/ready")[0] != 200:
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise ServerError(f"tritonserver is live but not ready after {timeout:.0f}s{self._log_hint()}")
+            time.sleep(0.2)
+
+    def _expected(self, name: str) -> bool:
+        return self.model_control != "explicit" or not self.load_models or name in self.load_models
+
+    def repository_index(self) -> list[dict]:
+        status, body = self._get("/v2/repository/index", method="POST", body=b"{}")
+        if status != 200:
+            return []
+        return json.loads(body or b"[]")
+
+    def _check_alive(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            code = None if self.process is None else self.process.returncode
+            raise ServerError(f"tritonserver exited with code {code}{self._log_hint()}")
+
+    def _log_hint(self) -> str:
+        return f" (see its log: {self.log_file})" if self.log_file else ""
+
+    def stop(self) -> int | None:
+        """Ask Triton to drain and exit; force it after ``exit_timeout`` + 10 seconds."""
+        code = None
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                code = self.process.wait(timeout=self.exit_timeout + 10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                code = self.process.wait()
+        elif self.process is not None:
+            code = self.process.returncode
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+        return code
+
+    def wait(self) -> int:
+        assert self.process is not None
+        return self.process.wait()
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

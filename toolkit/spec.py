@@ -1,0 +1,324 @@
+"""The declarative spec: one ``model.yaml`` per model folder, one YAML file per ensemble.
+
+Everything is validated into typed objects before a single file of the repository is written, and
+every problem is reported with the file, the model and the field it came from. Field names follow
+Triton's own ``model_config.proto`` spelling wherever Triton has one, so a Triton user recognises
+them; the few toolkit-only fields (``hook``, ``pad_inputs``, ``trim_outputs``, ``assets``,
+``api_path``) are documented on the classes below.
+
+    # model_repository/scale/model.yaml
+    kind: python
+    hook: scale:Scale                # module in this folder (or importable), and the Hook class
+    max_batch_size: 16
+    inputs:  [{name: X, dtype: FP32, dims: [4]}]
+    outputs: [{name: Y, dtype: FP32, dims: [4]}]
+    dynamic_batching:
+      max_queue_delay_microseconds: 2000
+      preferred_batch_size: [8, 16]
+      default_queue_policy: {timeout_action: REJECT, default_timeout_microseconds: 10000000,
+                             max_queue_size: 256}
+    instance_count: 2
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from toolkit.errors import SpecError
+
+#: Triton's data types (``TYPE_`` prefix dropped; BYTES is proto TYPE_STRING) -> numpy dtype name.
+DTYPES: dict[str, str] = {
+    "BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32", "UINT64": "uint64",
+    "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64",
+    "FP16": "float16", "FP32": "float32", "FP64": "float64", "BYTES": "object",
+}
+DType = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+                "FP16", "FP32", "FP64", "BYTES"]
+
+# Triton turns a model name into a folder name and a URL path segment; we allow what is safe for both.
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_TENSOR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$")
+_HOOK_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+RESERVED_PARAMETER_PREFIX = "toolkit."
+
+
+def check_model_name(name: str) -> str:
+    if not _MODEL_NAME.match(name) or ".." in name:
+        raise ValueError(
+            f"invalid model name {name!r}: use letters, digits, '_', '-', '.' (no '/', no '..', "
+            "at most 128 characters, not starting with '.' or '-')")
+    return name
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Strict):
+    """One input or output tensor. ``dims`` exclude the batch dimension; -1 means variable."""
+
+    name: str
+    dtype: DType
+    dims: list[int] = Field(min_length=1)
+    #: Inputs only: the request may omit it (Triton's ``optional``).
+    optional: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _TENSOR_NAME.match(v):
+            raise ValueError(f"invalid tensor name {v!r}: use letters, digits, '_', '.', ':', '-'")
+        return v
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = v.upper().removeprefix("TYPE_")
+            return "BYTES" if v == "STRING" else v
+        return v
+
+    @field_validator("dims")
+    @classmethod
+    def _dims(cls, v: list[int]) -> list[int]:
+        bad = [d for d in v if d == 0 or d < -1]
+        if bad:
+            raise ValueError(f"dims must be positive or -1 (variable), got {v}")
+        return v
+
+    @property
+    def variable_axes(self) -> list[int]:
+        return [i for i, d in enumerate(self.dims) if d == -1]
+
+
+class QueuePolicy(_Strict):
+    """Triton's ModelQueuePolicy: go-infer's MessageTimeout, enforced by Triton itself."""
+
+    timeout_action: Literal["REJECT", "DELAY"] = "REJECT"
+    default_timeout_microseconds: int = Field(default=0, ge=0)
+    allow_timeout_override: bool = False
+    max_queue_size: int = Field(default=0, ge=0)
+
+
+class DynamicBatching(_Strict):
+    """Triton's dynamic batcher: replaces go-infer's Redis queue."""
+
+    max_queue_delay_microseconds: int = Field(default=0, ge=0)
+    preferred_batch_size: list[int] = Field(default_factory=list)
+    preserve_ordering: bool = False
+    default_queue_policy: QueuePolicy | None = None
+
+    @field_validator("preferred_batch_size")
+    @classmethod
+    def _preferred(cls, v: list[int]) -> list[int]:
+        if any(b < 1 for b in v):
+            raise ValueError(f"preferred batch sizes must be >= 1, got {v}")
+        return sorted(set(v))
+
+
+class VersionPolicy(_Strict):
+    """Exactly one of ``latest`` (serve the N newest), ``all``, or ``specific`` versions."""
+
+    latest: int | None = Field(default=None, ge=1)
+    all: bool | None = None
+    specific: list[Annotated[int, Field(ge=1)]] | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> VersionPolicy:
+        chosen = [k for k in ("latest", "all", "specific") if getattr(self, k) not in (None, False)]
+        if len(chosen) != 1:
+            raise ValueError("version_policy takes exactly one of latest: N, all: true, specific: [..]")
+        return self
+
+
+def _stringify(v: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for key, value in v.items():
+        if isinstance(value, dict | list):
+            raise ValueError(f"parameter {key!r} must be a scalar, got {type(value).__name__}")
+        out[str(key)] = str(value).lower() if isinstance(value, bool) else str(value)
+    return out
+
+
+class _ModelBase(_Strict):
+    name: str
+    max_batch_size: int = Field(default=0, ge=0)
+    inputs: list[TensorSpec] = Field(default_factory=list)
+    outputs: list[TensorSpec] = Field(default_factory=list)
+    version_policy: VersionPolicy = VersionPolicy(latest=1)
+    #: Free-form config ``parameters``; scalars are stored as strings, as Triton does.
+    parameters: dict[str, str] = Field(default_factory=dict)
+    #: The name clients and the REST gateway use (go-infer's ApiPath); defaults to the hook's.
+    api_path: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _model_name(cls, v: str) -> str:
+        return check_model_name(v)
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _parameters(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            v = _stringify(v)
+            reserved = [k for k in v if k.startswith(RESERVED_PARAMETER_PREFIX)]
+            if reserved:
+                raise ValueError(f"parameter keys starting with 'toolkit.' are reserved: {reserved}")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_tensors(self) -> _ModelBase:
+        for side in ("inputs", "outputs"):
+            names = [t.name for t in getattr(self, side)]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"duplicate {side[:-1]} names: {dup}")
+        return self
+
+    def input(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.inputs if t.name == name), None)
+
+    def output(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.outputs if t.name == name), None)
+
+
+class ModelSpec(_ModelBase):
+    """A model Triton runs: user hooks (``python``) or an ONNX file (``onnx``)."""
+
+    kind: Literal["python", "onnx"]
+    #: python: ``module:Class``; the module is a ``.py`` file in the model folder or importable.
+    hook: str | None = None
+    #: onnx: the file inside each version folder.
+    file: str = "model.onnx"
+    dynamic_batching: DynamicBatching | None = None
+    #: go-infer's MaxWorkers: how many copies of the model Triton runs in parallel.
+    instance_count: int = Field(default=1, ge=1, le=64)
+    #: Inputs whose variable dims are padded with this value so requests of different lengths
+    #: share one ``infer`` call (without it, requests are grouped by equal shape instead).
+    pad_inputs: dict[str, float] = Field(default_factory=dict)
+    #: Outputs whose variable dims are cut back per request to that padded input's length.
+    trim_outputs: dict[str, str] = Field(default_factory=dict)
+    #: Files copied into every version folder: ``{name in version folder: path from model folder}``.
+    assets: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("hook")
+    @classmethod
+    def _hook(cls, v: str | None) -> str | None:
+        if v is not None and not _HOOK_REF.match(v):
+            raise ValueError(f"hook must look like 'module:ClassName' (e.g. 'scale:Scale'), got {v!r}")
+        return v
+
+    @field_validator("assets")
+    @classmethod
+    def _assets(cls, v: dict[str, str]) -> dict[str, str]:
+        for dst in v:
+            if "/" in dst or dst in (".", "..", "model.py") or not dst:
+                raise ValueError(f"asset name {dst!r} must be a plain file name other than model.py")
+        return v
+
+    @model_validator(mode="after")
+    def _kind_rules(self) -> ModelSpec:
+        if self.kind == "python":
+            if not self.hook:
+                raise ValueError("a python model needs 'hook: module:ClassName'")
+            if not self.inputs or not self.outputs:
+                raise ValueError("a python model must declare its inputs and outputs")
+        elif self.hook:
+            raise ValueError("'hook' is only for kind: python (an onnx model runs its file)")
+        if self.dynamic_batching and self.max_batch_size == 0:
+            raise ValueError("dynamic_batching needs max_batch_size > 0")
+        if self.dynamic_batching:
+            too_big = [b for b in self.dynamic_batching.preferred_batch_size if b > self.max_batch_size]
+            if too_big:
+                raise ValueError(f"preferred_batch_size {too_big} exceeds max_batch_size {self.max_batch_size}")
+        return self
+
+    def check_padding(self) -> None:
+        """Padding refers to tensors, so it is checked once inputs/outputs are final (onnx)."""
+        if (self.pad_inputs or self.trim_outputs) and self.max_batch_size == 0:
+            raise ValueError("pad_inputs / trim_outputs need max_batch_size > 0")
+        for name in self.pad_inputs:
+            spec = self.input(name)
+            if spec is None:
+                raise ValueError(f"pad_inputs names unknown input '{name}'")
+            if not spec.variable_axes:
+                raise ValueError(f"pad_inputs: input '{name}' has no variable (-1) dim to pad")
+            if spec.dtype == "BYTES":
+                raise ValueError(f"pad_inputs: input '{name}' is BYTES and cannot be padded")
+        for name, like in self.trim_outputs.items():
+            spec = self.output(name)
+            if spec is None:
+                raise ValueError(f"trim_outputs names unknown output '{name}'")
+            if like not in self.pad_inputs:
+                raise ValueError(f"trim_outputs: '{name}' is trimmed like '{like}', which is not in pad_inputs")
+            if not spec.variable_axes or len(spec.variable_axes) > len(self.input(like).variable_axes):
+                raise ValueError(f"trim_outputs: output '{name}' variable dims {spec.dims} do not "
+                                 f"correspond to input '{like}' variable dims {self.input(like).dims}")
+
+
+class EnsembleStep(_Strict):
+    """One step of the DAG. Maps are ``{step model's tensor: ensemble tensor}``, as in Triton."""
+
+    model: str
+    version: int = Field(default=-1, ge=-1)
+    inputs: dict[str, str]
+    outputs: dict[str, str]
+
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, v: str) -> str:
+        return check_model_name(v)
+
+
+class EnsembleSpec(_ModelBase):
+    """Paddle Serving's operator DAG, run by Triton's ensemble scheduler."""
+
+    kind: Literal["ensemble"] = "ensemble"
+    steps: list[EnsembleStep] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _io(self) -> EnsembleSpec:
+        if not self.inputs or not self.outputs:
+            raise ValueError("an ensemble must declare its inputs and outputs")
+        return self
+
+
+AnySpec = ModelSpec | EnsembleSpec
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise SpecError(f"not valid YAML: {e}", file=str(path)) from e
+    except OSError as e:
+        raise SpecError(f"cannot read: {e.strerror}", file=str(path)) from e
+    if not isinstance(data, dict):
+        raise SpecError(f"expected a mapping of fields, got {type(data).__name__}", file=str(path))
+    return data
+
+
+def parse_spec(data: dict[str, Any], cls: type[AnySpec], *, file: Path, default_name: str) -> AnySpec:
+    """Validate one spec mapping, naming every problem's field."""
+    data = {"name": default_name, **data}
+    model = data.get("name") if isinstance(data.get("name"), str) else default_name
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            field = ".".join(str(p) for p in err["loc"]) or None
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field (check its spelling)"
+            elif err["type"] == "literal_error" and "input" in err:
+                msg = f"{err['input']!r} is not one of the allowed values: {msg}"
+            problems.append(SpecError(msg, file=str(file), model=model, field=field))
+        if len(problems) == 1:
+            raise problems[0] from None
+        raise SpecError("\n".join(str(p) for p in problems)) from None
