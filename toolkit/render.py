@@ -91,6 +91,10 @@ def model_config(source: ModelSource | EnsembleSource, target: Target = "embedde
                 params["onnx_file"] = spec.file
             for name, value in spec.pad_inputs.items():
                 params[PAD_PREFIX + name] = repr(value)
+            # Without it Triton's batcher only groups requests of equal shape, and nothing gets padded.
+            for tensor in config["input"]:
+                if tensor["name"] in spec.pad_inputs:
+                    tensor["allow_ragged_batch"] = True
             for name, like in spec.trim_outputs.items():
                 params[TRIM_PREFIX + name] = like
     config["parameters"] = {k: {"string_value": v} for k, v in sorted(params.items())}

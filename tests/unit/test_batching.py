@@ -1,0 +1,161 @@
+"""The adapter's batching logic, without a server: stack, pad, infer once, split, trim, isolate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from toolkit.hooks import API_ENTRY_FAILED, INFERENCE_FAILED, Hook, HookError
+from toolkit.runtime.batching import Failure, Layout, run_batch
+
+
+def layout(inputs, outputs, max_batch_size=8, pad=None, trim=None) -> Layout:
+    def tensors(items):
+        return [{"name": n, "data_type": t, "dims": d} for n, t, d in items]
+
+    params = {f"toolkit.pad.{k}": {"string_value": str(v)} for k, v in (pad or {}).items()}
+    params.update({f"toolkit.trim.{k}": {"string_value": v} for k, v in (trim or {}).items()})
+    return Layout.from_config({"max_batch_size": max_batch_size, "input": tensors(inputs),
+                               "output": tensors(outputs), "parameters": params})
+
+
+SCALE = layout([("X", "TYPE_FP32", [2])], [("Y", "TYPE_FP32", [2])])
+
+
+class Doubler(Hook):
+    def __init__(self):
+        self.calls = []
+
+    def api_entry(self, request):
+        if (request["X"] < 0).any():
+            raise HookError(1001, "X must be non-negative")
+        if (request["X"] > 1000).any():
+            raise RuntimeError("internal detail")
+        return request
+
+    def infer(self, batch):
+        self.calls.append(batch["X"].shape[0])
+        if np.isnan(batch["X"]).any():
+            raise ValueError("NaN in batch")
+        return {"Y": batch["X"] * 2}
+
+
+def req(*rows) -> dict[str, np.ndarray]:
+    return {"X": np.array(rows, dtype=np.float32)}
+
+
+def test_run_batch_calls_infer_once_and_splits_rows_back_when_requests_batch():
+    hook = Doubler()
+    results = run_batch(hook, [req([1, 2]), req([3, 4], [5, 6]), req([7, 8])], SCALE)
+    assert hook.calls == [4]
+    np.testing.assert_array_equal(results[0]["Y"], [[2, 4]])
+    np.testing.assert_array_equal(results[1]["Y"], [[6, 8], [10, 12]])
+    np.testing.assert_array_equal(results[2]["Y"], [[14, 16]])
+
+
+def test_run_batch_fails_only_the_rejected_request_when_api_entry_raises_hook_error():
+    hook = Doubler()
+    results = run_batch(hook, [req([1, 2]), req([-1, 2]), req([3, 4])], SCALE)
+    assert results[1] == Failure(1001, "X must be non-negative")
+    assert results[1].wire_message() == "[1001] X must be non-negative"
+    assert hook.calls == [2]
+    np.testing.assert_array_equal(results[2]["Y"], [[6, 8]])
+
+
+def test_run_batch_uses_generic_code_without_traceback_when_api_entry_crashes():
+    logged = []
+    results = run_batch(Doubler(), [req([2000, 1])], SCALE, log=logged.append)
+    assert results[0].code == API_ENTRY_FAILED
+    assert "RuntimeError: internal detail" in results[0].message
+    assert "Traceback" not in results[0].message
+    assert "Traceback" in logged[0]
+
+
+def test_run_batch_isolates_the_poison_request_when_infer_fails_on_the_batch():
+    hook = Doubler()
+    results = run_batch(hook, [req([1, 2]), req([np.nan, 2]), req([3, 4])], SCALE, log=lambda m: None)
+    assert hook.calls == [3, 1, 1, 1]  # whole batch, then each request alone
+    assert results[1].code == INFERENCE_FAILED and "NaN in batch" in results[1].message
+    np.testing.assert_array_equal(results[0]["Y"], [[2, 4]])
+    np.testing.assert_array_equal(results[2]["Y"], [[6, 8]])
+
+
+def test_run_batch_pads_variable_inputs_and_trims_outputs_when_spec_allows():
+    seen = {}
+
+    class Echo(Hook):
+        def infer(self, batch):
+            seen["tokens"] = batch["T"].copy()
+            return {"E": batch["T"] + 1, "N": (batch["T"] != 0).sum(axis=1, keepdims=True)}
+
+    spec = layout([("T", "TYPE_INT64", [-1])], [("E", "TYPE_INT64", [-1]), ("N", "TYPE_INT64", [1])],
+                  pad={"T": 0}, trim={"E": "T"})
+    short, long = {"T": np.array([[5, 6]])}, {"T": np.array([[1, 2, 3, 4]])}
+    results = run_batch(Echo(), [short, long], spec)
+    np.testing.assert_array_equal(seen["tokens"], [[5, 6, 0, 0], [1, 2, 3, 4]])
+    np.testing.assert_array_equal(results[0]["E"], [[6, 7]])
+    np.testing.assert_array_equal(results[1]["E"], [[2, 3, 4, 5]])
+    np.testing.assert_array_equal(results[0]["N"], [[2]])
+
+
+def test_run_batch_groups_by_shape_when_variable_input_has_no_pad_value():
+    calls = []
+
+    class Echo(Hook):
+        def infer(self, batch):
+            calls.append(batch["T"].shape)
+            return {"E": batch["T"]}
+
+    spec = layout([("T", "TYPE_INT64", [-1])], [("E", "TYPE_INT64", [-1])])
+    results = run_batch(Echo(), [{"T": np.ones((1, 2), np.int64)}, {"T": np.ones((1, 3), np.int64)},
+                                 {"T": np.ones((1, 2), np.int64)}], spec)
+    assert sorted(calls) == [(1, 3), (2, 2)]
+    assert [r["E"].shape for r in results] == [(1, 2), (1, 3), (1, 2)]
+
+
+@pytest.mark.parametrize(("outputs", "message"), [
+    ({}, "returned no output 'Y'"),
+    ({"Y": np.zeros((2, 2)), "Z": np.zeros(2)}, "unknown outputs ['Z']"),
+    ({"Y": np.zeros((3, 2))}, "3 rows for a batch of 1"),
+    ({"Y": np.zeros((2, 5))}, "shape [2, 5], config dims are [2]"),
+    ([1, 2], "must return a dict"),
+])
+def test_run_batch_fails_every_request_with_a_clear_message_when_infer_output_is_wrong(outputs, message):
+    class Wrong(Hook):
+        def infer(self, batch):
+            return outputs
+
+    results = run_batch(Wrong(), [req([1, 2]), req([3, 4])], SCALE)
+    assert all(isinstance(r, Failure) and message in r.message for r in results), results
+
+
+def test_run_batch_converts_dtypes_and_encodes_strings_when_outputs_are_loosely_typed():
+    class Loose(Hook):
+        def infer(self, batch):
+            rows = batch["X"].shape[0]
+            return {"Y": batch["X"].astype(np.float64), "S": np.array([["ok"]] * rows)}
+
+    spec = layout([("X", "TYPE_FP32", [2])], [("Y", "TYPE_FP32", [2]), ("S", "TYPE_STRING", [1])])
+    results = run_batch(Loose(), [req([1, 2])], spec)
+    assert results[0]["Y"].dtype == np.float32
+    assert results[0]["S"].dtype == np.object_ and results[0]["S"][0, 0] == b"ok"
+
+
+def test_run_batch_runs_each_request_alone_when_model_does_not_batch():
+    hook = Doubler()
+    spec = layout([("X", "TYPE_FP32", [2])], [("Y", "TYPE_FP32", [2])], max_batch_size=0)
+    results = run_batch(hook, [{"X": np.array([1, 2], np.float32)}, {"X": np.array([3, 4], np.float32)}], spec)
+    assert hook.calls == [2, 2]  # no batch axis: each call sees one request's 2 values
+    np.testing.assert_array_equal(results[1]["Y"], [6, 8])
+
+
+def test_run_batch_rejects_request_when_api_entry_returns_inconsistent_rows():
+    class Bad(Hook):
+        def api_entry(self, request):
+            return {"X": request["X"], "EXTRA": np.zeros((5, 1))}
+
+        def infer(self, batch):
+            raise AssertionError("must not be called")
+
+    results = run_batch(Bad(), [req([1, 2])], SCALE)
+    assert results[0].code == API_ENTRY_FAILED and "same batch size" in results[0].message

@@ -1,0 +1,132 @@
+"""Spec validation: every malformed spec is a SpecError naming the file, the model and the field."""
+
+from __future__ import annotations
+
+import pytest
+from onnx_models import write_linear_onnx
+from projects import python_model, write_model
+
+from toolkit.errors import SpecError
+from toolkit.project import load_project
+
+X_TO_Y = python_model([("X", "FP32", [4])], [("Y", "FP32", [4])])
+
+
+def load(tmp_path):
+    return load_project(tmp_path / "models", tmp_path / "ensembles")
+
+
+def test_load_project_resolves_python_model_when_spec_is_valid(tmp_path):
+    write_model(tmp_path, "scale", {**X_TO_Y, "dynamic_batching": {
+        "max_queue_delay_microseconds": 100, "preferred_batch_size": [4, 2, 4],
+        "default_queue_policy": {"default_timeout_microseconds": 5000, "max_queue_size": 8}}})
+    model = load(tmp_path).models["scale"]
+    assert model.spec.inputs[0].dtype == "FP32" and model.versions == [1]
+    assert model.spec.dynamic_batching.preferred_batch_size == [2, 4]
+    assert model.spec.dynamic_batching.default_queue_policy.timeout_action == "REJECT"
+    assert model.hook_path.name == "hook.py" and model.api_path == "passthrough"
+
+
+def test_load_project_reads_onnx_inputs_and_outputs_when_spec_omits_them(tmp_path):
+    folder = write_model(tmp_path, "linear", {"kind": "onnx", "max_batch_size": 4})
+    write_linear_onnx(folder / "3" / "model.onnx")
+    spec = load(tmp_path).models["linear"].spec
+    assert [(t.name, t.dtype, t.dims) for t in spec.inputs] == [("x", "FP32", [4])]
+    assert [(t.name, t.dtype, t.dims) for t in spec.outputs] == [("y", "FP32", [2])]
+
+
+@pytest.mark.parametrize(("change", "field", "words"), [
+    ({"inputs": [{"name": "X", "dtype": "FLOAT32", "dims": [4]}]}, "inputs.0.dtype", "FLOAT32"),
+    ({"inputs": [{"name": "X", "dtype": "FP32", "dims": [0]}]}, "inputs.0.dims", "positive or -1"),
+    ({"inputs": [{"name": "X", "dtype": "FP32"}]}, "inputs.0.dims", "Field required"),
+    ({"inputs": [{"name": "bad name", "dtype": "FP32", "dims": [1]}]}, "inputs.0.name", "invalid tensor name"),
+    ({"max_batch_size": -1}, "max_batch_size", "greater than or equal to 0"),
+    ({"max_batchsize": 8}, "max_batchsize", "unknown field"),
+    ({"kind": "tensorflow"}, "kind", "'tensorflow' is not one of the allowed values"),
+    ({"hook": "no_colon"}, "hook", "module:ClassName"),
+    ({"hook": None}, None, "needs 'hook: module:ClassName'"),
+    ({"max_batch_size": 0, "dynamic_batching": {}}, None, "dynamic_batching needs max_batch_size > 0"),
+    ({"dynamic_batching": {"preferred_batch_size": [16]}}, None, "exceeds max_batch_size 8"),
+    ({"dynamic_batching": {"default_queue_policy": {"timeout_action": "DROP"}}},
+     "dynamic_batching.default_queue_policy.timeout_action", "'DROP'"),
+    ({"parameters": {"toolkit.hook": "x"}}, "parameters", "reserved"),
+    ({"parameters": {"nested": {"a": 1}}}, "parameters", "must be a scalar"),
+    ({"version_policy": {"latest": 1, "all": True}}, "version_policy", "exactly one of"),
+    ({"instance_count": 0}, "instance_count", "greater than or equal to 1"),
+    ({"outputs": [{"name": "Y", "dtype": "FP32", "dims": [4]}] * 2}, None, "duplicate output names"),
+    ({"name": "../evil"}, "name", "invalid model name"),
+    ({"name": "a/b"}, "name", "invalid model name"),
+])
+def test_load_project_names_file_model_and_field_when_spec_is_malformed(tmp_path, change, field, words):
+    write_model(tmp_path, "scale", {**X_TO_Y, **change})
+    with pytest.raises(SpecError) as info:
+        load(tmp_path)
+    message = str(info.value)
+    assert "models/scale/model.yaml" in message
+    assert words in message
+    if field:
+        assert f"field '{field}'" in message
+
+
+def test_load_project_reports_every_problem_when_several_files_are_broken(tmp_path):
+    write_model(tmp_path, "one", {**X_TO_Y, "max_batch_size": "many"})
+    write_model(tmp_path, "two", {**X_TO_Y, "inputs": [{"name": "X", "dtype": "FP99", "dims": [1]}]})
+    with pytest.raises(SpecError) as info:
+        load(tmp_path)
+    assert "2 problems" in str(info.value)
+    assert "model 'one'" in str(info.value) and "model 'two'" in str(info.value)
+
+
+def test_load_project_rejects_yaml_that_does_not_parse(tmp_path):
+    folder = tmp_path / "models" / "broken"
+    folder.mkdir(parents=True)
+    (folder / "model.yaml").write_text("kind: python\ninputs: [unclosed\n")
+    with pytest.raises(SpecError, match=r"broken/model.yaml: not valid YAML"):
+        load(tmp_path)
+
+
+def test_load_project_rejects_name_that_differs_from_its_folder(tmp_path):
+    write_model(tmp_path, "scale", {**X_TO_Y, "name": "other"})
+    with pytest.raises(SpecError, match="must equal its folder name 'scale'"):
+        load(tmp_path)
+
+
+def test_load_project_rejects_hook_when_module_or_class_is_missing(tmp_path):
+    write_model(tmp_path, "a", {**X_TO_Y, "hook": "nowhere:Hook"}, files={})
+    with pytest.raises(SpecError, match="hook module 'nowhere' is neither"):
+        load(tmp_path)
+    write_model(tmp_path, "a", {**X_TO_Y, "hook": "hook:Missing"}, files={"hook.py": "class Other: pass\n"})
+    with pytest.raises(SpecError, match="defines no class 'Missing'"):
+        load(tmp_path)
+
+
+def test_load_project_rejects_onnx_model_when_no_version_holds_the_file(tmp_path):
+    write_model(tmp_path, "linear", {"kind": "onnx", "max_batch_size": 4})
+    with pytest.raises(SpecError, match=r"no version folder holds 'model.onnx'.*toolkit export"):
+        load(tmp_path)
+
+
+def test_load_project_rejects_onnx_model_when_declared_tensors_disagree_with_the_file(tmp_path):
+    folder = write_model(tmp_path, "linear", {"kind": "onnx", "max_batch_size": 4,
+                                              "inputs": [{"name": "x", "dtype": "INT64", "dims": [4]}]})
+    write_linear_onnx(folder / "1" / "model.onnx")
+    with pytest.raises(SpecError, match=r"declared INT64 \[4\] but model.onnx has FP32 \[4\]"):
+        load(tmp_path)
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ({"pad_inputs": {"X": 0}}, "no variable (-1) dim to pad"),
+    ({"pad_inputs": {"Q": 0}}, "unknown input 'Q'"),
+    ({"trim_outputs": {"Y": "X"}}, "not in pad_inputs"),
+])
+def test_load_project_rejects_padding_that_does_not_fit_the_tensors(tmp_path, change, words):
+    write_model(tmp_path, "scale", {**X_TO_Y, **change})
+    with pytest.raises(SpecError, match="pad_inputs") as info:
+        load(tmp_path)
+    assert words in str(info.value)
+
+
+def test_load_project_rejects_missing_asset(tmp_path):
+    write_model(tmp_path, "scale", {**X_TO_Y, "assets": {"vocab.txt": "../bert/1/vocab.txt"}})
+    with pytest.raises(SpecError, match=r"asset 'vocab.txt': file not found"):
+        load(tmp_path)

@@ -1,0 +1,3 @@
+from toolkit.cli.main import cli
+
+cli(prog_name="toolkit")
