@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import shutil
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from onnx_models import write_linear_onnx
+from serving import free_ports
 
 from toolkit.project import load_project
 from toolkit.repo import generate_repository
 from toolkit.server import TritonServer
 
 PROJECT = Path(__file__).parent / "project"
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def build_project(root: Path) -> Path:

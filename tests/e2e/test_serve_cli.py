@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_ports
 from projects import python_model, write_model
+from serving import free_ports
 
 from toolkit.errors import ModelLoadError
 from toolkit.project import load_project

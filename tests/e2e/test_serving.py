@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from onnx_models import LINEAR_B, LINEAR_W
+from serving import call_concurrently
 
 from toolkit.cli.main import cli
 from toolkit.client import TritonClient
@@ -22,22 +20,6 @@ pytestmark = pytest.mark.e2e
 def client(request, triton):
     with TritonClient(triton.url(request.param), protocol=request.param) as c:
         yield c
-
-
-def call_concurrently(triton, model, inputs_list, protocol="grpc"):
-    """Send every request at once (one thread each, released together); results or exceptions."""
-    barrier = threading.Barrier(len(inputs_list))
-
-    def one(inputs):
-        with TritonClient(triton.url(protocol), protocol=protocol) as c:
-            barrier.wait()
-            try:
-                return c.infer(model, inputs)
-            except InferenceError as e:
-                return e
-
-    with ThreadPoolExecutor(len(inputs_list)) as pool:
-        return list(pool.map(one, inputs_list))
 
 
 def test_python_hook_model_returns_scaled_values(client):
@@ -67,7 +49,7 @@ def test_dynamic_batcher_runs_fewer_executions_than_requests_under_concurrent_lo
     with TritonClient(triton.url("http")) as c:
         before = c.statistics("scale")
     requests = [{"X": np.full((1, 4), i, dtype=np.float32)} for i in range(32)]
-    results = call_concurrently(triton, "scale", requests)
+    results = call_concurrently(triton.url("grpc"), "scale", requests)
     for i, out in enumerate(results):
         np.testing.assert_array_equal(out["Y"], np.full((1, 4), 2 * i))
     with TritonClient(triton.url("http")) as c:
@@ -81,7 +63,7 @@ def test_dynamic_batcher_runs_fewer_executions_than_requests_under_concurrent_lo
 
 def test_rejected_request_fails_alone_while_its_batch_neighbours_succeed(triton):
     requests = [{"X": np.full((1, 4), -1.0 if i % 4 == 0 else i, dtype=np.float32)} for i in range(16)]
-    results = call_concurrently(triton, "scale", requests)
+    results = call_concurrently(triton.url("grpc"), "scale", requests)
     for i, out in enumerate(results):
         if i % 4 == 0:
             assert isinstance(out, InferenceError) and out.code == 1001
@@ -93,7 +75,7 @@ def test_rejected_request_fails_alone_while_its_batch_neighbours_succeed(triton)
 
 def test_request_that_breaks_infer_fails_alone_while_its_batch_neighbours_succeed(triton):
     requests = [{"X": np.full((1, 4), np.nan if i == 3 else i, dtype=np.float32)} for i in range(8)]
-    results = call_concurrently(triton, "scale", requests)
+    results = call_concurrently(triton.url("grpc"), "scale", requests)
     assert isinstance(results[3], InferenceError) and results[3].code == INFERENCE_FAILED
     assert "NaN reached infer" in str(results[3]) and "Traceback" not in str(results[3])
     for i, out in enumerate(results):
@@ -103,7 +85,7 @@ def test_request_that_breaks_infer_fails_alone_while_its_batch_neighbours_succee
 
 def test_variable_length_requests_are_padded_together_and_trimmed_back(triton):
     requests = [{"TOKENS": np.arange(1, n + 1, dtype=np.int64)[None, :]} for n in range(1, 9)]
-    results = call_concurrently(triton, "ragged", requests)
+    results = call_concurrently(triton.url("grpc"), "ragged", requests)
     for request, out in zip(requests, results, strict=True):
         np.testing.assert_array_equal(out["ECHO"], request["TOKENS"])
     widths = [int(out["WIDTH"][0, 0]) for out in results]
@@ -113,7 +95,7 @@ def test_variable_length_requests_are_padded_together_and_trimmed_back(triton):
 
 def test_request_that_outwaits_the_queue_timeout_gets_a_clear_error(triton):
     requests = [{"X": np.ones((1, 1), dtype=np.float32)} for _ in range(3)]
-    results = call_concurrently(triton, "sleepy", requests)
+    results = call_concurrently(triton.url("grpc"), "sleepy", requests)
     failures = [r for r in results if isinstance(r, InferenceError)]
     assert 1 <= len(failures) <= 2 and len(results) - len(failures) >= 1
     for failure in failures:
