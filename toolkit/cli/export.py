@@ -1,0 +1,143 @@
+"""``toolkit export bert`` and ``toolkit export keras``: option parsing and one library call each.
+
+TensorFlow and tf2onnx are imported inside the commands (by the library), never when this module
+is imported. Domain errors (``ExportError``, ``WeightError``) become ``Error: ...`` and exit code 1
+here, at the edge, so the group behaves the same standalone and under ``toolkit``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from toolkit.errors import ToolkitError
+from toolkit.export.defaults import BERT_OUT, BERT_TOLERANCE, DEFAULT_OPSET, KERAS_TOLERANCE, REL_TOLERANCE
+
+
+def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """A ToolkitError is the user's to fix: show its message, not a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except ToolkitError as e:
+            raise click.ClickException(str(e)) from e
+
+    return wrapper
+
+
+def _quiet_tensorflow() -> None:
+    """TensorFlow's C++ start-up chatter (CPU features, absl) is noise on a user's terminal; an
+    explicit TF_CPP_MIN_LOG_LEVEL wins."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def _parse_aliases(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    aliases = {}
+    for value in values:
+        old, sep, new = value.partition("=")
+        if not sep or not old or not new:
+            raise click.BadParameter(f"'{value}' is not OLD=NEW", ctx=ctx, param=param)
+        aliases[old] = new
+    return aliases
+
+
+def _common_options(tolerance: float):
+    def decorate(command):
+        for option in reversed([
+            click.option("--version", "version", type=click.IntRange(min=1), default=1, show_default=True,
+                         help="Triton version folder to write: <out>/<version>/."),
+            click.option("--tolerance", type=float, default=tolerance, show_default=True,
+                         help="Max abs diff allowed between onnxruntime and the source model."),
+            click.option("--rel-tolerance", type=float, default=REL_TOLERANCE, show_default=True,
+                         help="Max abs diff allowed relative to each output's peak |value|."),
+            click.option("--opset", type=click.IntRange(min=13), default=DEFAULT_OPSET, show_default=True,
+                         help="ONNX opset to convert to."),
+            click.option("--overwrite", is_flag=True, help="Replace an existing <out>/<version>/ folder."),
+            click.option("--quiet", is_flag=True, help="No progress display, only the summary."),
+        ]):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+@click.group(name="export")
+def export() -> None:
+    """Export TensorFlow/Keras models to ONNX, checked against onnxruntime."""
+
+
+@export.command("bert")
+@click.argument("source", required=False, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=BERT_OUT, show_default=True,
+              help="Triton model folder; the version folder is created inside it.")
+@click.option("--lower-case/--no-lower-case", default=None,
+              help="The vocab's do_lower_case. Default: tokenizer_config.json, else the folder name "
+                   "('uncased', 'cased', chinese_L-12_H-768_A-12, ...).")
+@click.option("--no-pooler", is_flag=True,
+              help="Export only last_hidden_state (for checkpoints without bert/pooler weights).")
+@_common_options(BERT_TOLERANCE)
+@_user_errors
+def bert(source: Path | None, out: Path, lower_case: bool | None, no_pooler: bool, version: int,
+         tolerance: float, rel_tolerance: float, opset: int, overwrite: bool, quiet: bool) -> None:
+    """Export a BERT encoder to ONNX: SOURCE is a Google BERT checkpoint folder (bert_config.json,
+    bert_model.ckpt.*, vocab.txt) or a Hugging Face folder (config.json, model.safetensors,
+    vocab.txt); without SOURCE, the packaged all-MiniLM-L6-v2.
+
+    Writes <out>/<version>/model.onnx, vocab.txt and export.json. Inputs input_ids, attention_mask,
+    token_type_ids (INT64 [batch, sequence]); outputs last_hidden_state (FP32 [batch, sequence,
+    hidden]) and pooler_output (FP32 [batch, hidden]).
+    """
+    _quiet_tensorflow()
+    from toolkit.export.bert import export_bert
+
+    report = export_bert(source, out, version, tolerance=tolerance, rel_tolerance=rel_tolerance, opset=opset,
+                         lower_case=lower_case, with_pooler=not no_pooler, overwrite=overwrite,
+                         show_progress=not quiet)
+    click.echo("\n".join(report.summary_lines()))
+
+
+@export.command("keras")
+@click.argument("source")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Triton model folder. Default: model_repository/<source name, lower case>.")
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Applications only: a local weights file (default: random initialisation).")
+@click.option("--include-top/--no-include-top", default=True, show_default=True,
+              help="Applications only: keep the classifier head.")
+@click.option("--pooling", type=click.Choice(["avg", "max", "none"]), default="none", show_default=True,
+              help="Applications only, with --no-include-top: global pooling of the last feature map.")
+@click.option("--input-size", type=click.IntRange(min=32), default=224, show_default=True,
+              help="Applications only: input height and width (NHWC, 3 channels).")
+@click.option("--input-name", default=None, help="ONNX name of the model's only input (e.g. image).")
+@click.option("--output-name", default=None, help="ONNX name of the model's only output (e.g. embedding).")
+@click.option("--alias", "aliases", multiple=True, callback=_parse_aliases, metavar="OLD=NEW",
+              help="Rename an input or output; repeatable.")
+@click.option("--custom-module", "custom_modules", multiple=True, metavar="MODULE",
+              help="Import MODULE first (registers custom Keras layers); repeatable.")
+@_common_options(KERAS_TOLERANCE)
+@_user_errors
+def keras(source: str, out: Path | None, weights: Path | None, include_top: bool, pooling: str,
+          input_size: int, input_name: str | None, output_name: str | None, aliases: dict[str, str],
+          custom_modules: tuple[str, ...], version: int, tolerance: float, rel_tolerance: float, opset: int,
+          overwrite: bool, quiet: bool) -> None:
+    """Export a Keras model to ONNX: SOURCE is a .keras/.h5 file, a TF SavedModel folder, or a
+    keras.applications name such as MobileNetV2 (built with random weights unless --weights).
+
+    Writes <out>/<version>/model.onnx and export.json.
+    """
+    _quiet_tensorflow()
+    from toolkit.export.keras_models import export_keras
+
+    report = export_keras(source, out, version, weights=weights, include_top=include_top,
+                          pooling=None if pooling == "none" else pooling, input_size=input_size,
+                          input_name=input_name, output_name=output_name, aliases=aliases,
+                          custom_modules=custom_modules, tolerance=tolerance, rel_tolerance=rel_tolerance,
+                          opset=opset, overwrite=overwrite, show_progress=not quiet)
+    click.echo("\n".join(report.summary_lines()))
