@@ -33,7 +33,7 @@ async def main() -> None:
         vectors = await asyncio.gather(*(embed(client, module, t) for t in args.texts))
     finally:
         await client.close()
-    for text, vector in zip(args.texts, vectors):
+    for text, vector in zip(args.texts, vectors, strict=True):
         print(f"{args.protocol:<5} {text!r}: dim {vector.size}, norm {np.linalg.norm(vector):.4f}")
 
 

