@@ -12,6 +12,7 @@ cd "$(dirname "$0")"
 VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 PORT_BASE="${PORT_BASE:-8000}"
+SERVER_PID=""
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
@@ -72,16 +73,24 @@ demo() {
     mkdir -p build
     "$toolkit" serve --repository build/model_repository --http-port "$http" --grpc-port "$grpc" \
         --metrics-port "$metrics" --log-file build/tritonserver.log > build/serve.out &
-    local server=$!
-    trap 'kill -TERM $server 2>/dev/null || true; wait $server 2>/dev/null || true' EXIT
+    SERVER_PID=$!
+    trap stop_server EXIT
     until grep -q "Press Ctrl-C" build/serve.out 2>/dev/null; do
-        kill -0 "$server" 2>/dev/null || { cat build/serve.out; exit 1; }
+        kill -0 "$SERVER_PID" 2>/dev/null || { cat build/serve.out; exit 1; }
         sleep 0.5
     done
     cat build/serve.out
     log "embedding a sentence through the ensemble (HTTP, then gRPC)"
     "$VENV/bin/python" clients/embed_http.py --url "127.0.0.1:$http" "Triton serves this sentence."
     "$VENV/bin/python" clients/embed_grpc.py --url "127.0.0.1:$grpc" "Triton serves this sentence."
+    stop_server
+    trap - EXIT
+}
+
+stop_server() {  # SIGTERM lets Triton finish in-flight requests; `toolkit serve` then exits 0
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    log "server stopped"
 }
 
 run_tests() {

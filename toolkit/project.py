@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from toolkit.dag import check_ensemble, check_nesting
@@ -88,6 +88,7 @@ def load_project(models_dir: Path, ensembles_dir: Path | None = None) -> Project
                 continue
             project.ensembles[spec.name] = EnsembleSource(spec, file)
 
+    problems.extend(_resolve_api_paths(project))
     specs = project.specs()
     for ens in project.ensembles.values():
         problems.extend(check_ensemble(ens.spec, specs, file=str(ens.file)))
@@ -99,6 +100,28 @@ def load_project(models_dir: Path, ensembles_dir: Path | None = None) -> Project
             raise problems[0]
         raise SpecError(f"{len(problems)} problems:\n" + "\n".join(f"- {p}" for p in problems))
     return project
+
+
+def _resolve_api_paths(project: Project) -> list[SpecError]:
+    """One model per api_path. A spec's explicit ``api_path`` beats one inherited from a hook class
+    (the tokenizer of an ``embedding`` ensemble declares ``embedding`` too); equal claims clash."""
+    explicit: dict[str, list[str]] = {}
+    inherited: dict[str, list[str]] = {}
+    for name, source in [*project.models.items(), *project.ensembles.items()]:
+        if source.spec.api_path:
+            explicit.setdefault(source.spec.api_path, []).append(name)
+        elif isinstance(source, ModelSource) and source.hook_api_path:
+            inherited.setdefault(source.hook_api_path, []).append(name)
+    problems = []
+    for path, names in sorted({**inherited, **explicit}.items()):
+        claims = explicit.get(path) or inherited[path]
+        if len(claims) > 1:
+            problems.append(SpecError(f"api_path '{path}' is claimed by {len(claims)} models: "
+                                      f"{', '.join(sorted(claims))}; give each its own api_path"))
+        if path in explicit:
+            for name in inherited.get(path, []):
+                project.models[name] = replace(project.models[name], hook_api_path=None)
+    return problems
 
 
 def load_model(folder: Path) -> ModelSource:

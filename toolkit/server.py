@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -128,9 +129,23 @@ class TritonServer:
         env["PYTHONPATH"] = os.pathsep.join(p for p in [package_root, env.get("PYTHONPATH", "")] if p)
         return env
 
+    def _check_ports_free(self) -> None:
+        """Another server on our ports would answer our readiness checks as if it were ours."""
+        busy = []
+        for port in (self.http_port, self.grpc_port, self.metrics_port):
+            with socket.socket() as probe:
+                try:
+                    probe.bind((self.host, port))
+                except OSError:
+                    busy.append(port)
+        if busy:
+            raise ServerError(f"port(s) {', '.join(map(str, busy))} on {self.host} already in use "
+                              "(another tritonserver?); choose other ports")
+
     def start(self, timeout: float = 180.0) -> TritonServer:
         if not self.repository.is_dir():
             raise ServerError(f"model repository not found: {self.repository}")
+        self._check_ports_free()
         bundle = bundled_server_dir()
         self._workdir = Path(tempfile.mkdtemp(prefix="toolkit-triton-"))
         backend_dir = prepare_backends(bundle, self._workdir / "backends")

@@ -13,7 +13,7 @@ import pytest
 from projects import python_model, write_model
 from serving import free_ports
 
-from toolkit.errors import ModelLoadError
+from toolkit.errors import ModelLoadError, ServerError
 from toolkit.project import load_project
 from toolkit.repo import generate_repository
 from toolkit.server import TritonServer
@@ -91,3 +91,17 @@ def test_serve_prints_endpoints_and_stops_cleanly_on_sigterm(tmp_path):
             os.kill(process.pid, signal.SIGKILL)
     assert process.returncode == 0
     assert "tritonserver stopped (exit code 0)" in err
+
+
+def test_server_start_refuses_a_port_another_server_holds(tmp_path):
+    import socket
+
+    repo = repository(tmp_path, broken=False)
+    http, grpc, metrics = free_ports(3)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", grpc))
+        squatter.listen()
+        server = TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics)
+        with pytest.raises(ServerError, match=f"port\\(s\\) {grpc} on 127.0.0.1 already in use"):
+            server.start()
+    assert server.process is None

@@ -1,29 +1,24 @@
 """The example's embedding and mobile services, end to end on the real tritonserver.
 
-The repository is generated from the project's own `model_repository/` and `ensembles/` specs with
-freshly exported ONNX files: the real all-MiniLM-L6-v2 BERT and a MobileNetV2 (random weights).
+The server is `example_server` (tests/e2e/conftest.py): the project's own specs with freshly exported
+ONNX files, the real all-MiniLM-L6-v2 BERT and a MobileNetV2 (random weights).
 """
 
 from __future__ import annotations
 
 import io
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from reference_embedding import reference_embeddings
-from serving import call_concurrently, free_ports
+from serving import call_concurrently
 
 from toolkit.client import TritonClient
 from toolkit.errors import InferenceError
-from toolkit.project import load_project
-from toolkit.repo import generate_repository
-from toolkit.server import TritonServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-ROOT = Path(__file__).parents[2]
 SENTENCES = [
     "Triton serves this sentence.",
     "The quick brown fox jumps over the lazy dog while the farmer watches from the porch.",
@@ -36,18 +31,8 @@ SENTENCES = [
 
 
 @pytest.fixture(scope="module")
-def services(tmp_path_factory, minilm_export, mobilenet_export):
-    root = tmp_path_factory.mktemp("services")
-    shutil.copytree(ROOT / "model_repository", root / "models",
-                    ignore=shutil.ignore_patterns("[0-9]*"))  # only the specs, not local exports
-    shutil.copytree(ROOT / "ensembles", root / "ensembles")
-    shutil.copytree(minilm_export, root / "models" / "bert" / "1")
-    shutil.copytree(mobilenet_export, root / "models" / "mobilenet" / "1")
-    repository = generate_repository(load_project(root / "models", root / "ensembles"), root / "repo").path
-    http, grpc, metrics = free_ports(3)
-    with TritonServer(repository, http_port=http, grpc_port=grpc, metrics_port=metrics,
-                      log_file=root / "tritonserver.log") as server:
-        yield server
+def services(example_server):
+    return example_server
 
 
 def url(server, protocol):
@@ -128,7 +113,12 @@ def test_mobile_embeds_images_exactly_as_preprocessing_plus_onnxruntime_in_proce
     session = ort.InferenceSession(str(Path(mobilenet_export) / "model.onnx"), providers=["CPUExecutionProvider"])
     expected = session.run(["embedding"], {"image": pixels})[0]
     assert served.shape == (2, 1280)
-    np.testing.assert_allclose(served, expected, rtol=1e-4, atol=1e-5)
+    # MobileNetV2 with random weights (no ImageNet download here) gives tiny outputs, so compare
+    # relative to their scale, and make sure the two images really give different embeddings.
+    scale = np.abs(expected).max()
+    assert scale > 0
+    np.testing.assert_allclose(served / scale, expected / scale, rtol=0, atol=1e-4)
+    assert np.abs(expected[0] - expected[1]).max() / scale > 1e-2
 
 
 def test_corrupt_image_fails_alone_with_its_code(services):

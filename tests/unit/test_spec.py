@@ -130,3 +130,23 @@ def test_load_project_rejects_missing_asset(tmp_path):
     write_model(tmp_path, "scale", {**X_TO_Y, "assets": {"vocab.txt": "../bert/1/vocab.txt"}})
     with pytest.raises(SpecError, match=r"asset 'vocab.txt': file not found"):
         load(tmp_path)
+
+
+def test_load_project_gives_api_path_to_the_explicit_claim_over_the_hooks(tmp_path):
+    from projects import write_ensemble
+
+    write_model(tmp_path, "scale", X_TO_Y)  # its hook class declares api_path "passthrough"
+    write_ensemble(tmp_path, "pipe", {"api_path": "passthrough", "max_batch_size": 8,
+                                      "inputs": [{"name": "X", "dtype": "FP32", "dims": [4]}],
+                                      "outputs": [{"name": "Y", "dtype": "FP32", "dims": [4]}],
+                                      "steps": [{"model": "scale", "inputs": {"X": "X"}, "outputs": {"Y": "Y"}}]})
+    project = load(tmp_path)
+    assert project.ensembles["pipe"].api_path == "passthrough"
+    assert project.models["scale"].api_path is None
+
+
+def test_load_project_rejects_two_models_claiming_the_same_api_path(tmp_path):
+    write_model(tmp_path, "one", {**X_TO_Y, "api_path": "same"})
+    write_model(tmp_path, "two", {**X_TO_Y, "api_path": "same"})
+    with pytest.raises(SpecError, match="api_path 'same' is claimed by 2 models: one, two"):
+        load(tmp_path)
