@@ -134,6 +134,8 @@ class TritonServer:
         busy = []
         for port in (self.http_port, self.grpc_port, self.metrics_port):
             with socket.socket() as probe:
+                # As servers do: closed connections in TIME_WAIT must not count, only a listener.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     probe.bind((self.host, port))
                 except OSError:
