@@ -13,6 +13,7 @@ know what the user was trying to do.
     ├── ServerError        tritonserver could not start or stopped unexpectedly
     │   └── ModelLoadError one or more models failed to load (names them and Triton's reason)
     ├── InferenceError     a request to a running server failed (carries Triton's message)
+    ├── GatewayError       the REST gateway cannot start: bad settings, Triton unreachable, no API
     └── ExportError        a model could not be exported to ONNX, or the ONNX model disagrees
         └── WeightError    a checkpoint's weights are missing, unused or of the wrong shape
 
@@ -75,6 +76,14 @@ class InferenceError(ToolkitError):
     def __init__(self, message: str, *, code: int | None = None, status: str | None = None):
         self.code, self.status = code, status
         super().__init__(message)
+
+
+class GatewayError(ToolkitError):
+    """The REST gateway's settings are invalid, or it cannot discover its APIs from Triton.
+
+    Problems of a single request are not exceptions of this tree: the gateway answers them with a
+    go-infer envelope carrying a numeric code.
+    """
 
 
 class ExportError(ToolkitError):

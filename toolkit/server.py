@@ -18,6 +18,7 @@ import ctypes
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -28,12 +29,46 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
 
 from toolkit.errors import ModelLoadError, ServerError
 
 ModelControl = Literal["none", "poll", "explicit"]
+
+#: Triton's own admin surfaces: loading/unloading models, shared memory, logging, tracing.
+RESTRICTED_APIS = ("model-repository", "shared-memory", "logging", "trace")
+
+
+@dataclass(frozen=True)
+class ApiRestriction:
+    """Triton answers ``apis`` only to requests carrying the header ``key: value`` (HTTP) or the
+    metadata ``triton-grpc-protocol-<key>: value`` (gRPC, as Triton names it); inference, health
+    and metadata stay open. The value is on tritonserver's command line: treat the host as trusted."""
+
+    key: str
+    value: str
+    apis: tuple[str, ...] = RESTRICTED_APIS
+
+    @classmethod
+    def parse(cls, text: str) -> ApiRestriction:
+        """``KEY=VALUE`` (``toolkit serve --restrict-apis``)."""
+        key, sep, value = text.partition("=")
+        if not sep or not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", key) or not re.fullmatch(r"[A-Za-z0-9._~+/-]+", value):
+            raise ServerError("--restrict-apis: expected KEY=VALUE, KEY a lower-case header name "
+                              "([a-z0-9_-]), VALUE of letters, digits and ._~+/-")
+        return cls(key, value)
+
+    def flags(self) -> list[str]:
+        group = f"{','.join(self.apis)}:{self.key}={self.value}"
+        return [f"--http-restricted-api={group}", f"--grpc-restricted-protocol={group}"]
+
+    def http_headers(self) -> dict[str, str]:
+        return {self.key: self.value}
+
+    def grpc_headers(self) -> dict[str, str]:
+        return {f"triton-grpc-protocol-{self.key}": self.value}
 
 
 def bundled_server_dir() -> Path:
@@ -84,12 +119,14 @@ class TritonServer:
     def __init__(self, repository: Path, *, host: str = "127.0.0.1", http_port: int = 8000,
                  grpc_port: int = 8001, metrics_port: int = 8002, model_control: ModelControl = "none",
                  load_models: Sequence[str] = (), log_verbose: int = 0, log_file: Path | None = None,
-                 exit_timeout: int = 30, extra_args: Sequence[str] = ()):
+                 exit_timeout: int = 30, extra_args: Sequence[str] = (),
+                 restrict_apis: ApiRestriction | None = None):
         self.repository = Path(repository).absolute()
         self.host, self.http_port, self.grpc_port, self.metrics_port = host, http_port, grpc_port, metrics_port
         self.model_control, self.load_models = model_control, list(load_models)
         self.log_verbose, self.log_file, self.exit_timeout = log_verbose, log_file, exit_timeout
         self.extra_args = list(extra_args)
+        self.restrict_apis = restrict_apis
         self.process: subprocess.Popen | None = None
         self._workdir: Path | None = None
         self._log: IO | None = None
@@ -119,6 +156,8 @@ class TritonServer:
                f"--model-control-mode={self.model_control}", "--exit-on-error=false",
                f"--exit-timeout-secs={self.exit_timeout}", f"--log-verbose={self.log_verbose}"]
         cmd += [f"--load-model={m}" for m in self.load_models]
+        if self.restrict_apis is not None:
+            cmd += self.restrict_apis.flags()
         return cmd + self.extra_args
 
     def environment(self) -> dict[str, str]:
@@ -166,7 +205,8 @@ class TritonServer:
         return self
 
     def _get(self, path: str, method: str = "GET", body: bytes | None = None) -> tuple[int, bytes]:
-        request = urllib.request.Request(f"http://{self.http_url}{path}", data=body, method=method)
+        headers = self.restrict_apis.http_headers() if self.restrict_apis else {}
+        request = urllib.request.Request(f"http://{self.http_url}{path}", data=body, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=5) as response:
                 return response.status, response.read()

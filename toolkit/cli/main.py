@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from toolkit.cli.export import export
+from toolkit.cli.gateway import gateway
 from toolkit.errors import ToolkitError
 
 
@@ -83,15 +84,20 @@ def gen_repo(models_dir: Path, ensembles_dir: Path, out: Path, target: str, chec
 @click.option("--log-verbose", type=int, default=0, show_default=True)
 @click.option("--timeout", type=float, default=180.0, show_default=True,
               help="Seconds to wait for every model to load.")
+@click.option("--restrict-apis", "restrict", default=None, metavar="KEY=VALUE", envvar="TOOLKIT_RESTRICT_APIS",
+              help="Answer model-repository, shared-memory, logging and trace requests (HTTP and gRPC) only "
+                   "when they carry header KEY: VALUE (gRPC: triton-grpc-protocol-KEY). Also read from "
+                   "$TOOLKIT_RESTRICT_APIS.")
 def serve(repository: Path, host: str, http_port: int, grpc_port: int, metrics_port: int,
           model_control: str, load_models: tuple[str, ...], log_file: Path | None, log_verbose: int,
-          timeout: float) -> None:
+          timeout: float, restrict: str | None) -> None:
     """Serve a model repository on the tritonserver bundled with nvidia-pytriton."""
-    from toolkit.server import TritonServer
+    from toolkit.server import ApiRestriction, TritonServer
 
     server = TritonServer(repository, host=host, http_port=http_port, grpc_port=grpc_port,
                           metrics_port=metrics_port, model_control=model_control,  # type: ignore[arg-type]
-                          load_models=load_models, log_file=log_file, log_verbose=log_verbose)
+                          load_models=load_models, log_file=log_file, log_verbose=log_verbose,
+                          restrict_apis=ApiRestriction.parse(restrict) if restrict else None)
     stopping = []
 
     def request_stop(signum, _frame):
@@ -154,3 +160,4 @@ def infer(model: str, inputs: tuple[str, ...], url: str | None, protocol: str, m
 
 
 cli.add_command(export)
+cli.add_command(gateway)

@@ -1,0 +1,45 @@
+"""Call the REST gateway as go-infer's test client does: sign the envelope, POST /api/<path>.
+
+    python clients/gateway_client.py embedding "Triton serves this sentence."
+    python clients/gateway_client.py mobile photo.jpg --sign-type SM2
+"""
+
+import argparse
+import base64
+import json
+import time
+import urllib.request
+
+from toolkit.gateway.signing import canonical_string, sha256_signature, sm2_sign
+
+APP_ID, APP_SECRET = "3EA25569454745D01219080B779F021F", "41DF0E6AE27B5282C07EF5124642A352"  # gateway.yaml's demo
+SM2_PRIVATE_KEY = "JShsBOJL0RgPAoPttEB1hgtPAvCikOl0V1oTOYL7k5U="  # demo key: a real client keeps its own
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("api", choices=["embedding", "mobile"])
+parser.add_argument("value", help="the text (embedding) or an image file (mobile)")
+parser.add_argument("--url", default="http://127.0.0.1:5000")
+parser.add_argument("--sign-type", choices=["SHA256", "SM2"], default="SHA256")
+args = parser.parse_args()
+
+if args.api == "embedding":
+    data = {"text": args.value}
+else:
+    with open(args.value, "rb") as f:
+        data = {"image": base64.b64encode(f.read()).decode("ascii")}
+body = {"appId": APP_ID, "version": "1", "signType": args.sign_type, "encType": "plain",
+        "timestamp": int(time.time()), "data": data}
+signing_string = canonical_string(body, APP_SECRET)
+body["signData"] = (sha256_signature(signing_string) if args.sign_type == "SHA256"
+                    else sm2_sign(signing_string, SM2_PRIVATE_KEY))
+
+request = urllib.request.Request(f"{args.url}/api/{args.api}", data=json.dumps(body).encode("utf-8"),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+started = time.perf_counter()
+with urllib.request.urlopen(request, timeout=60) as response:
+    answer = json.loads(response.read())
+print(f"[{(time.perf_counter() - started) * 1000:.0f} ms] code {answer['code']}, {answer['data']['msg']}, "
+      f"request {answer['data']['requestId']}")
+if answer["success"]:
+    vector = answer["data"]["embeddings"]
+    print(f"embeddings: dim {len(vector)}, first {[round(v, 4) for v in vector[:4]]}")

@@ -1,0 +1,39 @@
+"""A go-infer compatible REST gateway in front of Triton (``toolkit gateway``).
+
+go-infer's clients ``POST /api/<path>`` a signed JSON envelope and get an envelope back with
+numbered error codes; Triton speaks KServe v2. The gateway keeps every go-infer client working
+while the models run in Triton:
+
+    settings.py   the YAML settings (go-infer's API section + Triton, Apis, ErrCode)
+    signing.py    the string to sign, SHA256, SM2 with SM3 (gmssl)
+    auth.py       checking a request in go-infer's order; replay cache
+    envelope.py   response envelope, request ids, codes
+    mapping.py    API discovery from Triton; JSON data <-> tensors
+    app.py        the Starlette app and its asyncio gRPC connection to Triton
+
+    settings = load_settings(Path("gateway.yaml"))
+    run_gateway(settings)                       # discovers the APIs, then serves with uvicorn
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from toolkit.gateway.mapping import ApiRoute, discover_routes
+from toolkit.gateway.settings import GatewaySettings, load_settings
+
+__all__ = ["ApiRoute", "GatewaySettings", "discover_routes", "load_settings", "run_gateway"]
+
+
+def run_gateway(settings: GatewaySettings, routes: Mapping[str, ApiRoute] | None = None) -> None:
+    """Serve until SIGINT/SIGTERM (uvicorn lets in-flight requests finish). ``routes`` default to
+    what Triton at ``settings.triton.url`` exposes; an unreachable Triton raises ``GatewayError``."""
+    import uvicorn
+
+    from toolkit.gateway.app import create_app
+
+    routes = discover_routes(settings) if routes is None else routes
+    app = create_app(settings, routes)
+    config = uvicorn.Config(app, host=settings.api.addr, port=settings.api.port, access_log=False,
+                            lifespan="on", log_level="info", timeout_graceful_shutdown=30)
+    uvicorn.Server(config).run()
