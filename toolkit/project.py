@@ -113,7 +113,7 @@ def _resolve_api_paths(project: Project) -> list[SpecError]:
         elif isinstance(source, ModelSource) and source.hook_api_path:
             inherited.setdefault(source.hook_api_path, []).append(name)
     problems = []
-    for path, names in sorted({**inherited, **explicit}.items()):
+    for path in sorted({**inherited, **explicit}):
         claims = explicit.get(path) or inherited[path]
         if len(claims) > 1:
             problems.append(SpecError(f"api_path '{path}' is claimed by {len(claims)} models: "

@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import urllib.error
@@ -81,13 +82,39 @@ def bundled_server_dir() -> Path:
     return path
 
 
+def python_library_dir() -> str | None:
+    """This interpreter's own libpython folder, when it has one (pyenv, python.org builds).
+
+    The stub links ``libpython3.X.so.1.0``; from Debian's package it is another patch release than
+    the interpreter whose standard library the stub then imports (3.11.2 vs 3.11.7 here), which
+    breaks code that relies on the newer one (multiprocessing's RLock, pytriton issue #51).
+    """
+    libdir = sysconfig.get_config_var("LIBDIR")
+    name = f"libpython{sys.version_info.major}.{sys.version_info.minor}.so.1.0"
+    if sysconfig.get_config_var("Py_ENABLE_SHARED") and libdir and (Path(libdir) / name).exists():
+        return str(libdir)
+    return None
+
+
+def stub_environment(base: dict[str, str]) -> dict[str, str]:
+    """The environment in which the stub finds this interpreter's packages and libpython."""
+    env = dict(base)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [package_root, env.get("PYTHONPATH", "")] if p)
+    libdir = python_library_dir()
+    if libdir:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in [libdir, env.get("LD_LIBRARY_PATH", "")] if p)
+    return env
+
+
 def prepare_backends(bundle: Path, into: Path) -> Path:
     """A backend folder whose python backend uses the stub matching this interpreter."""
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = bundle / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.is_file():
         raise ServerError(f"the bundled tritonserver has no python stub for Python {version}")
-    missing = _missing_libraries(stub)
+    missing = _missing_libraries(stub, stub_environment(dict(os.environ)))
     if missing:
         raise ServerError(f"the python stub needs {', '.join(missing)}; on Debian/Ubuntu install it with "
                           f"`apt-get install libpython{version}`")
@@ -100,9 +127,9 @@ def prepare_backends(bundle: Path, into: Path) -> Path:
     return into
 
 
-def _missing_libraries(binary: Path) -> list[str]:
+def _missing_libraries(binary: Path, env: dict[str, str]) -> list[str]:
     try:
-        out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, timeout=30).stdout
+        out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, timeout=30, env=env).stdout
     except (OSError, subprocess.TimeoutExpired):
         return []  # no ldd: let the server report it
     return [line.split()[0] for line in out.splitlines() if "not found" in line]
@@ -161,12 +188,7 @@ class TritonServer:
         return cmd + self.extra_args
 
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
-        venv_bin = str(Path(sys.executable).parent)
-        env["PATH"] = os.pathsep.join([venv_bin, env.get("PATH", "")])
-        package_root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in [package_root, env.get("PYTHONPATH", "")] if p)
-        return env
+        return stub_environment(dict(os.environ))
 
     def _check_ports_free(self) -> None:
         """Another server on our ports would answer our readiness checks as if it were ours."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from toolkit.cli.bench import bench
 from toolkit.cli.export import export
 from toolkit.cli.gateway import gateway
 from toolkit.errors import ToolkitError
@@ -160,4 +161,5 @@ def infer(model: str, inputs: tuple[str, ...], url: str | None, protocol: str, m
 
 
 cli.add_command(export)
+cli.add_command(bench)
 cli.add_command(gateway)

@@ -1,0 +1,1 @@
+"""`toolkit bench`: load generation, baselines and reports for the served pipelines."""

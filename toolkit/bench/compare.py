@@ -1,0 +1,105 @@
+"""``toolkit bench compare``: every contender, every workload, one run; then targets, table and plot."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from toolkit.bench.loadgen import PointSpec, run_point
+from toolkit.bench.report import evaluate_targets, write_markdown, write_plot
+from toolkit.bench.runner import CONTENDERS, BenchError, Workload, measure_limit, measure_point, serve
+
+
+@dataclass(frozen=True)
+class Plan:
+    workloads: tuple[Workload, ...]
+    contenders: tuple[str, ...] = CONTENDERS
+    concurrencies: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    rates: tuple[float, ...] = ()
+    warmup_s: float = 3.0
+    measure_s: float = 10.0
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    max_variation: float = 0.25
+    allow_unstable: bool = False
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    with contextlib.suppress(OSError, StopIteration):
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    from importlib.metadata import version
+
+    versions = {p: version(p) for p in ("nvidia-pytriton", "tritonclient", "onnxruntime", "numpy", "fastapi",
+                                          "uvicorn", "tokenizers")}
+    return {"cores": len(os.sched_getaffinity(0)), "cpu": cpu, "python": platform.python_version(), **versions}
+
+
+def compare(plan: Plan, out: Path, *, progress: bool = True) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    servers = [c for c in plan.contenders if c != "inprocess"]
+    points_per_server = len(plan.concurrencies) + len(plan.rates)
+    total = len(plan.workloads) * (len(servers) * points_per_server + ("inprocess" in plan.contenders))
+    results: dict[str, Any] = {"machine": machine(), "plan": _plan_dict(plan), "workloads": {}}
+    columns = (TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task("benchmark", total=total)
+        for work in plan.workloads:
+            payloads = work.payloads()
+            per_contender: dict[str, Any] = {}
+            if "inprocess" in plan.contenders:
+                bar.update(task, description=f"{work.name}: in-process limit")
+                per_contender["inprocess"] = {"limit": measure_limit(
+                    work.name, work.model_dir, list(plan.batch_sizes), plan.measure_s / 2)}
+                bar.advance(task)
+            for contender in servers:
+                bar.update(task, description=f"{work.name}: starting {contender}")
+                points = []
+                with serve(contender, work, out) as (target, stats_url):
+                    run_point(PointSpec(target, payloads, concurrency=4, warmup_s=0, measure_s=plan.warmup_s))
+                    models = work.steps if contender == "toolkit" else None
+                    loads = [("concurrency", c) for c in plan.concurrencies] + [("rate", r) for r in plan.rates]
+                    for kind, value in loads:
+                        bar.update(task, description=f"{work.name}: {contender} {kind} {value}")
+                        spec = PointSpec(target, payloads, warmup_s=min(2.0, plan.warmup_s),
+                                         measure_s=plan.measure_s, **{kind: value})
+                        result, server_split = measure_point(spec, stats_url, models, plan.max_variation)
+                        points.append({"load": kind, "value": value, **result.to_dict(), **server_split})
+                        bar.advance(task)
+                per_contender[contender] = {"points": points}
+            results["workloads"][work.name] = per_contender
+    results["targets"] = evaluate_targets(results["workloads"])
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_markdown(results, out / "report.md")
+    write_plot(results["workloads"], out / "plot.png")
+    _fail_if_untrustworthy(results, plan)
+    return results
+
+
+def _plan_dict(plan: Plan) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in plan.__dict__.items() if k != "workloads"} | {
+        "workloads": {w.name: str(w.model_dir) for w in plan.workloads}}
+
+
+def _fail_if_untrustworthy(results: dict[str, Any], plan: Plan) -> None:
+    errors, unsteady = [], []
+    for name, contenders in results["workloads"].items():
+        for contender, data in contenders.items():
+            for p in data.get("points", []):
+                where = f"{name}/{contender} {p['load']} {p['value']}"
+                if p["errors"]:
+                    errors.append(f"{where}: {p['errors']} errors, e.g. {p['error_samples'][:1]}")
+                if p["variation"] > plan.max_variation:
+                    unsteady.append(f"{where}: throughput varied {p['variation']:.0%} across the window")
+    if errors:
+        raise BenchError("requests failed (see report.md):\n" + "\n".join(errors))
+    if unsteady and not plan.allow_unstable:
+        raise BenchError("the run was too unsteady to trust (rerun on a quiet machine, or pass --allow-unstable):\n"
+                         + "\n".join(unsteady))

@@ -1,0 +1,99 @@
+"""``toolkit bench``: load a running server, or compare the toolkit against the baselines in one run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+def _numbers(kind):
+    def parse(ctx, param, value):
+        if not value:
+            return ()
+        try:
+            return tuple(kind(v) for v in value.split(","))
+        except ValueError as e:
+            raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from e
+
+    return parse
+
+
+@click.group()
+def bench() -> None:
+    """Measure throughput and latency (closed and open loop) with Triton's queue/compute split."""
+
+
+@bench.command("load")
+@click.option("--url", required=True, help="host:port of the server (gRPC port for triton-grpc).")
+@click.option("--model", default="embedding", show_default=True, help="Model (or route, for json-http).")
+@click.option("--kind", type=click.Choice(["triton-grpc", "triton-http", "json-http"]), default="triton-grpc",
+              show_default=True)
+@click.option("--workload", type=click.Choice(["embedding", "mobile"]), default="embedding", show_default=True,
+              help="Which payloads to send: the sentence corpus or 224x224 JPEG images.")
+@click.option("--concurrency", callback=_numbers(int), default="1,4,16", show_default=True)
+@click.option("--rate", callback=_numbers(float), default="", help="Open-loop Poisson rates (req/s), e.g. 20,50.")
+@click.option("--seconds", type=float, default=10.0, show_default=True, help="Measurement window per point.")
+@click.option("--warmup", type=float, default=2.0, show_default=True)
+def load(url: str, model: str, kind: str, workload: str, concurrency: tuple[int, ...], rate: tuple[float, ...],
+         seconds: float, warmup: float) -> None:
+    """Drive a running server and print one line per load point."""
+    from toolkit.bench.loadgen import PointSpec, TargetSpec, run_point
+    from toolkit.bench.runner import BenchError
+    from toolkit.bench.runner import workload as make_workload
+
+    work = make_workload(workload, Path("."))
+    target = TargetSpec(kind, url, model, work.input_name, json_field=work.json_field)
+    payloads = work.payloads()
+    failed = 0
+    for key, values in (("concurrency", concurrency), ("rate", rate)):
+        for value in values:
+            r = run_point(PointSpec(target, payloads, warmup_s=warmup, measure_s=seconds, **{key: value}))
+            failed += r.errors
+            click.echo(f"{key}={value}: {r.throughput:.1f} req/s  p50 {r.p50_ms:.1f} ms  p95 {r.p95_ms:.1f} ms  "
+                       f"p99 {r.p99_ms:.1f} ms  errors {r.errors}  cv {r.variation:.2f}")
+            for sample in r.error_samples[:2]:
+                click.echo(f"    e.g. {sample}")
+    if failed:
+        raise BenchError(f"{failed} requests failed")
+
+
+@bench.command("compare")
+@click.option("--workload", "workloads", type=click.Choice(["embedding", "mobile"]), multiple=True,
+              default=("embedding", "mobile"), show_default=True)
+@click.option("--bert-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("model_repository/bert/1"),
+              show_default=True, help="Exported BERT version folder (toolkit export bert).")
+@click.option("--mobilenet-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("model_repository/mobilenet/1"), show_default=True)
+@click.option("--contenders", callback=lambda c, p, v: tuple(v.split(",")),
+              default="inprocess,naive,pytriton,toolkit", show_default=True)
+@click.option("--concurrency", callback=_numbers(int), default="1,2,4,8,16,32", show_default=True)
+@click.option("--rate", callback=_numbers(float), default="", help="Open-loop Poisson rates (req/s).")
+@click.option("--seconds", type=float, default=10.0, show_default=True, help="Measurement window per point.")
+@click.option("--warmup", type=float, default=3.0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("build/bench"),
+              show_default=True, help="Where results.json, report.md and plot.png go.")
+@click.option("--allow-unstable", is_flag=True, help="Report unsteady points instead of failing.")
+def compare_command(workloads, bert_dir, mobilenet_dir, contenders, concurrency, rate, seconds, warmup, out,
+                    allow_unstable) -> None:
+    """Run the in-process limit, a FastAPI server, PyTriton and the toolkit on the same inputs."""
+    from toolkit.bench.compare import Plan, compare
+    from toolkit.bench.runner import CONTENDERS, BenchError, workload
+
+    unknown = set(contenders) - set(CONTENDERS)
+    if unknown:
+        raise click.BadParameter(f"unknown {sorted(unknown)}; choose from {CONTENDERS}", param_hint="--contenders")
+    dirs = {"embedding": bert_dir, "mobile": mobilenet_dir}
+    for name in workloads:
+        if not (dirs[name] / "model.onnx").is_file():
+            raise BenchError(f"{dirs[name]}/model.onnx not found: export it first (see export/README.md)")
+    plan = Plan(workloads=tuple(workload(n, dirs[n].absolute()) for n in workloads), contenders=contenders,
+                concurrencies=concurrency, rates=rate, warmup_s=warmup, measure_s=seconds,
+                allow_unstable=allow_unstable)
+    try:
+        results = compare(plan, out)
+    finally:
+        if (out / "report.md").is_file():
+            click.echo(f"Report: {out / 'report.md'}  plot: {out / 'plot.png'}")
+    click.echo(json.dumps(results["targets"], indent=1))
