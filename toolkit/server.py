@@ -293,6 +293,11 @@ class TritonServer:
                 code = self.process.wait()
         elif self.process is not None:
             code = self.process.returncode
+        if self.process is not None:
+            # Stubs of a tritonserver that died abruptly (e.g. signalled while loading) outlive it;
+            # they share its process group (ours alone: start_new_session), so sweep the group.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
         if self._log is not None:
             self._log.close()
             self._log = None

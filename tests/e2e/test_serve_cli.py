@@ -91,6 +91,8 @@ def test_serve_prints_endpoints_and_stops_cleanly_on_sigterm(tmp_path):
             os.kill(process.pid, signal.SIGKILL)
     assert process.returncode == 0
     assert "tritonserver stopped (exit code 0)" in err
+    leftovers = subprocess.run(["pgrep", "-f", str(repo)], capture_output=True, text=True).stdout.split()
+    assert leftovers == [], "tritonserver or python stubs outlived `toolkit serve`"
 
 
 def test_server_start_refuses_a_port_another_server_holds(tmp_path):
