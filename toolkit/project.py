@@ -54,6 +54,8 @@ class EnsembleSource:
 class Project:
     models: dict[str, ModelSource] = field(default_factory=dict)
     ensembles: dict[str, EnsembleSource] = field(default_factory=dict)
+    #: Things worth telling the user that are not errors.
+    notes: list[str] = field(default_factory=list)
 
     def specs(self) -> dict[str, AnySpec]:
         out: dict[str, AnySpec] = {n: m.spec for n, m in self.models.items()}
@@ -103,8 +105,12 @@ def load_project(models_dir: Path, ensembles_dir: Path | None = None) -> Project
 
 
 def _resolve_api_paths(project: Project) -> list[SpecError]:
-    """One model per api_path. A spec's explicit ``api_path`` beats one inherited from a hook class
-    (the tokenizer of an ``embedding`` ensemble declares ``embedding`` too); equal claims clash."""
+    """One model per api_path (the route a REST gateway serves).
+
+    A spec's explicit ``api_path`` beats one inherited from a hook class (the tokenizer of the
+    ``embedding`` ensemble declares ``embedding`` too), and two explicit claims are an error. Models
+    sharing one hook class inherit the same path; then none of them gets it, and a note says so.
+    """
     explicit: dict[str, list[str]] = {}
     inherited: dict[str, list[str]] = {}
     for name, source in [*project.models.items(), *project.ensembles.items()]:
@@ -113,14 +119,17 @@ def _resolve_api_paths(project: Project) -> list[SpecError]:
         elif isinstance(source, ModelSource) and source.hook_api_path:
             inherited.setdefault(source.hook_api_path, []).append(name)
     problems = []
-    for path in sorted({**inherited, **explicit}):
-        claims = explicit.get(path) or inherited[path]
-        if len(claims) > 1:
-            problems.append(SpecError(f"api_path '{path}' is claimed by {len(claims)} models: "
-                                      f"{', '.join(sorted(claims))}; give each its own api_path"))
-        if path in explicit:
-            for name in inherited.get(path, []):
+    for path, names in sorted(explicit.items()):
+        if len(names) > 1:
+            problems.append(SpecError(f"api_path '{path}' is claimed by {len(names)} models: "
+                                      f"{', '.join(sorted(names))}; give each its own api_path"))
+    for path, names in sorted(inherited.items()):
+        if path in explicit or len(names) > 1:
+            for name in names:
                 project.models[name] = replace(project.models[name], hook_api_path=None)
+        if path not in explicit and len(names) > 1:
+            project.notes.append(f"api_path '{path}' of hook class is shared by {', '.join(sorted(names))}: "
+                                 "none of them gets that route; set api_path in the spec of the one meant")
     return problems
 
 

@@ -150,3 +150,12 @@ def test_load_project_rejects_two_models_claiming_the_same_api_path(tmp_path):
     write_model(tmp_path, "two", {**X_TO_Y, "api_path": "same"})
     with pytest.raises(SpecError, match="api_path 'same' is claimed by 2 models: one, two"):
         load(tmp_path)
+
+
+def test_load_project_gives_no_route_to_models_sharing_a_hook_api_path_and_says_so(tmp_path):
+    write_model(tmp_path, "one", X_TO_Y)
+    write_model(tmp_path, "two", X_TO_Y)  # the same hook class, api_path "passthrough"
+    project = load(tmp_path)
+    assert project.models["one"].api_path is None and project.models["two"].api_path is None
+    assert project.notes == ["api_path 'passthrough' of hook class is shared by one, two: none of them gets "
+                             "that route; set api_path in the spec of the one meant"]

@@ -55,6 +55,8 @@ def gen_repo(models_dir: Path, ensembles_dir: Path, out: Path, target: str, chec
     from toolkit.repo import generate_repository
 
     project = load_project(models_dir, ensembles_dir)
+    for note in project.notes:
+        click.echo(f"Note: {note}", err=True)
     if check:
         for source in [*project.models.values(), *project.ensembles.values()]:
             build_config_text(source, source_label=str(getattr(source, "file", source.spec.name)),
