@@ -19,7 +19,7 @@ from tritonclient.grpc import model_config_pb2
 
 from toolkit.errors import RenderError
 from toolkit.project import EnsembleSource, ModelSource
-from toolkit.runtime.params import API_PATH, HOOK, ONNX_HOOK, PAD_PREFIX, TRIM_PREFIX
+from toolkit.runtime.params import API_PATH, BUCKET_COST, HOOK, ONNX_HOOK, PAD_PREFIX, TRIM_PREFIX
 
 Target = Literal["embedded", "container"]
 TARGETS: tuple[str, ...] = ("embedded", "container")
@@ -97,6 +97,8 @@ def model_config(source: ModelSource | EnsembleSource, target: Target = "embedde
                     tensor["allow_ragged_batch"] = True
             for name, like in spec.trim_outputs.items():
                 params[TRIM_PREFIX + name] = like
+            if spec.bucket_call_cost:
+                params[BUCKET_COST] = repr(float(spec.bucket_call_cost))
     config["parameters"] = {k: {"string_value": v} for k, v in sorted(params.items())}
     return config
 

@@ -203,6 +203,10 @@ class ModelSpec(_ModelBase):
     pad_inputs: dict[str, float] = Field(default_factory=dict)
     #: Outputs whose variable dims are cut back per request to that padded input's length.
     trim_outputs: dict[str, str] = Field(default_factory=dict)
+    #: The cost of one more ``infer`` call, in padded elements per row (e.g. tokens). When > 0 a
+    #: padded dynamic batch is split into length buckets wherever that saves more padding than it
+    #: costs (on CPU, padding waste decides variable-length workloads); 0 = one padded call.
+    bucket_call_cost: float = Field(default=0, ge=0)
     #: Files copied into every version folder: ``{name in version folder: path from model folder}``.
     assets: dict[str, str] = Field(default_factory=dict)
 
@@ -242,6 +246,8 @@ class ModelSpec(_ModelBase):
         """Padding refers to tensors, so it is checked once inputs/outputs are final (onnx)."""
         if (self.pad_inputs or self.trim_outputs) and self.max_batch_size == 0:
             raise ValueError("pad_inputs / trim_outputs need max_batch_size > 0")
+        if self.bucket_call_cost and not self.pad_inputs:
+            raise ValueError("bucket_call_cost splits padded batches: it needs pad_inputs")
         for name in self.pad_inputs:
             spec = self.input(name)
             if spec is None:

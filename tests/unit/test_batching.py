@@ -9,12 +9,14 @@ from toolkit.hooks import API_ENTRY_FAILED, INFERENCE_FAILED, Hook, HookError
 from toolkit.runtime.batching import Failure, Layout, run_batch
 
 
-def layout(inputs, outputs, max_batch_size=8, pad=None, trim=None) -> Layout:
+def layout(inputs, outputs, max_batch_size=8, pad=None, trim=None, bucket_cost=0) -> Layout:
     def tensors(items):
         return [{"name": n, "data_type": t, "dims": d} for n, t, d in items]
 
     params = {f"toolkit.pad.{k}": {"string_value": str(v)} for k, v in (pad or {}).items()}
     params.update({f"toolkit.trim.{k}": {"string_value": v} for k, v in (trim or {}).items()})
+    if bucket_cost:
+        params["toolkit.bucket_cost"] = {"string_value": str(bucket_cost)}
     return Layout.from_config({"max_batch_size": max_batch_size, "input": tensors(inputs),
                                "output": tensors(outputs), "parameters": params})
 
@@ -159,3 +161,32 @@ def test_run_batch_rejects_request_when_api_entry_returns_inconsistent_rows():
 
     results = run_batch(Bad(), [req([1, 2])], SCALE)
     assert results[0].code == API_ENTRY_FAILED and "same batch size" in results[0].message
+
+
+def test_run_batch_splits_padded_requests_into_length_buckets_when_calls_cost_less_than_padding():
+    calls = []
+
+    class Echo(Hook):
+        def infer(self, batch):
+            calls.append(batch["T"].shape)
+            return {"E": batch["T"]}
+
+    inputs = [("T", "TYPE_INT64", [-1])]
+    outputs = [("E", "TYPE_INT64", [-1])]
+    lengths = [3, 40, 4, 41, 3, 39]
+    requests = [{"T": np.full((1, n), n, np.int64)} for n in lengths]
+
+    one_call = layout(inputs, outputs, pad={"T": 0}, trim={"E": "T"})
+    run_batch(Echo(), requests, one_call)
+    assert calls == [(6, 41)]  # no bucketing: everything padded to the longest
+
+    calls.clear()
+    bucketed = layout(inputs, outputs, pad={"T": 0}, trim={"E": "T"}, bucket_cost=8)
+    results = run_batch(Echo(), requests, bucketed)
+    assert sorted(calls) == [(3, 4), (3, 41)]  # short and long texts apart: 12 + 123 padded tokens, not 246
+    for n, result in zip(lengths, results, strict=True):
+        np.testing.assert_array_equal(result["E"], np.full((1, n), n))  # order and lengths preserved
+
+    calls.clear()
+    run_batch(Echo(), requests, layout(inputs, outputs, pad={"T": 0}, trim={"E": "T"}, bucket_cost=1000))
+    assert calls == [(6, 41)]  # a call dearer than all the padding: one batch

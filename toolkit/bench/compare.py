@@ -46,7 +46,7 @@ def compare(plan: Plan, out: Path, *, progress: bool = True) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     servers = [c for c in plan.contenders if c != "inprocess"]
     points_per_server = len(plan.concurrencies) + len(plan.rates)
-    total = len(plan.workloads) * (len(servers) * points_per_server + ("inprocess" in plan.contenders))
+    total = len(plan.workloads) * (len(servers) * points_per_server + 2 * ("inprocess" in plan.contenders))
     results: dict[str, Any] = {"machine": machine(), "plan": _plan_dict(plan), "workloads": {}}
     columns = (TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, disable=not progress, transient=False) as bar:
@@ -74,6 +74,15 @@ def compare(plan: Plan, out: Path, *, progress: bool = True) -> dict[str, Any]:
                         points.append({"load": kind, "value": value, **result.to_dict(), **server_split})
                         bar.advance(task)
                 per_contender[contender] = {"points": points}
+            if "inprocess" in plan.contenders:
+                # This machine's speed drifts between minutes; measure the limit again after the
+                # servers and hold the toolkit to the better of the two (the stricter target).
+                bar.update(task, description=f"{work.name}: in-process limit again")
+                again = measure_limit(work.name, work.model_dir, list(plan.batch_sizes), plan.measure_s / 2)
+                first = per_contender["inprocess"]["limit"]
+                best = first if first["best_throughput"] >= again["best_throughput"] else again
+                per_contender["inprocess"] = {"limit": {**best, "runs": [first, again]}}
+                bar.advance(task)
             results["workloads"][work.name] = per_contender
     results["targets"] = evaluate_targets(results["workloads"])
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from toolkit.hooks import API_ENTRY_FAILED, INFERENCE_FAILED, HookError, format_coded_message
-from toolkit.runtime.params import PAD_PREFIX, TRIM_PREFIX
+from toolkit.runtime.params import BUCKET_COST, PAD_PREFIX, TRIM_PREFIX
 
 _NUMPY_DTYPES = {
     "TYPE_BOOL": np.bool_, "TYPE_UINT8": np.uint8, "TYPE_UINT16": np.uint16, "TYPE_UINT32": np.uint32,
@@ -54,6 +54,9 @@ class Layout:
     outputs: Mapping[str, TensorLayout]
     pad: Mapping[str, float]
     trim: Mapping[str, str]
+    #: The cost of one more ``infer`` call in padded elements per row (e.g. tokens); > 0 splits a
+    #: padded batch into length buckets wherever a call costs less than the padding it saves.
+    bucket_cost: float = 0.0
 
     @property
     def batching(self) -> bool:
@@ -74,6 +77,7 @@ class Layout:
             inputs=tensors("input"), outputs=tensors("output"),
             pad={k[len(PAD_PREFIX):]: float(v) for k, v in params.items() if k.startswith(PAD_PREFIX)},
             trim={k[len(TRIM_PREFIX):]: v for k, v in params.items() if k.startswith(TRIM_PREFIX)},
+            bucket_cost=float(params.get(BUCKET_COST, 0)),
         )
 
 
@@ -142,7 +146,44 @@ def _groups(accepted: list[_Accepted], layout: Layout) -> list[list[_Accepted]]:
                         shape[axis] = None
             key.append((name, array.dtype.str, tuple(shape)))
         groups.setdefault(tuple(key), []).append(a)
-    return list(groups.values())
+    if layout.bucket_cost <= 0 or not layout.pad:
+        return list(groups.values())
+    return [bucket for group in groups.values() for bucket in _buckets(group, layout)]
+
+
+def _padded_size(a: _Accepted, layout: Layout) -> int:
+    """How many elements per row the request's padded inputs have along their variable dims."""
+    size = 1
+    for name in layout.pad:
+        if name in a.inputs and name in layout.inputs:
+            shape = a.inputs[name].shape[1:]
+            size = max(size, int(np.prod([shape[i] for i in layout.inputs[name].variable_axes if i < len(shape)])))
+    return size
+
+
+def _buckets(group: list[_Accepted], layout: Layout) -> list[list[_Accepted]]:
+    """Split requests, sorted by length, into the buckets that minimise the padded work.
+
+    cost(bucket) = bucket_cost + rows(bucket) * longest(bucket); an exact O(n^2) DP over the sorted
+    requests (a dynamic batch holds at most max_batch_size requests, so n is small).
+    """
+    if len(group) < 2:
+        return [group]
+    ordered = sorted(group, key=lambda a: _padded_size(a, layout))
+    sizes = [_padded_size(a, layout) for a in ordered]
+    rows = np.cumsum([0] + [a.rows for a in ordered])
+    best = [0.0] + [float("inf")] * len(ordered)
+    cut = [0] * (len(ordered) + 1)
+    for j in range(1, len(ordered) + 1):
+        for i in range(j):
+            cost = best[i] + layout.bucket_cost + (rows[j] - rows[i]) * sizes[j - 1]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    buckets, j = [], len(ordered)
+    while j > 0:
+        buckets.append(ordered[cut[j]:j])
+        j = cut[j]
+    return buckets[::-1]
 
 
 def _run_group(hook: Any, group: list[_Accepted], layout: Layout, results: list, log: Log | None) -> None:

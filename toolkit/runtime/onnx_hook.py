@@ -33,6 +33,10 @@ class OnnxModel(Hook):
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Spinning worker threads would burn the cores the other steps' processes, Triton and the
+        # clients need between runs; in a multi-process server they must sleep instead.
+        if ctx.parameters.get("spin_threads", "false").lower() != "true":
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         path = ctx.model_dir / ctx.parameters.get("onnx_file", "model.onnx")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]

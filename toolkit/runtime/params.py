@@ -6,3 +6,4 @@ PAD_PREFIX = "toolkit.pad."
 TRIM_PREFIX = "toolkit.trim."
 #: The built-in hook that runs an ONNX file with onnxruntime on the embedded (python-only) server.
 ONNX_HOOK = "toolkit.runtime.onnx_hook:OnnxModel"
+BUCKET_COST = "toolkit.bucket_cost"
