@@ -5,6 +5,7 @@
 #                     repository, serve it on the embedded tritonserver, embed a sentence over HTTP
 #                     and gRPC, stop the server
 #   ./dev.sh test     set up, then ruff and the whole test suite (pytest args may follow)
+#   ./dev.sh bench    set up, export, and run BENCHMARKS.md's comparison (results in build/bench)
 #   ./dev.sh setup    only the set-up
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -55,9 +56,8 @@ setup() {
     python_packages "$1"
 }
 
-demo() {
-    setup demo
-    local toolkit="$VENV/bin/toolkit" http=$PORT_BASE grpc=$((PORT_BASE + 1)) metrics=$((PORT_BASE + 2))
+exports() {  # the ONNX files the example serves, exported once
+    local toolkit="$VENV/bin/toolkit"
     if [ ! -f model_repository/bert/1/model.onnx ]; then
         log "exporting the packaged all-MiniLM-L6-v2 BERT to ONNX"
         "$toolkit" export bert --out model_repository/bert
@@ -67,6 +67,12 @@ demo() {
         "$toolkit" export keras MobileNetV2 --no-include-top --pooling avg \
             --input-name image --output-name embedding --out model_repository/mobilenet
     fi
+}
+
+demo() {
+    setup demo
+    exports
+    local toolkit="$VENV/bin/toolkit" http=$PORT_BASE grpc=$((PORT_BASE + 1)) metrics=$((PORT_BASE + 2))
     log "generating the Triton model repository"
     "$toolkit" gen-repo --out build/model_repository
     log "serving it on the embedded tritonserver"
@@ -101,9 +107,16 @@ run_tests() {
     "$VENV/bin/python" -m pytest "$@"
 }
 
+bench() {  # BENCHMARKS.md's run: ~15 minutes on 2 cores; keep the machine otherwise idle
+    setup test
+    exports
+    "$VENV/bin/toolkit" bench compare --rate 40,80 --out build/bench "$@"
+}
+
 case "${1:-}" in
     demo) demo ;;
+    bench) shift; bench "$@" ;;
     test) shift; run_tests "$@" ;;
     setup) setup test ;;
-    *) echo "usage: ./dev.sh demo | test [pytest args] | setup" >&2; exit 2 ;;
+    *) echo "usage: ./dev.sh demo | test [pytest args] | bench [toolkit bench compare args] | setup" >&2; exit 2 ;;
 esac

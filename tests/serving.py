@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from toolkit.client import TritonClient
 from toolkit.errors import InferenceError
+from toolkit.server import free_ports
 
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
+__all__ = ["call_concurrently", "free_ports"]
 
 
 def call_concurrently(url: str, model: str, requests: list[dict[str, Any]], protocol: str = "grpc") -> list:

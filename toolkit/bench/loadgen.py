@@ -129,48 +129,46 @@ class _Client:
             raise RuntimeError("answer has the wrong number of rows")
 
 
-async def _closed_loop(spec: PointSpec) -> tuple[list[tuple[float, float]], list[str], float]:
-    samples: list[tuple[float, float]] = []  # (completion time, latency)
-    errors: list[str] = []
-    start = time.perf_counter()
-    end = start + spec.warmup_s + spec.measure_s
-    counter = iter(range(1 << 62))
+class _Recorder:
+    """Completed requests as (completion time, latency) since the start, and every error."""
 
-    async def worker(client: _Client) -> None:
-        while (now := time.perf_counter()) < end:
-            payload = spec.payloads[next(counter) % len(spec.payloads)]
-            try:
-                await client.call(payload)
-            except Exception as e:
-                errors.append(f"{time.perf_counter() - start:.3f} {type(e).__name__}: {e}"[:300])
-                continue
-            done = time.perf_counter()
-            samples.append((done - start, done - now))
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.samples: list[tuple[float, float]] = []
+        self.errors: list[str] = []
 
-    async with _Client(spec.target) as client:
-        await asyncio.gather(*(worker(client) for _ in range(spec.concurrency)))
-    return samples, errors, start
-
-
-async def _open_loop(spec: PointSpec) -> tuple[list[tuple[float, float]], list[str], float]:
-    samples: list[tuple[float, float]] = []
-    errors: list[str] = []
-    rng = random.Random(spec.seed)
-    start = time.perf_counter()
-    end = start + spec.warmup_s + spec.measure_s
-    outstanding: set[asyncio.Task] = set()
-
-    async def one(client: _Client, payload: bytes, scheduled: float) -> None:
+    async def send(self, client: _Client, payload: bytes, since: float) -> None:
+        """One request; latency counts from ``since`` (sent, or scheduled in an open loop)."""
         try:
             await client.call(payload)
         except Exception as e:
-            errors.append(f"{time.perf_counter() - start:.3f} {type(e).__name__}: {e}"[:300])
+            self.errors.append(f"{time.perf_counter() - self.start:.3f} {type(e).__name__}: {e}"[:300])
             return
         done = time.perf_counter()
-        samples.append((done - start, done - scheduled))
+        self.samples.append((done - self.start, done - since))
+
+
+async def _closed_loop(spec: PointSpec) -> _Recorder:
+    record = _Recorder()
+    end = record.start + spec.warmup_s + spec.measure_s
+    counter = itertools.count()
+
+    async def worker(client: _Client) -> None:
+        while (now := time.perf_counter()) < end:
+            await record.send(client, spec.payloads[next(counter) % len(spec.payloads)], now)
 
     async with _Client(spec.target) as client:
-        scheduled, i = start, 0
+        await asyncio.gather(*(worker(client) for _ in range(spec.concurrency)))
+    return record
+
+
+async def _open_loop(spec: PointSpec) -> _Recorder:
+    record = _Recorder()
+    rng = random.Random(spec.seed)
+    end = record.start + spec.warmup_s + spec.measure_s
+    outstanding: set[asyncio.Task] = set()
+    async with _Client(spec.target) as client:
+        scheduled, i = record.start, 0
         while True:
             scheduled += rng.expovariate(spec.rate)
             if scheduled >= end:
@@ -179,15 +177,16 @@ async def _open_loop(spec: PointSpec) -> tuple[list[tuple[float, float]], list[s
             if delay > 0:
                 await asyncio.sleep(delay)
             if len(outstanding) >= MAX_OUTSTANDING:
-                errors.append(f"{scheduled - start:.3f} client: more than {MAX_OUTSTANDING} requests outstanding")
+                record.errors.append(f"{scheduled - record.start:.3f} client: more than {MAX_OUTSTANDING} "
+                                     "requests outstanding")
                 continue
-            task = asyncio.create_task(one(client, spec.payloads[i % len(spec.payloads)], scheduled))
+            task = asyncio.create_task(record.send(client, spec.payloads[i % len(spec.payloads)], scheduled))
             outstanding.add(task)
             task.add_done_callback(outstanding.discard)
             i += 1
         if outstanding:
             await asyncio.wait(outstanding, timeout=spec.target.timeout_s)
-    return samples, errors, start
+    return record
 
 
 def _summarise(spec: PointSpec, samples: list[tuple[float, float]], errors: list[str]) -> PointResult:
@@ -210,8 +209,8 @@ def run_point_here(spec: PointSpec) -> PointResult:
     if (spec.concurrency > 0) == (spec.rate > 0):
         raise ValueError("give exactly one of concurrency (closed loop) or rate (open loop)")
     runner = _closed_loop if spec.concurrency > 0 else _open_loop
-    samples, errors, _ = asyncio.run(runner(spec))
-    return _summarise(spec, samples, errors)
+    record = asyncio.run(runner(spec))
+    return _summarise(spec, record.samples, record.errors)
 
 
 def run_point(spec: PointSpec) -> PointResult:

@@ -29,6 +29,7 @@ import numpy as np
 
 from toolkit.bench.loadgen import PointResult, PointSpec, TargetSpec, run_point
 from toolkit.errors import ToolkitError
+from toolkit.server import free_ports
 
 CONTENDERS = ("inprocess", "naive", "pytriton", "toolkit")
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,18 +110,6 @@ def measure_limit(name: str, model_dir: Path, batch_sizes: list[int], seconds: f
 
 
 # ----------------------------------------------------------------------------- servers
-def _free_ports(n: int) -> list[int]:
-    import socket
-
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def _wait_http(url: str, process: subprocess.Popen | None, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -156,7 +145,7 @@ def _subprocess(cmd: list[str], log: Path) -> Iterator[subprocess.Popen]:
 @contextmanager
 def serve(contender: str, work: Workload, out: Path) -> Iterator[tuple[TargetSpec, str | None]]:
     """Start one contender; yield its load target and its Triton HTTP address (for statistics)."""
-    http, grpc, metrics = _free_ports(3)
+    http, grpc, metrics = free_ports(3)
     if contender == "toolkit":
         from toolkit.project import load_project
         from toolkit.repo import generate_repository
