@@ -35,3 +35,16 @@ def parse_int(value: Any, name: str, minimum: int) -> int:
     if number < minimum:
         raise ValueError(f"parameter {name!r} must be >= {minimum}, got {number}")
     return number
+
+
+def column_tensor(request: dict, name: str, code: int):
+    """The request's ``name`` tensor, which must be shaped [n, 1] with n >= 1 (one item per row)."""
+    from toolkit.hooks import HookError
+
+    tensor = request.get(name)
+    if tensor is None:
+        raise HookError(code, f"request has no {name} tensor")
+    shape = getattr(tensor, "shape", None)
+    if shape is None or len(shape) != 2 or shape[1] != 1 or shape[0] < 1:
+        raise HookError(code, f"{name} must have shape [n, 1] with n >= 1, got {shape}")
+    return tensor

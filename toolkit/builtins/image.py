@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from toolkit.builtins import parse_bool, parse_int
+from toolkit.builtins import column_tensor, parse_bool, parse_int
 from toolkit.hooks import Hook, HookContext, HookError
 
 NOT_AN_IMAGE = 1101
@@ -80,13 +80,8 @@ class ImagePreprocess(Hook):
         self.jpeg_draft = parse_bool(params.get("jpeg_draft", False), "jpeg_draft")
 
     def api_entry(self, request: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        payloads = request.get("IMAGE")
-        if payloads is None:
-            raise HookError(BAD_IMAGE_TENSOR, "request has no IMAGE tensor")
-        shape = getattr(payloads, "shape", None)
-        if shape is None or len(shape) != 2 or shape[1] != 1 or shape[0] < 1:
-            raise HookError(BAD_IMAGE_TENSOR, f"IMAGE must have shape [n, 1] with n >= 1, got {shape}")
-        images = np.empty((shape[0], self.size, self.size, 3), dtype=np.float32)
+        payloads = column_tensor(request, "IMAGE", BAD_IMAGE_TENSOR)
+        images = np.empty((payloads.shape[0], self.size, self.size, 3), dtype=np.float32)
         for row, payload in enumerate(payloads[:, 0]):
             self.decode_into(row, payload, images[row])
         return {**request, "image": images}

@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.builtins import parse_bool, parse_int
+from toolkit.builtins import column_tensor, parse_bool, parse_int
 from toolkit.hooks import Hook, HookContext, HookError
 
 EMPTY_TEXT = 1001
@@ -147,13 +147,8 @@ class WordPieceTokenizer(Hook):
 
     def api_entry(self, request: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Validate every text and hand ``infer`` decoded ``str`` objects, so it decodes nothing."""
-        texts = request.get("TEXT")
-        if texts is None:
-            raise HookError(BAD_TEXT_TENSOR, "request has no TEXT tensor")
-        shape = getattr(texts, "shape", None)
-        if shape is None or len(shape) != 2 or shape[1] != 1 or shape[0] < 1:
-            raise HookError(BAD_TEXT_TENSOR, f"TEXT must have shape [n, 1] with n >= 1, got {shape}")
-        decoded = np.empty(shape, dtype=object)
+        texts = column_tensor(request, "TEXT", BAD_TEXT_TENSOR)
+        decoded = np.empty(texts.shape, dtype=object)
         for row, item in enumerate(texts[:, 0]):
             decoded[row, 0] = self._checked_text(row, item)
         return {**request, "TEXT": decoded}
