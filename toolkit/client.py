@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 
 from toolkit.errors import InferenceError
-from toolkit.hooks import QUEUE_TIMEOUT, parse_coded_message
+from toolkit.hooks import classify_triton_error
 
 Protocol = Literal["http", "grpc"]
 
@@ -45,9 +45,7 @@ class TritonClient:
 
     def _wrap(self, error: Exception, what: str) -> InferenceError:
         message = error.message() if isinstance(error, self._server_error) else str(error)
-        code, _ = parse_coded_message(message or "")
-        if code is None and "timeout expired" in (message or "").lower():
-            code = QUEUE_TIMEOUT  # Triton's queue policy rejected the request (go-infer's MessageTimeout)
+        code, _ = classify_triton_error(message or "")
         status = error.status() if isinstance(error, self._server_error) else None
         return InferenceError(f"{what}: {message}", code=code, status=status)
 

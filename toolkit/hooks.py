@@ -82,6 +82,15 @@ def parse_coded_message(text: str) -> tuple[int | None, str]:
     return None, text
 
 
+def classify_triton_error(message: str) -> tuple[int | None, str]:
+    """The code and text of a failed request as Triton reports it: the hook's ``[code] message``,
+    or QUEUE_TIMEOUT when Triton's queue policy rejected it (go-infer's MessageTimeout)."""
+    code, text = parse_coded_message(message)
+    if code is None and "timeout expired" in message.lower():
+        return QUEUE_TIMEOUT, "request timed out in Triton's queue"
+    return code, text
+
+
 @dataclass(frozen=True)
 class HookContext:
     """What ``init`` gets to know about the model instance it runs in."""

@@ -29,7 +29,7 @@ from toolkit.gateway.auth import Authenticator
 from toolkit.gateway.envelope import SUCCESS, RequestError, envelope, new_request_id, render
 from toolkit.gateway.mapping import ApiRoute
 from toolkit.gateway.settings import ErrorCodes, GatewaySettings
-from toolkit.hooks import API_ENTRY_FAILED, INFERENCE_FAILED, QUEUE_TIMEOUT, parse_coded_message
+from toolkit.hooks import API_ENTRY_FAILED, INFERENCE_FAILED, QUEUE_TIMEOUT, classify_triton_error
 
 log = logging.getLogger("toolkit.gateway")
 
@@ -79,11 +79,10 @@ def triton_error(error: Exception, codes: ErrorCodes, timeout: float) -> Request
     message = error.message() if hasattr(error, "message") and callable(error.message) else str(error)
     message = message or type(error).__name__
     status = str(error.status()) if hasattr(error, "status") and callable(error.status) else ""
-    code, text = parse_coded_message(message)
-    if code is None and ("DEADLINE_EXCEEDED" in status or "deadline exceeded" in message.lower()):
+    code, text = classify_triton_error(message)
+    deadline = "DEADLINE_EXCEEDED" in status or "deadline exceeded" in message.lower()
+    if deadline and code in (None, QUEUE_TIMEOUT):  # a hook's own code still wins
         return RequestError(codes.queue_timeout, f"inference did not finish within {timeout:g}s")
-    if code is None and "timeout expired" in message.lower():
-        return RequestError(codes.queue_timeout, "request timed out in Triton's queue")
     if code is None:
         return RequestError(codes.inference_failed, f"inference failed: {message}")
     mapped = {API_ENTRY_FAILED: codes.api_entry_failed, INFERENCE_FAILED: codes.inference_failed,
