@@ -8,15 +8,14 @@ written into a hidden sibling folder and renamed into place in one ``os.replace`
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from toolkit.errors import ExportError
+from toolkit.files import replace_dir, staging_dir
 
 
 def check_version_target(out_dir: Path, version: int, overwrite: bool) -> Path:
@@ -39,9 +38,7 @@ def staged_version_dir(out_dir: Path, version: int, overwrite: bool = False) -> 
     """
     target = check_version_target(out_dir, version, overwrite)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=target.parent))
-        staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a server running as another user must read it
+        staging = staging_dir(target)
     except OSError as e:
         raise ExportError(f"cannot create {target.parent}: {e}") from e
     try:
@@ -52,26 +49,12 @@ def staged_version_dir(out_dir: Path, version: int, overwrite: bool = False) -> 
 
 
 def _promote(staging: Path, target: Path, overwrite: bool) -> None:
-    old = None
+    if target.exists() and not overwrite:  # appeared while we were exporting
+        raise ExportError(f"{target} appeared during the export; not replacing it")
     try:
-        if target.exists():
-            if not overwrite:  # appeared while we were exporting
-                raise ExportError(f"{target} appeared during the export; not replacing it")
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-        os.replace(staging, target)
+        replace_dir(staging, target)
     except OSError as e:
-        if old is not None and not target.exists():
-            os.replace(old, target)
         raise ExportError(f"cannot move the exported files into {target}: {e}") from e
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
