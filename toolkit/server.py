@@ -94,6 +94,10 @@ def bundled_server_dir() -> Path:
     return path
 
 
+#: Thread-count variables of the BLAS / OpenMP libraries numpy and hooks may load.
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")
+
+
 def python_library_dir() -> str | None:
     """This interpreter's own libpython folder, when it has one (pyenv, python.org builds).
 
@@ -109,8 +113,15 @@ def python_library_dir() -> str | None:
 
 
 def stub_environment(base: dict[str, str]) -> dict[str, str]:
-    """The environment in which the stub finds this interpreter's packages and libpython."""
+    """The environment in which the stub finds this interpreter's packages and libpython.
+
+    Each model instance is one worker (go-infer's MaxWorkers), so numpy's BLAS gets one thread per
+    stub unless the caller's environment says otherwise: OpenBLAS's pool otherwise spins for
+    milliseconds after every small call and steals the cores the other instances need.
+    """
     env = dict(base)
+    for name in BLAS_THREAD_VARIABLES:
+        env.setdefault(name, "1")
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     package_root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in [package_root, env.get("PYTHONPATH", "")] if p)

@@ -248,9 +248,14 @@ class MeanPooling(Hook):
 
 
 def masked_mean(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """sentence-transformers' mean pooling: padding tokens count for nothing, counts clamp at 1e-9."""
+    """sentence-transformers' mean pooling: padding tokens count for nothing, counts clamp at 1e-9.
+
+    Plain ufuncs, not ``matmul``: a BLAS call wakes OpenBLAS's thread pool, whose threads then spin
+    for milliseconds after a microsecond of work. In a busy server that was 3.8 ms of CPU per request,
+    a fifth of the machine (measured in the embedding benchmark).
+    """
     weights = mask.astype(np.float32)
-    summed = np.matmul(weights[:, None, :], hidden)[:, 0, :]
+    summed = (hidden * weights[:, :, None]).sum(axis=1)
     counts = np.maximum(weights.sum(axis=1, keepdims=True), np.float32(1e-9))
     return summed / counts
 
