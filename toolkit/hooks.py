@@ -44,6 +44,10 @@ API_ENTRY_FAILED = 9701
 INFERENCE_FAILED = 9998
 #: The code sent when a request waited in Triton's queue longer than its timeout.
 QUEUE_TIMEOUT = 9997
+#: The code for "busy or restarting, try again": a full queue, a model instance whose stub died and
+#: is being replaced, a model (re)loading. Transport status UNAVAILABLE / HTTP 503; safe to retry,
+#: since inference is idempotent.
+UNAVAILABLE = 9996
 
 _CODED_MESSAGE = re.compile(r"^\[(\d+)\] (.*)$", re.DOTALL)
 
@@ -82,13 +86,45 @@ def parse_coded_message(text: str) -> tuple[int | None, str]:
     return None, text
 
 
-def classify_triton_error(message: str) -> tuple[int | None, str]:
-    """The code and text of a failed request as Triton reports it: the hook's ``[code] message``,
-    or QUEUE_TIMEOUT when Triton's queue policy rejected it (go-infer's MessageTimeout)."""
+#: Triton's words for a transient failure: the queue is full, a python stub died (the toolkit's
+#: watchdog replaces it within seconds), or the model is (re)loading or not loaded right now.
+_TRANSIENT = ("exceeds maximum queue size", "is not healthy", "failed to obtain the health mutex",
+              "has no available versions", "is not ready", "unavailable")
+
+
+def classify_triton_error(message: str, status: str | None = None) -> tuple[int | None, str]:
+    """The code and text of a failed request as Triton reports it: the hook's ``[code] message``;
+    QUEUE_TIMEOUT when Triton's queue policy or the request's own timeout gave up on it (go-infer's
+    MessageTimeout); UNAVAILABLE when it failed for a transient reason and may be retried (see
+    ``is_retryable``); otherwise ``None`` and Triton's text.
+
+    ``status`` is the transport's status when known (gRPC ``StatusCode.UNAVAILABLE`` spelled any
+    way, or an HTTP status such as ``"503"``)."""
     code, text = parse_coded_message(message)
-    if code is None and "timeout expired" in message.lower():
+    if code is not None:
+        return code, text
+    lowered = message.lower()
+    if "timeout expired" in lowered or "timed out" in lowered:
         return QUEUE_TIMEOUT, "request timed out in Triton's queue"
-    return code, text
+    if "exceeds maximum queue size" in lowered:
+        return UNAVAILABLE, "server busy: the model's queue is full, retry later"
+    if any(word in lowered for word in _TRANSIENT) or _unavailable_status(status):
+        return UNAVAILABLE, "model temporarily unavailable (restarting or loading), retry"
+    return None, text
+
+
+def _unavailable_status(status: str | None) -> bool:
+    if not status:
+        return False
+    text = str(status).upper()
+    return "UNAVAILABLE" in text or "RESOURCE_EXHAUSTED" in text or text.strip() in ("503", "429")
+
+
+def is_retryable(code: int | None) -> bool:
+    """Whether a request that failed with ``code`` (from ``classify_triton_error``) may simply be sent
+    again: only UNAVAILABLE. A queue timeout already spent the caller's time; a hook's own code is
+    the answer."""
+    return code == UNAVAILABLE
 
 
 @dataclass(frozen=True)
