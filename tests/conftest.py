@@ -1,10 +1,17 @@
-"""Session-wide fixtures: real exports, made once per test run and shared by the tests that need them."""
+"""Session-wide fixtures: real exports, made once per test run, and the real tritonservers that serve
+the test project (`triton`) and the example's own repository (`example_server`) to every test that
+does not disturb them. Tests that kill stubs or overload a server start their own
+(`serving.example_repository` builds the example's)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from serving import build_project, example_repository, free_ports
+
+from toolkit.server import TritonServer
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +37,34 @@ def mobilenet_export(tmp_path_factory) -> Path:
     export_keras("MobileNetV2", out, 1, include_top=False, pooling="avg", input_name="image",
                  output_name="embedding")
     return out / "1"
+
+
+@dataclass
+class Running:
+    server: TritonServer
+    repository: Path
+
+    def url(self, protocol: str) -> str:
+        return self.server.http_url if protocol == "http" else self.server.grpc_url
+
+
+@pytest.fixture(scope="session")
+def triton(tmp_path_factory) -> Running:
+    root = tmp_path_factory.mktemp("triton")
+    repository = build_project(root)
+    http, grpc, metrics = free_ports(3)
+    server = TritonServer(repository, http_port=http, grpc_port=grpc, metrics_port=metrics,
+                          log_file=root / "tritonserver.log")
+    with server:
+        yield Running(server, repository)
+
+
+@pytest.fixture(scope="session")
+def example_server(tmp_path_factory, minilm_export, mobilenet_export) -> TritonServer:
+    """The example's repository on a real tritonserver, shared by the tests that do not disturb it."""
+    root = tmp_path_factory.mktemp("example")
+    repository = example_repository(root, minilm_export, mobilenet_export)
+    http, grpc, metrics = free_ports(3)
+    with TritonServer(repository, http_port=http, grpc_port=grpc, metrics_port=metrics,
+                      log_file=root / "tritonserver.log") as server:
+        yield server

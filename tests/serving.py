@@ -2,15 +2,43 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
+
+from onnx_models import write_linear_onnx
 
 from toolkit.client import TritonClient
 from toolkit.errors import InferenceError
+from toolkit.project import load_project
+from toolkit.repo import generate_repository
 from toolkit.server import free_ports
 
-__all__ = ["call_concurrently", "free_ports"]
+__all__ = ["build_project", "call_concurrently", "example_repository", "free_ports"]
+
+PROJECT = Path(__file__).parent / "e2e" / "project"
+ROOT = Path(__file__).parents[1]
+
+
+def build_project(root: Path) -> Path:
+    """Copy the test project and build its ONNX model; returns the generated repository."""
+    shutil.copytree(PROJECT, root / "project")
+    write_linear_onnx(root / "project" / "models" / "linear" / "1" / "model.onnx")
+    project = load_project(root / "project" / "models", root / "project" / "ensembles")
+    return generate_repository(project, root / "repository").path
+
+
+
+def example_repository(root: Path, minilm_export: Path, mobilenet_export: Path) -> Path:
+    """The project's own `model_repository/` + `ensembles/` (embedding, mobile), generated under
+    ``root`` with freshly exported ONNX files in place of any local exports."""
+    shutil.copytree(ROOT / "model_repository", root / "models", ignore=shutil.ignore_patterns("[0-9]*"))
+    shutil.copytree(ROOT / "ensembles", root / "ensembles")
+    shutil.copytree(minilm_export, root / "models" / "bert" / "1")
+    shutil.copytree(mobilenet_export, root / "models" / "mobilenet" / "1")
+    return generate_repository(load_project(root / "models", root / "ensembles"), root / "repo").path
 
 
 def call_concurrently(url: str, model: str, requests: list[dict[str, Any]], protocol: str = "grpc") -> list:
