@@ -4,28 +4,35 @@
         out = client.infer("embedding", {"TEXT": np.array([[b"hello"]], dtype=object)})
 
 Errors come back as ``InferenceError`` with Triton's message, and the hook's numeric code when it
-sent one (``[1001] TEXT must not be empty``).
+sent one (``[1001] TEXT must not be empty``), 9997 for a timeout, 9996 for "busy or restarting"
+(``toolkit.hooks.classify_triton_error``). A 9996 failure is retried once (``retries``) while the
+deadline allows, and the deadline travels to Triton as the request's timeout.
 """
 
 from __future__ import annotations
 
 import json
+import random
+import time
 from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
 
 from toolkit.errors import InferenceError
-from toolkit.hooks import classify_triton_error
+from toolkit.hooks import classify_triton_error, is_retryable
+
+#: The pause before retrying a request that failed as UNAVAILABLE (jittered up to twice as long).
+RETRY_PAUSE = 0.2
 
 Protocol = Literal["http", "grpc"]
 
 
 class TritonClient:
-    def __init__(self, url: str, *, protocol: Protocol = "http", timeout: float = 60.0):
+    def __init__(self, url: str, *, protocol: Protocol = "http", timeout: float = 60.0, retries: int = 1):
         from tritonclient.utils import InferenceServerException
 
-        self.url, self.protocol, self.timeout = url, protocol, timeout
+        self.url, self.protocol, self.timeout, self.retries = url, protocol, timeout, retries
         self._server_error = InferenceServerException
         try:
             if protocol == "http":
@@ -45,8 +52,8 @@ class TritonClient:
 
     def _wrap(self, error: Exception, what: str) -> InferenceError:
         message = error.message() if isinstance(error, self._server_error) else str(error)
-        code, _ = classify_triton_error(message or "")
         status = error.status() if isinstance(error, self._server_error) else None
+        code, _ = classify_triton_error(message or "", status)
         return InferenceError(f"{what}: {message}", code=code, status=status)
 
     def infer(self, model: str, inputs: Mapping[str, np.ndarray], *, outputs: list[str] | None = None,
@@ -69,18 +76,30 @@ class TritonClient:
         if outputs:
             kwargs = {"binary_data": True} if self.protocol == "http" else {}
             requested = [self._module.InferRequestedOutput(n, **kwargs) for n in outputs]
-        try:
-            if self.protocol == "grpc":
-                result = self._client.infer(model, infer_inputs, model_version=version, outputs=requested,
-                                            client_timeout=timeout or self.timeout)
-                names = [o.name for o in result.get_response().outputs]
-            else:
-                result = self._client.infer(model, infer_inputs, model_version=version, outputs=requested,
-                                            timeout=int((timeout or self.timeout) * 1e6))
-                names = [o["name"] for o in result.get_response()["outputs"]]
-        except Exception as e:
-            raise self._wrap(e, f"model '{model}'") from e
-        return {name: result.as_numpy(name) for name in names}
+        deadline = time.monotonic() + (timeout or self.timeout)
+        for attempt in range(self.retries + 1):
+            # The caller's deadline travels with the request (Triton's request timeout, in
+            # microseconds): a request still queued when its caller has given up is dropped, not run.
+            left = max(deadline - time.monotonic(), 0.001)
+            try:
+                if self.protocol == "grpc":
+                    result = self._client.infer(model, infer_inputs, model_version=version, outputs=requested,
+                                                client_timeout=left, timeout=int(left * 1e6))
+                    names = [o.name for o in result.get_response().outputs]
+                else:
+                    result = self._client.infer(model, infer_inputs, model_version=version, outputs=requested,
+                                                timeout=int(left * 1e6))
+                    names = [o["name"] for o in result.get_response()["outputs"]]
+                return {name: result.as_numpy(name) for name in names}
+            except Exception as e:
+                error = self._wrap(e, f"model '{model}'")
+                # Busy or restarting (UNAVAILABLE): inference is idempotent, so try once more if
+                # there is time left for it.
+                if not is_retryable(error.code) or attempt == self.retries or \
+                        deadline - time.monotonic() < 2 * RETRY_PAUSE:
+                    raise error from e
+                time.sleep(RETRY_PAUSE * (1 + random.random()))
+        raise AssertionError("unreachable")
 
     def metadata(self, model: str) -> dict[str, Any]:
         try:

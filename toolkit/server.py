@@ -7,8 +7,11 @@ What it takes to run that binary well, done once here:
   toolkit's own source on PYTHONPATH) and Debian's libpython it links against;
 - start-up that waits until Triton is live, then asks its repository index which models failed to
   load and why, so a broken model ends the start with its name and Triton's reason;
-- an orderly stop: SIGTERM lets Triton finish in-flight requests before it exits, and the server
-  dies with its parent (PR_SET_PDEATHSIG) instead of outliving a crashed CLI or test run.
+- explicit model control by default (every model loaded at start), so that a watchdog
+  (``toolkit/watchdog.py``) can bring back a model whose python stub died;
+- an orderly stop: SIGTERM lets Triton finish in-flight requests before it exits, the server dies
+  with its parent (PR_SET_PDEATHSIG) instead of outliving a crashed CLI or test run, no stub's
+  ``/dev/shm`` region outlives it, and ``stop_problem`` says when the stop was not clean.
 """
 
 from __future__ import annotations
@@ -29,12 +32,13 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
 
 from toolkit.errors import ModelLoadError, ServerError
+from toolkit.watchdog import StubWatchdog
 
 ModelControl = Literal["none", "poll", "explicit"]
 
@@ -163,20 +167,53 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def check_repository(repository: Path, *, model_control: ModelControl = "explicit",
+                     load_models: Sequence[str] = ()) -> list[str]:
+    """The models a server started this way would load; every mistake a user can make in choosing the
+    repository or the models is a ``ServerError`` naming it, before any process starts."""
+    repository = Path(repository)
+    if not repository.is_dir():
+        raise ServerError(f"model repository not found: {repository} (generate it with "
+                          f"`toolkit gen-repo --out {repository}`)")
+    models = sorted(d.name for d in repository.iterdir() if (d / "config.pbtxt").is_file())
+    if not models:
+        specs = sorted(d.name for d in repository.iterdir() if (d / "model.yaml").is_file())
+        if specs:
+            raise ServerError(f"{repository} holds model specs (model.yaml), not a Triton repository: run "
+                              f"`toolkit gen-repo --models {repository} --out build/model_repository` and serve "
+                              "build/model_repository")
+        raise ServerError(f"{repository} holds no model (no <model>/config.pbtxt): is it the folder "
+                          "`toolkit gen-repo` wrote?")
+    if load_models and model_control != "explicit":
+        raise ServerError(f"--load-model needs --model-control explicit (got {model_control})")
+    unknown = sorted(set(load_models) - set(models))
+    if unknown:
+        raise ServerError(f"--load-model: no model {', '.join(map(repr, unknown))} in {repository} "
+                          f"(it has {', '.join(models)})")
+    return sorted(load_models) if load_models else models
+
+
 class TritonServer:
     """One tritonserver process serving a repository. Use as a context manager or start()/stop()."""
 
     def __init__(self, repository: Path, *, host: str = "127.0.0.1", http_port: int = 8000,
-                 grpc_port: int = 8001, metrics_port: int = 8002, model_control: ModelControl = "none",
+                 grpc_port: int = 8001, metrics_port: int = 8002, model_control: ModelControl = "explicit",
                  load_models: Sequence[str] = (), log_verbose: int = 0, log_file: Path | None = None,
                  exit_timeout: int = 30, extra_args: Sequence[str] = (),
-                 restrict_apis: ApiRestriction | None = None):
+                 restrict_apis: ApiRestriction | None = None, self_heal: bool = True,
+                 on_event: Callable[[str], None] | None = None):
         self.repository = Path(repository).absolute()
         self.host, self.http_port, self.grpc_port, self.metrics_port = host, http_port, grpc_port, metrics_port
         self.model_control, self.load_models = model_control, list(load_models)
         self.log_verbose, self.log_file, self.exit_timeout = log_verbose, log_file, exit_timeout
         self.extra_args = list(extra_args)
         self.restrict_apis = restrict_apis
+        #: Reload a model whose python stub died (needs explicit model control: the repository API).
+        self.self_heal = self_heal and model_control == "explicit"
+        self.on_event = on_event
+        self.watchdog: StubWatchdog | None = None
+        #: Why the last ``stop`` was not clean (Triton failed to drain, or had to be killed), or None.
+        self.stop_problem: str | None = None
         self.process: subprocess.Popen | None = None
         self._workdir: Path | None = None
         self._log: IO | None = None
@@ -205,7 +242,8 @@ class TritonServer:
                f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
                f"--model-control-mode={self.model_control}", "--exit-on-error=false",
                f"--exit-timeout-secs={self.exit_timeout}", f"--log-verbose={self.log_verbose}"]
-        cmd += [f"--load-model={m}" for m in self.load_models]
+        if self.model_control == "explicit":
+            cmd += [f"--load-model={m}" for m in self.load_models or ["*"]]
         if self.restrict_apis is not None:
             cmd += self.restrict_apis.flags()
         return cmd + self.extra_args
@@ -242,18 +280,26 @@ class TritonServer:
         self.process = subprocess.Popen(
             self.command(backend_dir), env=self.environment(), stdout=output, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+        self.watchdog = StubWatchdog(self, heal=self.self_heal, log=self._event)
         try:
             self._wait_until_ready(timeout)
+            self.watchdog.start()
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _get(self, path: str, method: str = "GET", body: bytes | None = None) -> tuple[int, bytes]:
+    def _event(self, message: str) -> None:
+        if self.on_event is not None:
+            self.on_event(message)
+
+    def http(self, method: str, path: str, body: bytes | None = None, *, timeout: float = 5) -> tuple[int, bytes]:
+        """One request to Triton's HTTP endpoint, with the admin header when APIs are restricted;
+        ``(0, b"")`` when it cannot be reached."""
         headers = self.restrict_apis.http_headers() if self.restrict_apis else {}
         request = urllib.request.Request(f"http://{self.http_url}{path}", data=body, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=5) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 return response.status, response.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()
@@ -264,7 +310,7 @@ class TritonServer:
         deadline = time.monotonic() + timeout
         while True:
             self._check_alive()
-            if self._get("/v2/health/live")[0] == 200:
+            if self.http("GET", "/v2/health/live")[0] == 200:
                 break
             if time.monotonic() > deadline:
                 raise ServerError(f"tritonserver did not come up within {timeout:.0f}s{self._log_hint()}")
@@ -281,7 +327,7 @@ class TritonServer:
                     if m.get("state") not in ("READY", None) and self._expected(m["name"])}
         if failures:
             raise ModelLoadError(failures)
-        while self._get("/v2/health/ready")[0] != 200:
+        while self.http("GET", "/v2/health/ready")[0] != 200:
             self._check_alive()
             if time.monotonic() > deadline:
                 raise ServerError(f"tritonserver is live but not ready after {timeout:.0f}s{self._log_hint()}")
@@ -290,8 +336,12 @@ class TritonServer:
     def _expected(self, name: str) -> bool:
         return self.model_control != "explicit" or not self.load_models or name in self.load_models
 
+    def ready_models(self) -> list[str]:
+        """The models Triton serves right now (READY), by name."""
+        return sorted({m["name"] for m in self.repository_index() if m.get("state") == "READY"})
+
     def repository_index(self) -> list[dict]:
-        status, body = self._get("/v2/repository/index", method="POST", body=b"{}")
+        status, body = self.http("POST", "/v2/repository/index", b"{}")
         if status != 200:
             return []
         return json.loads(body or b"[]")
@@ -305,15 +355,14 @@ class TritonServer:
         return f" (see its log: {self.log_file})" if self.log_file else ""
 
     def stop(self) -> int | None:
-        """Ask Triton to drain and exit; force it after ``exit_timeout`` + 10 seconds."""
-        code = None
+        """Ask Triton to drain and exit; force it when it cannot. Returns its exit code and sets
+        ``stop_problem`` when the stop was not clean (a non-zero exit, or a kill)."""
+        code, self.stop_problem = None, None
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            try:
-                code = self.process.wait(timeout=self.exit_timeout + 10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                code = self.process.wait()
+            code = self._wait_for_exit()
         elif self.process is not None:
             code = self.process.returncode
         if self.process is not None:
@@ -321,12 +370,49 @@ class TritonServer:
             # they share its process group (ours alone: start_new_session), so sweep the group.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.process.pid, signal.SIGKILL)
+            if code not in (0, None) and self.stop_problem is None:
+                self.stop_problem = f"tritonserver exited with code {code}: it did not drain cleanly{self._log_hint()}"
+        if self.watchdog is not None:
+            # Regions of stubs that died with (or before) the server: Triton removes its own on a
+            # clean exit, so only leftovers remain here.
+            self.watchdog.remove_shm(list(self.watchdog.stubs.values()))
+            self.watchdog = None
         if self._log is not None:
             self._log.close()
             self._log = None
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
+        return code
+
+    def _wait_for_exit(self) -> int:
+        """Wait for the SIGTERMed server: up to ``exit_timeout`` + 10 s, or, when all that keeps it
+        alive is a crashed stub's model version it can never unload (see ``toolkit/watchdog.py``),
+        until every live stub has finished (the drain is then complete) plus a short grace."""
+        assert self.process is not None
+        zombies = self.watchdog.leftover_zombies() if self.watchdog is not None else []
+        deadline = time.monotonic() + self.exit_timeout + 10
+        drained_at: float | None = None
+        while time.monotonic() < deadline:
+            try:
+                return self.process.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
+            if zombies and self.watchdog is not None:
+                if not self.watchdog.drained():
+                    drained_at = None
+                    continue
+                drained_at = drained_at or time.monotonic()
+                if time.monotonic() - drained_at > 2.0:
+                    break
+        os.killpg(self.process.pid, signal.SIGKILL)
+        code = self.process.wait()
+        if zombies:
+            names = ", ".join(sorted(z.instance for z in zombies))
+            self.stop_problem = (f"tritonserver drained, then hung on the model version of crashed stub(s) "
+                                 f"{names} and was killed")
+        else:
+            self.stop_problem = f"tritonserver did not exit within {self.exit_timeout + 10}s and was killed"
         return code
 
     def wait(self) -> int:

@@ -58,7 +58,7 @@ def test_run_batch_calls_infer_once_and_splits_rows_back_when_requests_batch():
 def test_run_batch_fails_only_the_rejected_request_when_api_entry_raises_hook_error():
     hook = Doubler()
     results = run_batch(hook, [req([1, 2]), req([-1, 2]), req([3, 4])], SCALE)
-    assert results[1] == Failure(1001, "X must be non-negative")
+    assert results[1] == Failure(1001, "X must be non-negative", invalid_input=True)
     assert results[1].wire_message() == "[1001] X must be non-negative"
     assert hook.calls == [2]
     np.testing.assert_array_equal(results[2]["Y"], [[6, 8]])

@@ -83,10 +83,13 @@ class Layout:
 
 @dataclass(frozen=True)
 class Failure:
-    """One request's error, as the client will see it."""
+    """One request's error, as the client will see it. ``invalid_input``: the hook rejected the
+    request on purpose (``HookError``): the caller's fault, sent as Triton's INVALID_ARG (HTTP 400,
+    gRPC INVALID_ARGUMENT); otherwise the hook crashed: INTERNAL (HTTP 500)."""
 
     code: int
     message: str
+    invalid_input: bool = False
 
     def wire_message(self) -> str:
         return format_coded_message(self.code, self.message)
@@ -273,7 +276,7 @@ def _as_dtype(array: np.ndarray, spec: TensorLayout) -> np.ndarray:
 
 def _failure(error: Exception, default_code: int, stage: str, log: Log | None) -> Failure:
     if isinstance(error, HookError):
-        return Failure(error.code, error.message)
+        return Failure(error.code, error.message, invalid_input=True)
     if log:
         log(f"{stage} raised {type(error).__name__}:\n{traceback.format_exc()}")
     message = f"{stage} failed: {type(error).__name__}: {error}"

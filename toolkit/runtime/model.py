@@ -66,8 +66,7 @@ class TritonPythonModel:
         responses = []
         for result in results:
             if isinstance(result, Failure):
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[], error=pb_utils.TritonError(result.wire_message())))
+                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=_triton_error(result)))
             else:
                 responses.append(pb_utils.InferenceResponse(
                     output_tensors=[pb_utils.Tensor(n, a) for n, a in result.items()]))
@@ -78,3 +77,11 @@ class TritonPythonModel:
         if finalize is not None:
             finalize()
 
+
+def _triton_error(failure):
+    """A hook's deliberate rejection is the caller's fault (INVALID_ARG: HTTP 400 / gRPC
+    INVALID_ARGUMENT); a crash is the server's (INTERNAL: HTTP 500 / gRPC INTERNAL)."""
+    code = getattr(pb_utils.TritonError, "INVALID_ARG" if failure.invalid_input else "INTERNAL", None)
+    if code is None:  # a python backend older than 23.xx: no codes
+        return pb_utils.TritonError(failure.wire_message())
+    return pb_utils.TritonError(failure.wire_message(), code)
