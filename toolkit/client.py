@@ -5,14 +5,13 @@
 
 Errors come back as ``InferenceError`` with Triton's message, and the hook's numeric code when it
 sent one (``[1001] TEXT must not be empty``), 9997 for a timeout, 9996 for "busy or restarting"
-(``toolkit.hooks.classify_triton_error``). A 9996 failure is retried once (``retries``) while the
+(``toolkit.hooks.classify_triton_error``). A 9996 failure is retried (``toolkit.retry``) while the
 deadline allows, and the deadline travels to Triton as the request's timeout.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import time
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -20,16 +19,14 @@ from typing import Any, Literal
 import numpy as np
 
 from toolkit.errors import InferenceError
-from toolkit.hooks import classify_triton_error, is_retryable
-
-#: The pause before retrying a request that failed as UNAVAILABLE (jittered up to twice as long).
-RETRY_PAUSE = 0.2
+from toolkit.hooks import classify_triton_error
+from toolkit.retry import RETRIES, retry_pause
 
 Protocol = Literal["http", "grpc"]
 
 
 class TritonClient:
-    def __init__(self, url: str, *, protocol: Protocol = "http", timeout: float = 60.0, retries: int = 1):
+    def __init__(self, url: str, *, protocol: Protocol = "http", timeout: float = 60.0, retries: int = RETRIES):
         from tritonclient.utils import InferenceServerException
 
         self.url, self.protocol, self.timeout, self.retries = url, protocol, timeout, retries
@@ -93,12 +90,10 @@ class TritonClient:
                 return {name: result.as_numpy(name) for name in names}
             except Exception as e:
                 error = self._wrap(e, f"model '{model}'")
-                # Busy or restarting (UNAVAILABLE): inference is idempotent, so try once more if
-                # there is time left for it.
-                if not is_retryable(error.code) or attempt == self.retries or \
-                        deadline - time.monotonic() < 2 * RETRY_PAUSE:
+                pause = retry_pause(error.code, attempt, deadline - time.monotonic(), retries=self.retries)
+                if pause is None:
                     raise error from e
-                time.sleep(RETRY_PAUSE * (1 + random.random()))
+                time.sleep(pause)
         raise AssertionError("unreachable")
 
     def metadata(self, model: str) -> dict[str, Any]:

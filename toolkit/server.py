@@ -356,7 +356,11 @@ class TritonServer:
 
     def stop(self) -> int | None:
         """Ask Triton to drain and exit; force it when it cannot. Returns its exit code and sets
-        ``stop_problem`` when the stop was not clean (a non-zero exit, or a kill)."""
+        ``stop_problem`` when the stop was not clean (a non-zero exit, or a kill). Stopping a
+        stopped server changes nothing."""
+        if self.process is not None and self.process.returncode is not None and self.watchdog is None \
+                and self._workdir is None:
+            return self.process.returncode
         code, self.stop_problem = None, None
         if self.watchdog is not None:
             self.watchdog.stop()

@@ -253,6 +253,10 @@ class StubWatchdog:
             self._models.pop(model, None)
 
     def _reload(self, model: str, heal: Heal) -> None:
+        # Every model READY now (the ensembles over this one included) must be READY again before
+        # the model counts as serving: Triton reloads dependent ensembles itself, once their old
+        # version has drained.
+        expected = set(self.server.ready_models()) | {model}
         alive = self.alive(model)
         with self._lock:
             self.stranded.update(pid for pid, s in self.stubs.items() if s.model == model)
@@ -271,7 +275,7 @@ class StubWatchdog:
             # follows does not wait for it.
             self._repository("unload", model, {})
             self._repository("load", model, {})
-        self._wait_ready(model)
+        self._wait_ready(expected)
 
     def _config(self, model: str) -> dict:
         status, body = self.server.http("GET", f"/v2/models/{model}/config")
@@ -289,10 +293,19 @@ class StubWatchdog:
                 reason = body[:300].decode(errors="replace")
             raise RuntimeError(f"{action} failed (HTTP {status}): {reason}")
 
-    def _wait_ready(self, model: str) -> None:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not self._stop.is_set():
-            if self.server.http("GET", f"/v2/models/{model}/ready")[0] == 200:
+    def _wait_ready(self, models: set[str]) -> None:
+        deadline = time.monotonic() + self.load_timeout
+        reloaded = False
+        while not self._stop.is_set():
+            missing = models - set(self.server.ready_models())
+            if not missing:
                 return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"loaded, but {', '.join(sorted(missing))} not READY "
+                                   f"within {self.load_timeout:.0f}s")
+            if not reloaded and time.monotonic() > deadline - self.load_timeout + 5:
+                reloaded = True  # a dependent ensemble still missing after 5 s: ask for it
+                for name in sorted(missing):
+                    with contextlib.suppress(RuntimeError):
+                        self._repository("load", name, {})
             time.sleep(0.05)
-        raise RuntimeError("loaded, but not READY within 10s")

@@ -259,7 +259,7 @@ def test_tokenizer_api_entry_rejects_with_code_when_request_is_bad(tiny_dir, req
 
 def test_tokenizer_api_entry_rejects_with_1003_when_over_byte_limit_parameter(tiny_dir):
     hook = make_hook(WordPieceTokenizer, tiny_dir, max_text_bytes="10")
-    assert hook.api_entry(text_request("hello worl"))["TEXT"][0, 0] == "hello worl"  # 10 bytes: accepted
+    assert hook.api_entry(text_request("hello worl"))["input_ids"].shape[0] == 1  # 10 bytes: accepted
 
     with pytest.raises(HookError) as caught:
         hook.api_entry(text_request("hello café"))  # 10 characters, 11 bytes
@@ -444,3 +444,20 @@ def test_reference_backends_agree_when_sentence_transformers_installed(reference
     numpy_bert = reference_embeddings(texts, backend="numpy")
 
     assert (library * numpy_bert).sum(axis=1).min() >= 0.99999
+
+
+def test_tokenizer_requests_of_one_dynamic_batch_keep_their_own_lengths(tiny_dir):
+    """Tokenized in api_entry, requests of different lengths run in separate infer calls (the adapter
+    groups by shape), so a short text is never padded to a long neighbour's length."""
+    from toolkit.runtime.batching import Layout, TensorLayout, run_batch
+
+    hook = make_hook(WordPieceTokenizer, tiny_dir)
+    out = {n: TensorLayout(n, np.dtype(np.int64), (-1,)) for n in ("input_ids", "attention_mask", "token_type_ids")}
+    layout = Layout(64, {"TEXT": TensorLayout("TEXT", np.dtype(object), (1,))}, out, {}, {})
+    short, long_ = text_request("hello"), text_request("hello world hello world")
+    results = run_batch(hook, [short, long_, short], layout)
+    alone = [hook.infer(hook.api_entry(r)) for r in (short, long_, short)]
+    for got, expected in zip(results, alone, strict=True):
+        assert got["input_ids"].shape == expected["input_ids"].shape
+        np.testing.assert_array_equal(got["input_ids"], expected["input_ids"])
+    assert results[0]["input_ids"].shape[1] < results[1]["input_ids"].shape[1]

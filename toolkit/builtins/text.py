@@ -146,12 +146,13 @@ class WordPieceTokenizer(Hook):
         self._encode_batch = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
 
     def api_entry(self, request: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Validate every text and hand ``infer`` decoded ``str`` objects, so it decodes nothing."""
+        """Validate every text and tokenize the request on its own, so it keeps its own length: the
+        adapter batches requests of equal length into one ``infer`` call and runs the others apart,
+        and the BERT step after this one can bucket them by length. (Tokenizing a whole dynamic
+        batch at once would pad every text to the batch's longest.)"""
         texts = column_tensor(request, "TEXT", BAD_TEXT_TENSOR)
-        decoded = np.empty(texts.shape, dtype=object)
-        for row, item in enumerate(texts[:, 0]):
-            decoded[row, 0] = self._checked_text(row, item)
-        return {**request, "TEXT": decoded}
+        decoded = [self._checked_text(row, item) for row, item in enumerate(texts[:, 0])]
+        return {**request, **self._encode(decoded)}
 
     def _checked_text(self, row: int, item: Any) -> str:
         if isinstance(item, bytes):
@@ -179,9 +180,12 @@ class WordPieceTokenizer(Hook):
         return text
 
     def infer(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        texts = batch["TEXT"].reshape(-1).tolist()
-        if any(isinstance(text, bytes) for text in texts):  # api_entry bypassed: decode here
-            texts = [text.decode("utf-8") if isinstance(text, bytes) else text for text in texts]
+        if "input_ids" in batch:  # tokenized by api_entry
+            return {name: batch[name] for name in ("input_ids", "attention_mask", "token_type_ids")}
+        texts = batch["TEXT"].reshape(-1).tolist()  # api_entry bypassed: decode and tokenize here
+        return self._encode([text.decode("utf-8") if isinstance(text, bytes) else text for text in texts])
+
+    def _encode(self, texts: list[str]) -> dict[str, np.ndarray]:
         encodings = self._encode_batch(texts)
         input_ids = np.array([encoding.ids for encoding in encodings], dtype=np.int64)
         attention_mask = np.array([encoding.attention_mask for encoding in encodings], dtype=np.int64)
