@@ -104,8 +104,10 @@ def classify_triton_error(message: str, status: str | None = None) -> tuple[int 
     if code is not None:
         return code, text
     lowered = message.lower()
-    if "timeout expired" in lowered or "timed out" in lowered:
+    if "timeout expired" in lowered:
         return QUEUE_TIMEOUT, "request timed out in Triton's queue"
+    if "deadline exceeded" in lowered or "timed out" in lowered or "DEADLINE_EXCEEDED" in str(status or ""):
+        return QUEUE_TIMEOUT, "the request's deadline passed before it was answered"
     if "exceeds maximum queue size" in lowered:
         return UNAVAILABLE, "server busy: the model's queue is full, retry later"
     if any(word in lowered for word in _TRANSIENT) or _unavailable_status(status):
