@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from projects import python_model, write_model
 from serving import free_ports
@@ -107,3 +108,96 @@ def test_server_start_refuses_a_port_another_server_holds(tmp_path):
         with pytest.raises(ServerError, match=f"port\\(s\\) {grpc} on 127.0.0.1 already in use"):
             server.start()
     assert server.process is None
+
+
+def start_serve(args: list[str]) -> tuple[subprocess.Popen, list[str]]:
+    """`toolkit serve` in the background, read until its banner ends; (process, banner lines)."""
+    process = subprocess.Popen([*TOOLKIT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        lines.append(line)
+        if "Press Ctrl-C" in line or not line:
+            break
+    return process, lines
+
+
+def test_serve_heals_a_killed_stub_and_says_so_then_exits_non_zero_after_an_unclean_stop(tmp_path):
+    repo = repository(tmp_path, broken=False)
+    args = serve_args(repo)
+    process, banner = start_serve(args)
+    try:
+        assert "self-healing stubs: on" in "".join(banner)
+        stubs = subprocess.run(["pgrep", "-f", f"triton_python_backend_stub {repo}/echo/"], capture_output=True,
+                               text=True).stdout.split()
+        assert len(stubs) == 1
+        os.kill(int(stubs[0]), signal.SIGKILL)
+        from toolkit.client import TritonClient
+
+        with TritonClient(f"127.0.0.1:{args[6]}", protocol="grpc") as client:  # retries while it heals
+            assert client.infer("echo", {"X": np.array([[3.0]], np.float32)})["Y"].tolist() == [[3.0]]
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+    assert "watchdog: stub 'echo_0_0'" in err and "model 'echo' serving again" in err, err
+    # Triton hangs at exit on the crashed stub's old model version; the toolkit kills it once the
+    # drain is done and says so with a non-zero status, never a silent 0.
+    assert process.returncode == 1, err
+    assert "Error: tritonserver drained, then hung on the model version of crashed stub(s) echo_0_0" in err
+    assert "Traceback" not in err
+
+
+def test_serve_keeps_tritons_log_out_of_the_terminal(tmp_path):
+    repo = repository(tmp_path, broken=False)
+    args = [a for a in serve_args(repo)]
+    args = args[:args.index("--log-file")]  # the default: tritonserver.log beside the repository
+    process, banner = start_serve(args)
+    try:
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+    everything = "".join(banner) + out + err
+    assert process.returncode == 0, everything
+    for noise in ("CudaDriverHelper", "CUDA driver version", "NVML", "model_lifecycle.cc"):
+        assert noise not in everything
+    assert f"log      {repo.parent / 'tritonserver.log'}" in everything
+    assert "NVML" in (repo.parent / "tritonserver.log").read_text()
+
+
+def test_serve_banner_lists_only_the_models_it_loaded(tmp_path):
+    write_model(tmp_path, "other", python_model([("X", "FP32", [1])], [("Y", "FP32", [1])],
+                                                parameters={"outputs": "Y"}))
+    repo = repository(tmp_path, broken=False)
+    process, banner = start_serve([*serve_args(repo), "--load-model", "echo"])
+    try:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+    assert "Triton is ready with echo\n" in banner
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--load-model", "nosuch"], "Error: --load-model: no model 'nosuch' in"),
+    (["--model-control", "none", "--load-model", "echo"], "Error: --load-model needs --model-control explicit"),
+])
+def test_serve_refuses_a_wrong_load_model_before_starting(tmp_path, extra, message):
+    repo = repository(tmp_path, broken=False)
+    done = subprocess.run([*TOOLKIT, *serve_args(repo), *extra], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1  # one clear line, no 400-line usage dump
+
+
+def test_serve_on_a_spec_folder_says_to_run_gen_repo(tmp_path):
+    repository(tmp_path, broken=False)
+    done = subprocess.run([*TOOLKIT, "serve", "--repository", str(tmp_path / "models")], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 1
+    assert "holds model specs (model.yaml), not a Triton repository: run `toolkit gen-repo" in done.stderr
