@@ -217,3 +217,57 @@ def test_clean_stop_exits_zero_without_a_problem(triton):
     assert server.stop() == 0
     assert server.stop_problem is None
     assert [r for r in regions if (Path(SHM_DIR) / r).exists()] == []
+
+
+FLAKY_HOOK = '''
+from pathlib import Path
+
+from toolkit.hooks import Hook
+
+
+class Flaky(Hook):
+    """Loads unless a file named `broken` sits beside the spec's version folder."""
+
+    def init(self, ctx):
+        if (Path(ctx.parameters["marker_dir"]) / "broken").exists():
+            raise RuntimeError("cannot load: marker file present")
+
+    def infer(self, batch):
+        return {"Y": batch["X"]}
+'''
+
+
+def test_a_model_that_cannot_come_back_stays_not_ready_and_is_retried_until_it_can(tmp_path):
+    from projects import python_model, write_model
+
+    from toolkit.project import load_project
+    from toolkit.repo import generate_repository
+
+    write_model(tmp_path, "flaky", python_model([("X", "FP32", [1])], [("Y", "FP32", [1])], hook="flaky:Flaky",
+                                                parameters={"marker_dir": str(tmp_path)}),
+                files={"flaky.py": FLAKY_HOOK})
+    repository = generate_repository(load_project(tmp_path / "models"), tmp_path / "repo").path
+    http, grpc, metrics = free_ports(3)
+    events: list[str] = []
+    server = TritonServer(repository, http_port=http, grpc_port=grpc, metrics_port=metrics,
+                          log_file=tmp_path / "tritonserver.log", on_event=events.append).start()
+    try:
+        (tmp_path / "broken").touch()
+        os.kill(stub_of(server, "flaky_0_0").pid, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while not any("could not be reloaded" in e for e in events) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert any("could not be reloaded" in e and "marker file present" in e for e in events), events
+        # It cannot serve, and readiness says so, for as long as that lasts.
+        assert server.http("GET", "/v2/models/flaky/ready")[0] != 200
+        assert server.http("GET", "/v2/health/ready")[0] != 200
+        (tmp_path / "broken").unlink()
+        wait_for_heal_events = time.monotonic() + 30
+        while not server.watchdog.heals and time.monotonic() < wait_for_heal_events:
+            time.sleep(0.1)
+        assert server.watchdog.heals and server.watchdog.heals[0].attempts >= 2, events
+        assert server.http("GET", "/v2/health/ready")[0] == 200
+        with TritonClient(server.grpc_url, protocol="grpc") as client:
+            assert client.infer("flaky", {"X": np.array([[2.0]], np.float32)})["Y"].tolist() == [[2.0]]
+    finally:
+        server.stop()

@@ -15,6 +15,7 @@ Exactly one result (outputs or ``Failure``) is returned per request, in order.
 
 from __future__ import annotations
 
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -99,6 +100,19 @@ Result = dict[str, np.ndarray] | Failure
 Log = Callable[[str], None]
 
 
+class Observer:
+    """What ``run_batch`` reports as it goes (the adapter's metrics); does nothing by default."""
+
+    def api_entry(self, seconds: float) -> None:
+        """One request's ``api_entry`` took ``seconds``."""
+
+    def infer(self, rows: int, seconds: float) -> None:
+        """One ``infer`` call over ``rows`` rows took ``seconds`` (failed calls included)."""
+
+
+_NO_OBSERVER = Observer()
+
+
 @dataclass
 class _Accepted:
     index: int
@@ -107,18 +121,20 @@ class _Accepted:
 
 
 def run_batch(hook: Any, requests: list[dict[str, np.ndarray]], layout: Layout,
-              log: Log | None = None) -> list[Result]:
+              log: Log | None = None, observer: Observer = _NO_OBSERVER) -> list[Result]:
     """Run one dynamic batch of requests through ``hook``; one result per request, in order."""
     results: list[Result | None] = [None] * len(requests)
     accepted: list[_Accepted] = []
     for i, request in enumerate(requests):
+        started = time.perf_counter()
         try:
             normalised = hook.api_entry(request)
             accepted.append(_Accepted(i, normalised, _rows_of(normalised, layout)))
         except Exception as e:
             results[i] = _failure(e, API_ENTRY_FAILED, "api_entry", log)
+        observer.api_entry(time.perf_counter() - started)
     for group in _groups(accepted, layout):
-        _run_group(hook, group, layout, results, log)
+        _run_group(hook, group, layout, results, log, observer)
     return results  # type: ignore[return-value]
 
 
@@ -189,14 +205,19 @@ def _buckets(group: list[_Accepted], layout: Layout) -> list[list[_Accepted]]:
     return buckets[::-1]
 
 
-def _run_group(hook: Any, group: list[_Accepted], layout: Layout, results: list, log: Log | None) -> None:
+def _run_group(hook: Any, group: list[_Accepted], layout: Layout, results: list, log: Log | None,
+               observer: Observer = _NO_OBSERVER) -> None:
     try:
         if len(group) == 1:
             batch = group[0].inputs
         else:
             batch = {name: _stack([a.inputs[name] for a in group], layout.pad.get(name))
                      for name in group[0].inputs}
-        outputs = hook.infer(batch)
+        started = time.perf_counter()
+        try:
+            outputs = hook.infer(batch)
+        finally:
+            observer.infer(sum(a.rows for a in group), time.perf_counter() - started)
         split = _split(outputs, group, layout)
     except Exception as e:
         if len(group) > 1:
@@ -204,7 +225,7 @@ def _run_group(hook: Any, group: list[_Accepted], layout: Layout, results: list,
                 log(f"infer failed on a batch of {len(group)} requests ({type(e).__name__}: {e}); "
                     "retrying each request alone to isolate the failing one")
             for a in group:
-                _run_group(hook, [a], layout, results, log)
+                _run_group(hook, [a], layout, results, log, observer)
             return
         results[group[0].index] = _failure(e, INFERENCE_FAILED, "infer", log)
         return

@@ -15,7 +15,7 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from toolkit.hooks import HookContext
-from toolkit.runtime.batching import Failure, Layout, run_batch
+from toolkit.runtime.batching import Failure, Layout, Observer, run_batch
 from toolkit.runtime.params import HOOK
 
 
@@ -50,6 +50,7 @@ class TritonPythonModel:
             max_batch_size=self.layout.max_batch_size,
         )
         self.hook.init(ctx)
+        self.metrics = _metrics(self.name, args["model_version"], self.logger)
         self.logger.log_info(f"model '{self.name}' v{ctx.model_version}: hook {params[HOOK]} ready "
                              f"(pid {os.getpid()}, max_batch_size {ctx.max_batch_size})")
 
@@ -62,7 +63,8 @@ class TritonPythonModel:
                 if tensor is not None:  # optional inputs may be absent
                     inputs[name] = tensor.as_numpy()
             batch.append(inputs)
-        results = run_batch(self.hook, batch, self.layout, log=self.logger.log_error)
+        results = run_batch(self.hook, batch, self.layout, log=self.logger.log_error,
+                            observer=self.metrics or Observer())
         responses = []
         for result in results:
             if isinstance(result, Failure):
@@ -70,6 +72,8 @@ class TritonPythonModel:
             else:
                 responses.append(pb_utils.InferenceResponse(
                     output_tensors=[pb_utils.Tensor(n, a) for n, a in result.items()]))
+        if self.metrics is not None:
+            self.metrics.flush(results)
         return responses
 
     def finalize(self):
@@ -85,3 +89,18 @@ def _triton_error(failure):
     if code is None:  # a python backend older than 23.xx: no codes
         return pb_utils.TritonError(failure.wire_message())
     return pb_utils.TritonError(failure.wire_message(), code)
+
+
+def _metrics(model, version, logger):
+    """The hook's Prometheus metrics (toolkit/runtime/metrics.py), or None where the python backend
+    has no custom metrics (older than 23.xx) or metrics are off."""
+    if not hasattr(pb_utils, "MetricFamily"):
+        logger.log_warn(f"model '{model}': this python backend has no custom metrics")
+        return None
+    from toolkit.runtime.metrics import HookMetrics
+
+    try:
+        return HookMetrics(pb_utils, model, version, log=logger.log_warn)
+    except Exception as e:  # e.g. tritonserver started with --allow-metrics=false
+        logger.log_warn(f"model '{model}': hook metrics unavailable: {type(e).__name__}: {e}")
+        return None
