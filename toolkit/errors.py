@@ -14,6 +14,7 @@ know what the user was trying to do.
     │   └── ModelLoadError one or more models failed to load (names them and Triton's reason)
     ├── InferenceError     a request to a running server failed (carries Triton's message)
     ├── GatewayError       the REST gateway cannot start: bad settings, Triton unreachable, no API
+    ├── LifecycleError     a rollout or rollback was refused; the served version keeps serving
     └── ExportError        a model could not be exported to ONNX, or the ONNX model disagrees
         └── WeightError    a checkpoint's weights are missing, unused or of the wrong shape
 
@@ -84,6 +85,11 @@ class GatewayError(ToolkitError):
     Problems of a single request are not exceptions of this tree: the gateway answers them with a
     go-infer envelope carrying a numeric code.
     """
+
+
+class LifecycleError(ToolkitError):
+    """A rollout or rollback could not be done; the message says why, and the version that was
+    serving still serves."""
 
 
 class ExportError(ToolkitError):

@@ -60,7 +60,7 @@ def generate_repository(project: Project, out: Path, *, target: Target = "embedd
             (folder / "config.pbtxt").write_text(text, encoding="utf-8")
             source = project.models.get(name) or project.ensembles[name]
             if isinstance(source, ModelSource):
-                _write_versions(source, folder, target)
+                write_versions(source, folder, target)
                 report.models[name] = source.spec.kind
             else:
                 (folder / "1").mkdir()
@@ -77,22 +77,27 @@ def generate_repository(project: Project, out: Path, *, target: Target = "embedd
     return report
 
 
-def _write_versions(source: ModelSource, folder: Path, target: Target) -> None:
+def write_versions(source: ModelSource, folder: Path, target: Target, versions: list[int] | None = None) -> None:
+    """Write the model's version folders (all, or ``versions``) into ``folder``: each source version
+    folder, the model folder's hook modules (a version folder's own module of the same name wins:
+    that is how a new version ships new hook code), the assets, and the adapter."""
     spec = source.spec
     needs_adapter = spec.kind == "python" or target == "embedded"
     hook_files = sorted(source.folder.glob("*.py")) if spec.kind == "python" else []
-    for version in source.versions:
+    for version in versions or source.versions:
         dst = folder / str(version)
         src = source.folder / str(version)
         if src.is_dir():
             shutil.copytree(src, dst, copy_function=_link_or_copy)
         else:
             dst.mkdir()
-        for path in hook_files:
+        for path in [*hook_files, *sorted(dst.glob("*.py"))]:
             if path.name == "model.py":
                 raise RepositoryError(f"{path}: 'model.py' is reserved for the toolkit's adapter; "
                                       "rename the hook module")
-            _link_or_copy(path, dst / path.name)
+        for path in hook_files:
+            if not (src / path.name).exists():
+                _link_or_copy(path, dst / path.name)
         for name, rel in sorted(spec.assets.items()):
             _link_or_copy(source.folder / rel, dst / name)
         if needs_adapter:

@@ -171,7 +171,7 @@ def test_export_bert_matches_numpy_bert_when_source_is_tiny_google_checkpoint(tm
     report = export_bert(source, tmp_path / "repo" / "bert", version=3)
 
     version_dir = tmp_path / "repo" / "bert" / "3"
-    assert sorted(p.name for p in version_dir.iterdir()) == ["export.json", "model.onnx", "vocab.txt"]
+    assert sorted(p.name for p in version_dir.iterdir()) == ["export.json", "golden.npz", "model.onnx", "vocab.txt"]
     assert report.max_abs_diff < 1e-4
     assert report.ignored_weights == ["bert/embeddings/word_embeddings/adam_m", "cls/predictions/output_bias",
                                       "global_step"]

@@ -15,6 +15,17 @@ import click
 from toolkit.export.defaults import BERT_OUT, BERT_TOLERANCE, DEFAULT_OPSET, KERAS_TOLERANCE, REL_TOLERANCE
 
 
+def resolve_version(model_dir: Path | None, version: int | None, overwrite: bool) -> int:
+    """``--version``, or by default the next free Triton version number in ``model_dir`` (1 for a new
+    model), so a new export goes beside the versions already there (for ``toolkit rollout``); with
+    ``--overwrite``, the newest existing one."""
+    if version is not None:
+        return version
+    existing = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()] \
+        if model_dir is not None and model_dir.is_dir() else []
+    return max(existing, default=1) if overwrite else max(existing, default=0) + 1
+
+
 def _quiet_tensorflow() -> None:
     """TensorFlow's C++ start-up chatter (CPU features, absl) is noise on a user's terminal; an
     explicit TF_CPP_MIN_LOG_LEVEL wins."""
@@ -34,8 +45,9 @@ def _parse_aliases(ctx: click.Context, param: click.Parameter, values: tuple[str
 def _common_options(tolerance: float):
     def decorate(command):
         for option in reversed([
-            click.option("--version", "version", type=click.IntRange(min=1), default=1, show_default=True,
-                         help="Triton version folder to write: <out>/<version>/."),
+            click.option("--version", "version", type=click.IntRange(min=1), default=None,
+                         help="Triton version folder to write: <out>/<version>/ [default: the next free "
+                              "number, 1 for a new model]."),
             click.option("--tolerance", type=float, default=tolerance, show_default=True,
                          help="Max abs diff allowed between onnxruntime and the source model."),
             click.option("--rel-tolerance", type=float, default=REL_TOLERANCE, show_default=True,
@@ -66,7 +78,7 @@ def export() -> None:
 @click.option("--no-pooler", is_flag=True,
               help="Export only last_hidden_state (for checkpoints without bert/pooler weights).")
 @_common_options(BERT_TOLERANCE)
-def bert(source: Path | None, out: Path, lower_case: bool | None, no_pooler: bool, version: int,
+def bert(source: Path | None, out: Path, lower_case: bool | None, no_pooler: bool, version: int | None,
          tolerance: float, rel_tolerance: float, opset: int, overwrite: bool, quiet: bool) -> None:
     """Export a BERT encoder to ONNX: SOURCE is a Google BERT checkpoint folder (bert_config.json,
     bert_model.ckpt.*, vocab.txt) or a Hugging Face folder (config.json, model.safetensors,
@@ -79,8 +91,9 @@ def bert(source: Path | None, out: Path, lower_case: bool | None, no_pooler: boo
     _quiet_tensorflow()
     from toolkit.export.bert import export_bert
 
-    report = export_bert(source, out, version, tolerance=tolerance, rel_tolerance=rel_tolerance, opset=opset,
-                         lower_case=lower_case, with_pooler=not no_pooler, overwrite=overwrite,
+    report = export_bert(source, out, resolve_version(out, version, overwrite), tolerance=tolerance,
+                         rel_tolerance=rel_tolerance, opset=opset, lower_case=lower_case,
+                         with_pooler=not no_pooler, overwrite=overwrite,
                          show_progress=not quiet)
     click.echo("\n".join(report.summary_lines()))
 
@@ -106,7 +119,7 @@ def bert(source: Path | None, out: Path, lower_case: bool | None, no_pooler: boo
 @_common_options(KERAS_TOLERANCE)
 def keras(source: str, out: Path | None, weights: Path | None, include_top: bool, pooling: str,
           input_size: int, input_name: str | None, output_name: str | None, aliases: dict[str, str],
-          custom_modules: tuple[str, ...], version: int, tolerance: float, rel_tolerance: float, opset: int,
+          custom_modules: tuple[str, ...], version: int | None, tolerance: float, rel_tolerance: float, opset: int,
           overwrite: bool, quiet: bool) -> None:
     """Export a Keras model to ONNX: SOURCE is a .keras/.h5 file, a TF SavedModel folder, or a
     keras.applications name such as MobileNetV2 (built with random weights unless --weights).
@@ -116,7 +129,8 @@ def keras(source: str, out: Path | None, weights: Path | None, include_top: bool
     _quiet_tensorflow()
     from toolkit.export.keras_models import export_keras
 
-    report = export_keras(source, out, version, weights=weights, include_top=include_top,
+    report = export_keras(source, out, resolve_version(out, version, overwrite), weights=weights,
+                          include_top=include_top,
                           pooling=None if pooling == "none" else pooling, input_size=input_size,
                           input_name=input_name, output_name=output_name, aliases=aliases,
                           custom_modules=custom_modules, tolerance=tolerance, rel_tolerance=rel_tolerance,

@@ -17,6 +17,7 @@ import click
 from toolkit.cli.bench import bench
 from toolkit.cli.export import export
 from toolkit.cli.gateway import gateway
+from toolkit.cli.lifecycle import rollback, rollout
 from toolkit.errors import ToolkitError
 
 
@@ -187,3 +188,5 @@ def infer(model: str, inputs: tuple[str, ...], url: str | None, protocol: str, m
 cli.add_command(export)
 cli.add_command(bench)
 cli.add_command(gateway)
+cli.add_command(rollout)
+cli.add_command(rollback)

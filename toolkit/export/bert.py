@@ -28,6 +28,7 @@ from toolkit.export.defaults import BERT_OUT, BERT_TOLERANCE, DEFAULT_OPSET, REL
 from toolkit.export.report import ExportReport
 from toolkit.export.staging import check_version_target, staged_version_dir, write_json
 from toolkit.export.steps import Steps
+from toolkit.lifecycle.golden import GOLDEN_FILE, write_golden
 
 # The official releases whose folder name does not say "uncased" but that are lower-cased
 # (google-research/bert tokenization.validate_case_matches_checkpoint).
@@ -231,6 +232,7 @@ def export_bert(source: Path | None, out_dir: Path = BERT_OUT, version: int = 1,
             shutil.copyfile(resolved.vocab_path, staging / "vocab.txt")
             metadata["timings_s"] = dict(steps.timings)
             write_json(staging / "export.json", metadata)
+            write_golden(staging / GOLDEN_FILE, check.golden_inputs, check.golden_outputs, tolerance, rel_tolerance)
 
     files = [version_dir / n for n in ("model.onnx", "vocab.txt", "export.json")]
     return ExportReport(kind="bert", source=resolved.label, version_dir=version_dir, model_path=files[0],

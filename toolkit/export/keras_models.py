@@ -28,6 +28,7 @@ from toolkit.export.onnx_check import CheckCase
 from toolkit.export.report import ExportReport
 from toolkit.export.staging import check_version_target, staged_version_dir, write_json
 from toolkit.export.steps import Steps
+from toolkit.lifecycle.golden import GOLDEN_FILE, write_golden
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 _TENSOR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
@@ -333,6 +334,7 @@ def export_keras_source(source: KerasSource, out_dir: Path, version: int, *, ste
         onnx_check.save_onnx(onnx_model, staging / "model.onnx")
         metadata["timings_s"] = dict(steps.timings)
         write_json(staging / "export.json", metadata)
+        write_golden(staging / GOLDEN_FILE, check.golden_inputs, check.golden_outputs, tolerance, rel_tolerance)
     files = [version_dir / "model.onnx", version_dir / "export.json"]
     return ExportReport(kind="keras", source=source.label, version_dir=version_dir, model_path=files[0],
                         metadata_path=files[1], files=files, inputs=inputs, outputs=outputs, check=check,

@@ -187,8 +187,13 @@ def compare_with_onnxruntime(model: onnx.ModelProto, reference: Callable[[Arrays
     per_output: dict[str, float] = dict.fromkeys(output_names, 0.0)
     peak: dict[str, float] = dict.fromkeys(output_names, 0.0)
     problems: list[str] = []
+    golden: dict[str, Arrays] = {}
+    # The golden samples (golden.npz) are the largest case: the one a changed model can least hide in.
+    largest = max(cases, key=lambda c: sum(np.asarray(v).size for v in c.inputs.values()), default=None)
     for case in cases:
         expected = reference(case.inputs)
+        if case is largest:
+            golden = {"inputs": dict(case.inputs), "outputs": dict(expected)}
         try:
             actual = dict(zip(output_names, session.run(output_names, case.inputs), strict=True))
         except Exception as e:
@@ -205,7 +210,8 @@ def compare_with_onnxruntime(model: onnx.ModelProto, reference: Callable[[Arrays
                           + "\n  ".join(problems))
     return CheckResult(max_abs_diff=max(per_output.values(), default=0.0), per_output=per_output,
                        peak_abs=peak, cases=[c.label for c in cases], tolerance=tolerance,
-                       rel_tolerance=rel_tolerance)
+                       rel_tolerance=rel_tolerance, golden_inputs=golden.get("inputs", {}),
+                       golden_outputs=golden.get("outputs", {}))
 
 
 def _compare_one(name: str, label: str, expected: np.ndarray, actual: np.ndarray, tolerance: float,

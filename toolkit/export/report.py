@@ -48,6 +48,9 @@ class CheckResult:
     cases: list[str]
     tolerance: float
     rel_tolerance: float
+    #: The first case's inputs and the source model's outputs for them (written to golden.npz).
+    golden_inputs: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    golden_outputs: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"max_abs_diff": self.max_abs_diff, "max_abs_diff_per_output": self.per_output,

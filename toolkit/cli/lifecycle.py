@@ -1,0 +1,66 @@
+"""``toolkit rollout`` and ``toolkit rollback``: change the version a running server serves, with no
+downtime, refusing a version that fails to load or fails its golden check (``toolkit/lifecycle``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+_common = [
+    click.option("--url", default="127.0.0.1:8000", show_default=True, help="Triton's HTTP host:port."),
+    click.option("--repository", type=click.Path(path_type=Path), default=Path("build/model_repository"),
+                 show_default=True, help="The repository the server serves (what gen-repo wrote)."),
+    click.option("--admin-header", default=None, metavar="KEY=VALUE", envvar="TOOLKIT_RESTRICT_APIS",
+                 help="The KEY=VALUE of `toolkit serve --restrict-apis` (also $TOOLKIT_RESTRICT_APIS)."),
+    click.option("--skip-golden-check", is_flag=True,
+                 help="Promote without checking the version's golden.npz (not recommended)."),
+]
+
+
+def _options(command):
+    for option in reversed(_common):
+        command = option(command)
+    return command
+
+
+def _admin(url: str, admin_header: str | None):
+    from toolkit.lifecycle.rollout import TritonAdmin
+    from toolkit.server import ApiRestriction
+
+    headers = ApiRestriction.parse(admin_header).http_headers() if admin_header else None
+    return TritonAdmin(url, headers)
+
+
+@click.command()
+@click.argument("model")
+@click.option("--version", "version", type=click.IntRange(min=1), default=None,
+              help="The version to serve [default: the newest in --models].")
+@click.option("--models", "models_dir", type=click.Path(path_type=Path), default=Path("model_repository"),
+              show_default=True, help="Folder of model specs and their version folders.")
+@_options
+def rollout(model: str, version: int | None, models_dir: Path, url: str, repository: Path,
+            admin_header: str | None, skip_golden_check: bool) -> None:
+    """Serve another version of MODEL on a running server, without downtime.
+
+    The version is loaded beside the served one, checked against its golden.npz, and only then
+    takes the traffic; on any failure the served version keeps serving and the exit status is 1.
+    """
+    from toolkit.lifecycle.rollout import rollout as do_rollout
+
+    click.echo(f"Rolling out '{model}' (loading the candidate, checking it) ...", err=True)
+    report = do_rollout(model, version=version, models_dir=models_dir, repository=repository,
+                        admin=_admin(url, admin_header), golden_check=not skip_golden_check)
+    click.echo(report.summary())
+
+
+@click.command()
+@click.argument("model")
+@_options
+def rollback(model: str, url: str, repository: Path, admin_header: str | None, skip_golden_check: bool) -> None:
+    """Serve again the version MODEL served before its last rollout, without downtime."""
+    from toolkit.lifecycle.rollout import rollback as do_rollback
+
+    report = do_rollback(model, repository=repository, admin=_admin(url, admin_header),
+                         golden_check=not skip_golden_check)
+    click.echo(report.summary())

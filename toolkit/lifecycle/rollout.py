@@ -1,0 +1,294 @@
+"""Zero-downtime rollout and rollback of one model on a running tritonserver (explicit model control).
+
+    rollout("bert", version=2, models_dir=Path("model_repository"), repository=Path("build/model_repository"),
+            url="127.0.0.1:8000")
+
+What happens, in an order that keeps the served version untouched until the new one has proven
+itself (Triton's own reload keeps serving the old version while the new one loads):
+
+1. **Candidate.** Version N is rendered (config, adapter, hook code, assets: what gen-repo writes)
+   into a model of its own, ``<model>__candidate``, beside the served one, and loaded. It takes no
+   traffic: nothing routes to that name. A version that fails to load stops the rollout here.
+2. **Golden check.** The inputs recorded in N's ``golden.npz`` (``toolkit export`` writes it) go to
+   the candidate; its outputs must match the recorded ones within the recorded tolerance.
+3. **Promote.** N's folder is moved into the served model (atomically), the served config's
+   ``version_policy`` becomes ``specific: [N]`` (atomically), and the model is loaded again: Triton
+   loads N, moves traffic to it once READY, then retires the old version after its in-flight
+   requests finish. An ensemble over the model calls version -1 and follows. Each request runs
+   wholly on one version.
+4. **Clean up.** The candidate is unloaded and removed; ``rollout.json`` in the served model folder
+   records the history that ``rollback`` walks back.
+
+Any failure before step 3 leaves the served version serving, untouched, and raises ``LifecycleError``
+with the reason. Old version folders stay on disk, so a rollback needs no files from the sources.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from toolkit.errors import LifecycleError, ToolkitError
+from toolkit.files import replace_dir, staging_dir
+from toolkit.lifecycle.golden import GOLDEN_FILE, check_golden, read_golden
+from toolkit.project import ModelSource, load_model
+from toolkit.render import build_config_text
+
+CANDIDATE_SUFFIX = "__candidate"
+HISTORY_FILE = "rollout.json"
+
+
+@dataclass
+class RolloutReport:
+    model: str
+    version: int
+    previous: list[int]
+    golden: str                      # "passed (N outputs)", or "skipped"
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        steps = ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
+        previous = ", ".join(map(str, self.previous)) or "none"
+        return (f"model '{self.model}' now serves version {self.version} (was {previous}); "
+                f"golden check {self.golden}; {steps}")
+
+
+class TritonAdmin:
+    """Triton's HTTP repository and inference API, with the admin header when APIs are restricted."""
+
+    def __init__(self, url: str, headers: dict[str, str] | None = None, timeout: float = 300.0):
+        self.url = url.removeprefix("http://").rstrip("/")
+        self.headers, self.timeout = dict(headers or {}), timeout
+
+    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://{self.url}{path}", data=data, method=method,
+                                     headers={**self.headers, "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as response:
+                raw = response.read()
+                return response.status, json.loads(raw) if raw else {}
+        except urllib.error.HTTPError as e:
+            raw = e.read()
+            try:
+                return e.code, json.loads(raw) if raw else {}
+            except ValueError:
+                return e.code, {"error": raw[:300].decode(errors="replace")}
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+            raise LifecycleError(f"Triton is not reachable at http://{self.url}: {e}") from e
+
+    def index(self) -> list[dict]:
+        status, body = self.request("POST", "/v2/repository/index", {})
+        if status != 200:
+            raise LifecycleError(f"cannot list Triton's models at {self.url}: {body.get('error', status)}")
+        return body if isinstance(body, list) else []
+
+    def load(self, model: str) -> None:
+        status, body = self.request("POST", f"/v2/repository/models/{model}/load", {})
+        if status != 200:
+            raise LifecycleError(f"Triton could not load '{model}': {body.get('error', f'HTTP {status}')}")
+
+    def unload(self, model: str) -> None:
+        self.request("POST", f"/v2/repository/models/{model}/unload", {})
+
+    def ready(self, model: str, version: int | None = None) -> bool:
+        path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/ready"
+        return self.request("GET", path)[0] == 200
+
+    def infer(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import tritonclient.http as httpclient
+        from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+        client = httpclient.InferenceServerClient(self.url, connection_timeout=60, network_timeout=60)
+        try:
+            items = []
+            for name, array in inputs.items():
+                item = httpclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+                item.set_data_from_numpy(array, binary_data=True)
+                items.append(item)
+            result = client.infer(model, items, headers=self.headers)
+            return {o["name"]: result.as_numpy(o["name"]) for o in result.get_response()["outputs"]}
+        except InferenceServerException as e:
+            raise LifecycleError(f"the candidate failed its golden request: {e.message()}") from e
+        finally:
+            client.close()
+
+
+def rollout(model: str, *, version: int | None, models_dir: Path, repository: Path, admin: TritonAdmin,
+            golden_check: bool = True) -> RolloutReport:
+    """Serve ``version`` of ``model`` (default: the newest in ``models_dir``) instead of what it serves."""
+    repository = Path(repository).absolute()
+    served_dir = repository / model
+    if not (served_dir / "config.pbtxt").is_file():
+        raise LifecycleError(f"'{model}' is not a model of the served repository {repository} "
+                             f"(it has {', '.join(_models(repository)) or 'none'})")
+    states = {m["name"]: m for m in admin.index() if m.get("state") == "READY"}
+    if model not in states:
+        raise LifecycleError(f"model '{model}' is not served (READY) at {admin.url}")
+    config = _read_config(served_dir / "config.pbtxt")
+    history = _history(served_dir)
+    serving = [v for v in _versions(served_dir) if admin.ready(model, v)]
+
+    source_dir: Path | None = None
+    if version is None or not (served_dir / str(version)).is_dir():
+        try:
+            source = load_model(Path(models_dir) / model)
+        except ToolkitError as e:
+            raise LifecycleError(f"cannot read the spec of '{model}': {e}") from e
+        version = version or max(source.versions)
+        if version not in source.versions:
+            raise LifecycleError(f"model '{model}' has no version {version} in {models_dir}/{model} "
+                                 f"(it has {', '.join(map(str, source.versions)) or 'none'})")
+        source_dir = _render_version(source, version, config, repository)
+    if serving == [version]:
+        raise LifecycleError(f"model '{model}' already serves version {version}")
+
+    report = RolloutReport(model, version, serving, "skipped")
+    candidate = model + CANDIDATE_SUFFIX
+    started = time.monotonic()
+    try:
+        _write_candidate(repository / candidate, config, candidate, version,
+                         source_dir if source_dir is not None else served_dir / str(version))
+        admin.load(candidate)
+        report.seconds["candidate load"] = time.monotonic() - started
+        if golden_check:
+            golden_path = (source_dir or served_dir / str(version)) / GOLDEN_FILE
+            if not golden_path.is_file():
+                raise LifecycleError(f"version {version} of '{model}' has no {GOLDEN_FILE} to check it with "
+                                     "(toolkit export writes one; a python hook ships its own), or pass "
+                                     "--skip-golden-check")
+            golden = read_golden(golden_path)
+            problems = check_golden(golden, lambda inputs: admin.infer(candidate, inputs))
+            if problems:
+                raise LifecycleError(f"version {version} of '{model}' failed its golden check; still serving "
+                                     f"{', '.join(map(str, serving)) or 'nothing'}:\n  " + "\n  ".join(problems))
+            report.golden = f"passed ({len(golden.outputs)} outputs within tolerance {golden.tolerance:g})"
+        report.seconds["golden check"] = time.monotonic() - started - report.seconds["candidate load"]
+        promoted = time.monotonic()
+        if source_dir is not None:
+            _move_into(source_dir, served_dir / str(version))
+            source_dir = None
+        _write_policy(served_dir / "config.pbtxt", config, version)
+        try:
+            admin.load(model)
+        except LifecycleError:
+            _write_policy(served_dir / "config.pbtxt", config, None)  # Triton kept the old version serving
+            raise
+        deadline = time.monotonic() + 60
+        while not admin.ready(model, version):
+            if time.monotonic() > deadline:
+                raise LifecycleError(f"version {version} of '{model}' loaded but is not READY after 60s")
+            time.sleep(0.05)
+        report.seconds["switch"] = time.monotonic() - promoted
+        _save_history(served_dir, [*(history or serving), version])
+    finally:
+        admin.unload(candidate)
+        shutil.rmtree(repository / candidate, ignore_errors=True)
+        if source_dir is not None:
+            shutil.rmtree(source_dir, ignore_errors=True)
+    return report
+
+
+def rollback(model: str, *, repository: Path, admin: TritonAdmin, golden_check: bool = True) -> RolloutReport:
+    """Serve again the version ``model`` served before its last rollout."""
+    served_dir = Path(repository).absolute() / model
+    history = _history(served_dir)
+    serving = [v for v in _versions(served_dir) if admin.ready(model, v)] if served_dir.is_dir() else []
+    previous = [v for v in history if v not in serving]
+    if not previous:
+        raise LifecycleError(f"model '{model}' has no earlier version to roll back to "
+                             f"(history: {', '.join(map(str, history)) or 'none'})")
+    return rollout(model, version=previous[-1], models_dir=Path("."), repository=repository, admin=admin,
+                   golden_check=golden_check)
+
+
+# --- files ------------------------------------------------------------------------------------------
+
+def _models(repository: Path) -> list[str]:
+    return sorted(d.name for d in repository.iterdir() if (d / "config.pbtxt").is_file()) \
+        if repository.is_dir() else []
+
+
+def _versions(folder: Path) -> list[int]:
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _read_config(path: Path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(path.read_text(encoding="utf-8"), model_config_pb2.ModelConfig())
+
+
+def _render_version(source: ModelSource, version: int, served: model_config_pb2.ModelConfig,
+                    repository: Path) -> Path:
+    """Version ``version`` as gen-repo writes it, in a hidden folder of the served repository."""
+    from toolkit.repo import write_versions
+
+    target = "container" if served.backend == "onnxruntime" else "embedded"
+    try:
+        build_config_text(source, source_label=str(source.folder), target=target)  # validates the spec
+    except ToolkitError as e:
+        raise LifecycleError(f"the spec of '{source.spec.name}' does not validate: {e}") from e
+    staging = staging_dir(repository / f".{source.spec.name}.v{version}")
+    write_versions(source, staging, target, versions=[version])  # type: ignore[arg-type]
+    return staging / str(version)
+
+
+def _write_candidate(folder: Path, config: model_config_pb2.ModelConfig, name: str, version: int,
+                     version_dir: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    staging = staging_dir(folder)
+    candidate = model_config_pb2.ModelConfig()
+    candidate.CopyFrom(config)
+    candidate.name = name
+    candidate.version_policy.specific.versions[:] = [version]
+    (staging / "config.pbtxt").write_text(text_format.MessageToString(candidate), encoding="utf-8")
+    shutil.copytree(version_dir, staging / str(version), copy_function=_link_or_copy)
+    replace_dir(staging, folder)
+
+
+def _move_into(version_dir: Path, target: Path) -> None:
+    if target.exists():
+        raise LifecycleError(f"{target} appeared during the rollout; not replacing it")
+    os.replace(version_dir, target)
+    shutil.rmtree(version_dir.parent, ignore_errors=True)
+
+
+def _write_policy(path: Path, config: model_config_pb2.ModelConfig, version: int | None) -> None:
+    updated = model_config_pb2.ModelConfig()
+    updated.CopyFrom(config)
+    if version is not None:
+        updated.version_policy.specific.versions[:] = [version]
+    text = ("# Written by `toolkit rollout` (version_policy) from the config gen-repo wrote.\n"
+            + text_format.MessageToString(updated)) if version is not None else text_format.MessageToString(config)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _history(folder: Path) -> list[int]:
+    try:
+        return [int(v) for v in json.loads((folder / HISTORY_FILE).read_text())["served"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def _save_history(folder: Path, versions: list[int]) -> None:
+    tmp = folder / f".{HISTORY_FILE}.{os.getpid()}"
+    tmp.write_text(json.dumps({"served": versions}) + "\n")
+    os.replace(tmp, folder / HISTORY_FILE)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
