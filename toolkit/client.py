@@ -18,7 +18,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from toolkit.errors import InferenceError
+from toolkit.balancing import channel_args, grpc_target, is_balanced
+from toolkit.errors import InferenceError, ToolkitError
 from toolkit.hooks import classify_triton_error
 from toolkit.retry import RETRIES, retry_pause
 
@@ -32,6 +33,8 @@ class TritonClient:
         self.url, self.protocol, self.timeout, self.retries = url, protocol, timeout, retries
         self._server_error = InferenceServerException
         try:
+            if protocol == "http" and is_balanced(url):
+                raise InferenceError(f"{url}: several replicas need --protocol grpc (gRPC balances them itself)")
             if protocol == "http":
                 import tritonclient.http as module
 
@@ -40,11 +43,14 @@ class TritonClient:
             elif protocol == "grpc":
                 import tritonclient.grpc as module
 
-                self._client = module.InferenceServerClient(url)
+                # One replica, or several balanced by gRPC itself (toolkit/balancing.py).
+                self._client = module.InferenceServerClient(grpc_target(url), channel_args=channel_args(url))
             else:
                 raise InferenceError(f"unknown protocol {protocol!r}: use http or grpc")
         except InferenceServerException as e:
             raise InferenceError(f"cannot connect to {url}: {e.message()}") from e
+        except ToolkitError as e:
+            raise InferenceError(str(e)) from e
         self._module = module
 
     def _wrap(self, error: Exception, what: str) -> InferenceError:

@@ -277,9 +277,14 @@ class TritonServer:
         if self.log_file is not None:
             self._log = open(self.log_file, "ab")  # noqa: SIM115 - closed in stop()
             output = self._log
+        # The server dies with the process that started it. util-linux's setpriv sets that up without
+        # running Python between fork and exec (a preexec_fn can crash the child of a process whose
+        # gRPC threads are busy, as a gateway's or a test's are).
+        setpriv = shutil.which("setpriv")
+        prefix = [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
         self.process = subprocess.Popen(
-            self.command(backend_dir), env=self.environment(), stdout=output, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+            prefix + self.command(backend_dir), env=self.environment(), stdout=output, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=None if setpriv else _die_with_parent)
         self.watchdog = StubWatchdog(self, heal=self.self_heal, log=self._event)
         try:
             self._wait_until_ready(timeout)

@@ -1,0 +1,149 @@
+"""Three tritonservers over one repository, balanced by gRPC itself (round_robin, health checking and
+a retry policy in the channel's service config): the load spreads evenly; a replica killed -9 under
+load costs its callers nothing; it is restarted and takes traffic again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+from projects import python_model, write_model
+from serving import free_ports
+
+from toolkit.client import TritonClient
+from toolkit.errors import InferenceError, ServerError
+from toolkit.project import load_project
+from toolkit.replicas import ReplicaSet
+from toolkit.repo import generate_repository
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.reliability]
+
+WORK_HOOK = '''
+import time
+
+from toolkit.hooks import Hook
+
+
+class Work(Hook):
+    def infer(self, batch):
+        time.sleep(0.004)
+        return {"Y": batch["X"] * 2}
+'''
+CLIENTS = 16
+
+
+def consecutive_free_base(count: int) -> int:
+    """A base port with 3 * count free ports above it."""
+    for _ in range(50):
+        base = free_ports(1)[0]
+        if base + 3 * count < 65000 and set(range(base, base + 3 * count)) <= set(
+                p for p in range(base, base + 3 * count) if _free(p)):
+            return base
+    raise AssertionError("no run of free ports")
+
+
+def _free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory):
+    root = tmp_path_factory.mktemp("replicas")
+    write_model(root, "work", python_model([("X", "FP32", [1])], [("Y", "FP32", [1])], hook="work:Work"),
+                files={"work.py": WORK_HOOK})
+    repository = generate_repository(load_project(root / "models"), root / "repo").path
+    events: list[str] = []
+    replicas = ReplicaSet(repository, 3, http_port=consecutive_free_base(3), on_event=events.append, log_dir=root)
+    replicas.events = events  # type: ignore[attr-defined]
+    with replicas:
+        yield replicas
+
+
+def executions(replicas: ReplicaSet) -> list[int]:
+    counts = []
+    for server in replicas.servers:
+        with TritonClient(server.grpc_url, protocol="grpc") as client:
+            counts.append(int(client.statistics("work")["inference_stats"]["success"].get("count", 0)))
+    return counts
+
+
+def test_round_robin_spreads_the_load_and_a_killed_replica_costs_nothing(replicas):
+    addresses = ",".join(replicas.grpc_addresses)
+    x = np.array([[1.5]], np.float32)
+    outcomes: Counter = Counter()
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client():
+        with TritonClient(addresses, protocol="grpc", timeout=10) as c:
+            while not stop.is_set():
+                try:
+                    ok = c.infer("work", {"X": x})["Y"].tolist() == [[3.0]]
+                    result = "answered" if ok else "wrong"
+                except InferenceError as e:
+                    result = f"failed {e.code}: {e}"[:120]
+                with lock:
+                    outcomes[result] += 1
+
+    threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
+    start_counts = executions(replicas)
+    for t in threads:
+        t.start()
+    time.sleep(6)
+    before_kill = [n - s for n, s in zip(executions(replicas), start_counts, strict=True)]
+    victim = replicas.servers[1]
+    os.kill(victim.process.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    deadline = time.monotonic() + 60
+    while not replicas.restarts and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert replicas.restarts, replicas.events
+    restarted = replicas.servers[1]
+    after_restart_start = executions(replicas)
+    time.sleep(4)
+    after_restart = [n - s for n, s in zip(executions(replicas), after_restart_start, strict=True)]
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+
+    assert set(outcomes) == {"answered"}, outcomes            # nothing lost, nothing failed
+    total = sum(before_kill)
+    assert total > 300, before_kill
+    assert all(abs(n / total - 1 / 3) <= 0.10 for n in before_kill), before_kill   # +-10% of a third
+    assert restarted is not victim and replicas.restarts[0].error is None
+    assert after_restart[1] > 0.1 * sum(after_restart), after_restart              # back in the rotation
+    print(f"\n{outcomes['answered']} answered, 0 failed; shares before the kill {before_kill}; "
+          f"replica 1 restarted in {replicas.restarts[0].seconds:.1f}s "
+          f"(killed at +{killed_at:.0f}); shares after {after_restart}")
+
+
+def test_zero_replicas_and_bad_addresses_are_clear_errors(tmp_path):
+    with pytest.raises(ServerError, match="--replicas must be at least 1"):
+        ReplicaSet(tmp_path, 0)
+    with pytest.raises(InferenceError, match="is not host:port"):
+        TritonClient("127.0.0.1:8001,nonsense", protocol="grpc")
+    with pytest.raises(InferenceError, match="several replicas need --protocol grpc"):
+        TritonClient("127.0.0.1:8000,127.0.0.1:8003", protocol="http")
+
+
+def test_every_replica_down_is_a_clear_failure_not_a_hang():
+    ports = free_ports(2)
+    with TritonClient(",".join(f"127.0.0.1:{p}" for p in ports), protocol="grpc", timeout=3) as client:
+        started = time.monotonic()
+        with pytest.raises(InferenceError) as failed:
+            client.infer("work", {"X": np.array([[1.0]], np.float32)})
+    assert time.monotonic() - started < 10
+    assert failed.value.code in (9996, 9997), failed.value
