@@ -27,10 +27,16 @@ Protocol = Literal["http", "grpc"]
 
 
 class TritonClient:
-    def __init__(self, url: str, *, protocol: Protocol = "http", timeout: float = 60.0, retries: int = RETRIES):
+    def __init__(self, url: str, *, protocol: Protocol = "http", timeout: float = 60.0, retries: int = RETRIES,
+                 compression: str | None = None):
         from tritonclient.utils import InferenceServerException
 
         self.url, self.protocol, self.timeout, self.retries = url, protocol, timeout, retries
+        if compression not in (None, "gzip", "deflate") or (compression == "deflate" and protocol == "grpc"):
+            raise InferenceError(f"compression {compression!r}: use gzip (HTTP or gRPC) or deflate (HTTP)")
+        #: Request and response bodies compressed on the wire (Paddle Serving 5.1): HTTP gzip/deflate
+        #: both ways, gRPC gzip.
+        self.compression = compression
         self._server_error = InferenceServerException
         try:
             if protocol == "http" and is_balanced(url):
@@ -87,11 +93,14 @@ class TritonClient:
             try:
                 if self.protocol == "grpc":
                     result = self._client.infer(model, infer_inputs, model_version=version, outputs=requested,
-                                                client_timeout=left, timeout=int(left * 1e6))
+                                                client_timeout=left, timeout=int(left * 1e6),
+                                                compression_algorithm=self.compression)
                     names = [o.name for o in result.get_response().outputs]
                 else:
                     result = self._client.infer(model, infer_inputs, model_version=version, outputs=requested,
-                                                timeout=int(left * 1e6))
+                                                timeout=int(left * 1e6),
+                                                request_compression_algorithm=self.compression,
+                                                response_compression_algorithm=self.compression)
                     names = [o["name"] for o in result.get_response()["outputs"]]
                 return {name: result.as_numpy(name) for name in names}
             except Exception as e:

@@ -98,7 +98,13 @@ class _Client:
         else:
             raise ValueError(f"unknown target kind {kind!r}")
         self.module = module
-        self.client = module.InferenceServerClient(self.spec.url)
+        if kind == "triton-grpc":  # one replica, or several balanced by gRPC itself
+            from toolkit.balancing import channel_args, grpc_target
+
+            self.client = module.InferenceServerClient(grpc_target(self.spec.url),
+                                                       channel_args=channel_args(self.spec.url))
+        else:
+            self.client = module.InferenceServerClient(self.spec.url)
         return self
 
     async def __aexit__(self, *exc) -> None:
