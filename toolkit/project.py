@@ -101,7 +101,20 @@ def load_project(models_dir: Path, ensembles_dir: Path | None = None) -> Project
         if len(problems) == 1:
             raise problems[0]
         raise SpecError(f"{len(problems)} problems:\n" + "\n".join(f"- {p}" for p in problems))
+    project.notes.extend(_queue_notes(project))
     return project
+
+
+def _queue_notes(project: Project) -> list[str]:
+    """A step without a queue policy queues without bound and runs requests whose callers gave up."""
+    unbounded = sorted(name for name, m in project.models.items()
+                       if m.spec.max_batch_size > 0 and (m.spec.dynamic_batching is None
+                                                         or m.spec.dynamic_batching.default_queue_policy is None))
+    if not unbounded:
+        return []
+    return [f"{', '.join(unbounded)}: no queue policy, so the queue has no bound and work whose caller gave up "
+            "is still done; set dynamic_batching.default_queue_policy (max_queue_size, "
+            "default_timeout_microseconds, allow_timeout_override: true)"]
 
 
 def _resolve_api_paths(project: Project) -> list[SpecError]:

@@ -157,5 +157,16 @@ def test_load_project_gives_no_route_to_models_sharing_a_hook_api_path_and_says_
     write_model(tmp_path, "two", X_TO_Y)  # the same hook class, api_path "passthrough"
     project = load(tmp_path)
     assert project.models["one"].api_path is None and project.models["two"].api_path is None
-    assert project.notes == ["api_path 'passthrough' of hook class is shared by one, two: none of them gets "
-                             "that route; set api_path in the spec of the one meant"]
+    assert project.notes[0] == ("api_path 'passthrough' of hook class is shared by one, two: none of them gets "
+                                "that route; set api_path in the spec of the one meant")
+
+
+def test_load_project_notes_steps_without_a_queue_policy(tmp_path):
+    write_model(tmp_path, "one", X_TO_Y)
+    write_model(tmp_path, "two", {**X_TO_Y, "api_path": "two", "dynamic_batching": {"default_queue_policy": {
+        "max_queue_size": 8, "default_timeout_microseconds": 1000, "allow_timeout_override": True}}})
+    notes = load(tmp_path).notes
+    assert [n for n in notes if "no queue policy" in n] == [
+        "one: no queue policy, so the queue has no bound and work whose caller gave up is still done; set "
+        "dynamic_batching.default_queue_policy (max_queue_size, default_timeout_microseconds, "
+        "allow_timeout_override: true)"]
