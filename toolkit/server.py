@@ -182,14 +182,12 @@ def check_repository(repository: Path, *, model_control: ModelControl = "explici
             raise ServerError(f"{repository} holds model specs (model.yaml), not a Triton repository: run "
                               f"`toolkit gen-repo --models {repository} --out build/model_repository` and serve "
                               "build/model_repository")
-        raise ServerError(f"{repository} holds no model (no <model>/config.pbtxt): is it the folder "
-                          "`toolkit gen-repo` wrote?")
     if load_models and model_control != "explicit":
         raise ServerError(f"--load-model needs --model-control explicit (got {model_control})")
     unknown = sorted(set(load_models) - set(models))
     if unknown:
         raise ServerError(f"--load-model: no model {', '.join(map(repr, unknown))} in {repository} "
-                          f"(it has {', '.join(models)})")
+                          f"(it has {', '.join(models) or 'none'})")
     return sorted(load_models) if load_models else models
 
 
