@@ -39,7 +39,8 @@ SCALE_METADATA = {"inputs": [{"name": "X", "datatype": "FP32", "shape": ["-1", "
 
 def settings_dict(**api):
     return {"API": {"AppIdSecret": {APP: SECRET, PLAIN_APP: "other"}, "PlainAppIds": [PLAIN_APP],
-                    "SM2PrivateKey": SM2_PRIVATE, "MaxBodyBytes": 4096, "MaxJsonDepth": 6, **api}}
+                    "SM2PrivateKey": SM2_PRIVATE, "MaxBodyBytes": 4096, "MaxJsonDepth": 6, "CheckWorkers": 0,
+                    **api}}
 
 
 class FakeTriton:
@@ -55,8 +56,9 @@ class FakeTriton:
     async def close(self):
         pass
 
-    async def infer(self, route, tensors):
+    async def infer(self, route, tensors, timeout=None):
         self.calls += 1
+        self.last_timeout = timeout
         if self.raise_next is not None:
             error, self.raise_next = self.raise_next, None
             raise error
@@ -159,11 +161,11 @@ def resign(body, **changes):
 @pytest.mark.parametrize(("make_body", "code", "message"), [
     (lambda: {**signed({"text": "x"}), "signData": sha256_signature("forged")}, 9800, "invalid signature"),
     (lambda: {**signed({"text": "x"}), "signData": "c2hvcnQ="}, 9800,
-     "invalid signature: signData must be base64 of a SHA256 hex digest"),
+     "invalid signature: signData must be canonical base64 of a SHA256 hex digest"),
     (lambda: {**signed({"text": "x"}), "signData": "!" * 88}, 9800,
-     "invalid signature: signData must be base64 of a SHA256 hex digest"),
+     "invalid signature: signData must be canonical base64 of a SHA256 hex digest"),
     (lambda: {**signed({"text": "x"}, sign_type="SM2"), "signData": base64.b64encode(bytes(63)).decode()}, 9800,
-     "invalid signature: signData must be base64 of a 64-byte SM2 signature (r||s)"),
+     "invalid signature: signData must be canonical base64 of a 64-byte SM2 signature (r||s)"),
     (lambda: {k: v for k, v in signed({"text": "x"}).items() if k != "appId"}, 9801,
      "missing or invalid parameter: appId (a string)"),
     (lambda: {**signed({"text": "x"}), "timestamp": "1700000000"}, 9801,
@@ -235,20 +237,49 @@ def test_api_answers_9801_envelope_when_body_is_not_acceptable_json(client, body
     assert (got_status, answer["code"], answer["data"]["msg"]) == (status, 9801, message)
 
 
-@pytest.mark.parametrize(("error", "code", "message"), [
-    (InferenceServerException("in ensemble 'embedding', [1001] TEXT must not be empty"), 1001,
+@pytest.mark.parametrize(("error", "code", "status", "message"), [
+    (InferenceServerException("in ensemble 'embedding', [1001] TEXT must not be empty"), 1001, 200,
      "TEXT must not be empty"),
-    (InferenceServerException("[9701] api_entry failed: KeyError"), 9701, "api_entry failed: KeyError"),
-    (InferenceServerException("Request timeout expired"), 9997, "request timed out in Triton's queue"),
-    (InferenceServerException("Deadline Exceeded", status="StatusCode.DEADLINE_EXCEEDED"), 9997,
+    (InferenceServerException("[9701] api_entry failed: FileNotFoundError: /srv/models/x"), 9701, 200,
+     "the request could not be prepared (request "),
+    (InferenceServerException("[9998] infer failed: onnxruntime/core/providers/cpu/x.cc:12 bad"), 9998, 200,
+     "inference failed (request "),
+    (InferenceServerException("Request timeout expired"), 9997, 503, "inference did not finish within 5s"),
+    (InferenceServerException("Deadline Exceeded", status="StatusCode.DEADLINE_EXCEEDED"), 9997, 503,
      "inference did not finish within 5s"),
-    (InferenceServerException("failed to connect to all addresses", status="StatusCode.UNAVAILABLE"), 9998,
-     "inference failed: failed to connect to all addresses"),
+    (InferenceServerException("unexpected: model at 10.0.0.7:8001 said no"), 9998, 200, "inference failed (request "),
 ])
-def test_api_answers_hook_or_triton_code_when_inference_fails(client, error, code, message):
+def test_api_answers_hook_or_triton_code_when_inference_fails(client, error, code, status, message):
+    """A hook's own code and message reach the client; Triton's own texts (paths, addresses) do not."""
     client.backend.raise_next = error
-    answer = post(client, "embedding", signed({"text": "x"}))[1]
-    assert (answer["code"], answer["appId"], answer["data"]["msg"]) == (code, APP, message)
+    got_status, answer = post(client, "embedding", signed({"text": "x"}))
+    assert (answer["code"], answer["appId"], got_status) == (code, APP, status)
+    assert answer["data"]["msg"].startswith(message)
+    assert "/srv" not in answer["data"]["msg"] and "10.0.0.7" not in answer["data"]["msg"]
+    assert ".cc" not in answer["data"]["msg"]
+
+
+class AlwaysBusy(FakeTriton):
+    async def infer(self, route, tensors, timeout=None):
+        self.calls += 1
+        raise InferenceServerException("Stub process 'tokenizer_0_0' is not healthy.", status="StatusCode.INTERNAL")
+
+
+def test_api_retries_busy_and_restarting_then_answers_9996_with_503_and_retry_after():
+    settings = parse_settings(settings_dict())
+    routes = {"embedding": build_route("embedding", "embedding", EMBEDDING_CONFIG, EMBEDDING_METADATA, None, 3)}
+    backend = AlwaysBusy()
+    with TestClient(create_app(settings, routes, backend=backend)) as client:
+        response = client.post("/api/embedding", content=json.dumps(signed({"text": "x"})))
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert response.json()["code"] == 9996
+    assert backend.calls == 4  # the first attempt and three retries (0.25 + 0.5 + 1 s, within 3 s)
+
+
+def test_api_hides_one_busy_answer_from_the_client_by_retrying(client):
+    client.backend.raise_next = InferenceServerException("Exceeds maximum queue size", status="StatusCode.UNAVAILABLE")
+    status, answer = post(client, "embedding", signed({"text": "hello"}))
+    assert (status, answer["code"]) == (200, 0) and client.backend.calls == 2
 
 
 def test_api_answers_9998_and_keeps_serving_when_the_handler_raises_unexpectedly(client, caplog):

@@ -151,7 +151,11 @@ def test_sm2_verifier_from_settings_raises_naming_the_problem_when_a_key_is_unus
 
 
 @pytest.mark.parametrize(("text", "expected"), [
-    ("YWJj", b"abc"), ("YW\nJj", b"abc"), ("YWJ", None), ("YW*j", None), ("", b""),
+    ("YWJj", b"abc"), ("YWI=", b"ab"), ("", b""),
+    # One signature, one spelling: line breaks, missing padding and non-zero unused bits are refused,
+    # so a captured request cannot be replayed by respelling its signature.
+    ("YW\nJj", None), ("YWJj\r\n", None), ("YWJ", None), ("YWI", None), ("YWJ=", None), ("YW*j", None),
+    (" YWJj", None),
 ])
-def test_decode_signature_is_strict_base64_when_reading_sign_data(text, expected):
+def test_decode_signature_accepts_only_canonical_base64(text, expected):
     assert decode_signature(text) == expected

@@ -4,9 +4,11 @@ go-infer's clients ``POST /api/<path>`` a signed JSON envelope and get an envelo
 numbered error codes; Triton speaks KServe v2. The gateway keeps every go-infer client working
 while the models run in Triton:
 
-    settings.py   the YAML settings (go-infer's API section + Triton, Apis, ErrCode)
+    settings.py   the YAML settings (go-infer's API section + Triton, Apis, Endpoints, ErrCode)
     signing.py    the string to sign, SHA256, SM2 with SM3 (gmssl)
-    auth.py       checking a request in go-infer's order; replay cache
+    auth.py       checking a request in go-infer's order, off the event loop; replay; rate limits
+    variants.py   endpoints split between weighted variants (canaries), sticky by a request field
+    metrics.py    the gateway's own Prometheus metrics (GET /metrics)
     envelope.py   response envelope, request ids, codes
     mapping.py    API discovery from Triton; JSON data <-> tensors
     app.py        the Starlette app and its asyncio gRPC connection to Triton
@@ -18,6 +20,7 @@ while the models run in Triton:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 from toolkit.gateway.mapping import ApiRoute, discover_routes
 from toolkit.gateway.settings import GatewaySettings, load_settings
@@ -25,15 +28,21 @@ from toolkit.gateway.settings import GatewaySettings, load_settings
 __all__ = ["ApiRoute", "GatewaySettings", "discover_routes", "load_settings", "run_gateway"]
 
 
-def run_gateway(settings: GatewaySettings, routes: Mapping[str, ApiRoute] | None = None) -> None:
+def run_gateway(settings: GatewaySettings, routes: Mapping[str, ApiRoute] | None = None,
+                settings_file: Path | None = None) -> None:
     """Serve until SIGINT/SIGTERM (uvicorn lets in-flight requests finish). ``routes`` default to
-    what Triton at ``settings.triton.url`` exposes; an unreachable Triton raises ``GatewayError``."""
+    what Triton at ``settings.triton.url`` exposes; an unreachable Triton raises ``GatewayError``.
+    With ``settings_file``, endpoint weights follow the file without a restart."""
     import uvicorn
 
     from toolkit.gateway.app import create_app
 
     routes = discover_routes(settings) if routes is None else routes
-    app = create_app(settings, routes)
+    app = create_app(settings, routes, settings_file=settings_file)
     config = uvicorn.Config(app, host=settings.api.addr, port=settings.api.port, access_log=False,
-                            lifespan="on", log_level="info", timeout_graceful_shutdown=30)
+                            lifespan="on", log_level="info", timeout_graceful_shutdown=30,
+                            # Connections beyond the cap get 503; idle keep-alives close after 5 s;
+                            # a request's headers must fit in 64 KiB (the body has its own limits).
+                            limit_concurrency=settings.api.max_connections, timeout_keep_alive=5,
+                            h11_max_incomplete_event_size=64 * 1024)
     uvicorn.Server(config).run()

@@ -1,35 +1,51 @@
 """The gateway's ASGI app: ``POST /api/<path>`` in go-infer's envelope, calling Triton over gRPC.
 
-One request, in order: read the body (size limit), parse JSON (depth limit), authenticate
-(``auth.py``), find the API (9709), map ``data`` to tensors (9801), call Triton through the one
-shared asyncio gRPC client with the API's deadline, map the outputs back. Every failure is an
-envelope with a code; an unexpected exception is logged with the request id and answered 9998, so
-no traceback reaches a client and no worker dies. Only ``GET /`` (liveness) and ``POST /api/...``
-exist: none of Triton's own endpoints (model control, shared memory, logging, trace) is reachable.
+One request, in order: read the body (size limit, read timeout, gzip bodies decompressed under the
+same limit), authenticate it off the event loop (``auth.py``: parse, go-infer's checks, signature,
+replay, the app's rate limit), find the API or the endpoint variant (9709), map ``data`` to tensors
+(9801), call Triton through the one shared asyncio gRPC channel with the API's deadline (sent to
+Triton too, so it drops work whose caller gave up), retry a 9996 ("busy or restarting") with
+backoff while the deadline allows (``toolkit/retry.py``), map the outputs back.
+
+HTTP statuses: 200 for every envelope a client should read as go-infer's (success, bad input, a
+hook's own code, 9998); 503 + Retry-After for "busy, retry" (9996) and timeouts (9997); 429 +
+Retry-After for an app's rate limit (9810); 413 for a body over the limit, 408 for one that does
+not arrive in time. An unexpected exception is logged with the request id and answered 9998, so no
+traceback reaches a client and no worker dies; error texts never carry paths or internal
+addresses; every value from the request is escaped before it is logged. Only ``GET /`` (liveness),
+``GET /metrics`` and ``POST /api/...`` exist: none of Triton's own endpoints is reachable.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import math
 import time
+import zlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.middleware.gzip import GZipMiddleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from toolkit.gateway.auth import Authenticator
 from toolkit.gateway.envelope import SUCCESS, RequestError, envelope, new_request_id, render
-from toolkit.gateway.mapping import ApiRoute
+from toolkit.gateway.mapping import ApiRoute, variant_key
+from toolkit.gateway.metrics import GatewayMetrics
 from toolkit.gateway.settings import ErrorCodes, GatewaySettings
-from toolkit.hooks import API_ENTRY_FAILED, INFERENCE_FAILED, QUEUE_TIMEOUT, classify_triton_error
+from toolkit.gateway.variants import parse_endpoints
+from toolkit.hooks import API_ENTRY_FAILED, INFERENCE_FAILED, QUEUE_TIMEOUT, UNAVAILABLE, classify_triton_error
+from toolkit.retry import retry_pause
 
 log = logging.getLogger("toolkit.gateway")
 
@@ -39,24 +55,29 @@ class Backend(Protocol):
 
     async def start(self) -> None: ...
 
-    async def infer(self, route: ApiRoute, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    async def infer(self, route: ApiRoute, tensors: Mapping[str, np.ndarray], timeout: float | None = None
+                    ) -> dict[str, np.ndarray]: ...
 
     async def close(self) -> None: ...
 
 
 class TritonBackend:
-    """One tritonclient asyncio gRPC client (one channel, reused by every request)."""
+    """One tritonclient asyncio gRPC channel, reused by every request; several Triton replicas in
+    ``url`` are balanced by gRPC itself (``toolkit/balancing.py``)."""
 
-    def __init__(self, url: str):
-        self.url = url
+    def __init__(self, url: str, compression: str | None = None):
+        self.url, self.compression = url, compression
         self._client: Any = None
 
     async def start(self) -> None:
         import tritonclient.grpc.aio as grpcaio  # the channel belongs to the running event loop
 
-        self._client = grpcaio.InferenceServerClient(self.url)
+        from toolkit.balancing import channel_args, grpc_target
 
-    async def infer(self, route: ApiRoute, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._client = grpcaio.InferenceServerClient(grpc_target(self.url), channel_args=channel_args(self.url))
+
+    async def infer(self, route: ApiRoute, tensors: Mapping[str, np.ndarray], timeout: float | None = None
+                    ) -> dict[str, np.ndarray]:
         import tritonclient.grpc.aio as grpcaio
         from tritonclient.utils import np_to_triton_dtype
 
@@ -66,7 +87,12 @@ class TritonBackend:
             item.set_data_from_numpy(array)
             inputs.append(item)
         outputs = [grpcaio.InferRequestedOutput(o.tensor) for o in route.outputs]
-        result = await self._client.infer(route.model, inputs, outputs=outputs, client_timeout=route.timeout)
+        deadline = route.timeout if timeout is None else timeout
+        # The deadline travels to Triton as the request's timeout (microseconds): a request still
+        # queued when the caller has given up is dropped there, not run.
+        result = await self._client.infer(route.model, inputs, model_version=route.version, outputs=outputs,
+                                          client_timeout=deadline, timeout=max(1, int(deadline * 1e6)),
+                                          compression_algorithm=self.compression)
         return {o.tensor: result.as_numpy(o.tensor) for o in route.outputs}
 
     async def close(self) -> None:
@@ -74,34 +100,72 @@ class TritonBackend:
             await self._client.close()
 
 
-def triton_error(error: Exception, codes: ErrorCodes, timeout: float) -> RequestError:
-    """A failed Triton call as an envelope error: the hook's own code when it sent one."""
+def triton_error(error: Exception, codes: ErrorCodes, timeout: float, request_id: str = "") -> RequestError:
+    """A failed Triton call as an envelope error: the hook's own code and message when it sent one;
+    otherwise a plain message per class (Triton's own text stays in the gateway's log: it can name
+    files and internal addresses)."""
     message = error.message() if hasattr(error, "message") and callable(error.message) else str(error)
     message = message or type(error).__name__
     status = str(error.status()) if hasattr(error, "status") and callable(error.status) else ""
-    code, text = classify_triton_error(message)
-    deadline = "DEADLINE_EXCEEDED" in status or "deadline exceeded" in message.lower()
-    if deadline and code in (None, QUEUE_TIMEOUT):  # a hook's own code still wins
-        return RequestError(codes.queue_timeout, f"inference did not finish within {timeout:g}s")
+    code, text = classify_triton_error(message, status)
+    if code == QUEUE_TIMEOUT:
+        return RequestError(codes.queue_timeout, f"inference did not finish within {timeout:g}s", status=503)
+    if code == UNAVAILABLE:
+        return RequestError(codes.unavailable, "model busy or restarting, retry later", status=503)
     if code is None:
-        return RequestError(codes.inference_failed, f"inference failed: {message}")
-    mapped = {API_ENTRY_FAILED: codes.api_entry_failed, INFERENCE_FAILED: codes.inference_failed,
-              QUEUE_TIMEOUT: codes.queue_timeout}.get(code, code)
-    return RequestError(mapped, text)
+        return RequestError(codes.inference_failed, f"inference failed (request {request_id})")
+    if code == INFERENCE_FAILED:
+        return RequestError(codes.inference_failed, f"inference failed (request {request_id})")
+    if code == API_ENTRY_FAILED:
+        return RequestError(codes.api_entry_failed, f"the request could not be prepared (request {request_id})")
+    return RequestError(code, text)  # the hook's own code: its message is meant for the client
 
 
-async def read_body(request: Request, limit: int, codes: ErrorCodes) -> bytes:
+class ClientGone(Exception):
+    """The client disconnected before its body arrived: nobody is left to answer."""
+
+
+async def read_body(request: Request, limit: int, codes: ErrorCodes, read_timeout: float) -> bytes:
+    """The body, whole, within ``read_timeout`` seconds and ``limit`` bytes (after gzip decoding)."""
     too_large = RequestError(codes.missing_parameter, f"request body is larger than {limit} bytes", status=413)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip"):
+        raise RequestError(codes.missing_parameter, "unsupported Content-Encoding (use gzip or none)", status=415)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if encoding == "gzip" else None
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(read_timeout):
+            async for chunk in request.stream():
+                if inflate is not None:
+                    try:  # never inflate more than the limit allows: a gzip bomb stops here
+                        chunk = inflate.decompress(chunk, limit + 1 - size)
+                    except zlib.error:
+                        raise RequestError(codes.missing_parameter, "request body is not valid gzip") from None
+                    if inflate.unconsumed_tail:
+                        raise too_large
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestError(codes.missing_parameter, f"request body not received within {read_timeout:g}s",
+                           status=408) from None
+    except ClientDisconnect:
+        raise ClientGone from None
+    if inflate is not None and not inflate.eof:
+        raise RequestError(codes.missing_parameter, "request body is not valid gzip (truncated)")
     return b"".join(chunks)
+
+
+def printable(value: Any, limit: int = 200) -> str:
+    """A request-supplied value as it may appear in a log line: control characters and non-ASCII
+    escaped, never a forged line break, length-capped."""
+    text = value if isinstance(value, str) else str(value)
+    escaped = text.encode("unicode_escape", "backslashreplace").decode("ascii", "backslashreplace")
+    return escaped if len(escaped) <= limit else escaped[:limit] + "..."
 
 
 def _reject_constant(name: str) -> Any:
@@ -153,6 +217,8 @@ def _depth(value: Any) -> int:
 class _Call:
     request_id: str
     app_id: str = ""  # echoed in the envelope once the signature is verified, as go-infer does
+    variant: str = ""
+    retries: int = 0
 
 
 class Gateway:
@@ -162,47 +228,106 @@ class Gateway:
         self.settings, self.routes, self.backend = settings, dict(routes), backend
         self.codes = settings.err_code
         self.auth = Authenticator(settings)
+        self.endpoints = parse_endpoints(settings.endpoints)
+        self.metrics = GatewayMetrics()
+
+    def reload_endpoints(self, settings: GatewaySettings) -> list[str]:
+        """Take new weights (and stickiness) from ``settings`` without a restart; changes that need
+        routes the gateway did not discover at start (other variants, models) are refused, listed."""
+        refused = []
+        endpoints = parse_endpoints(settings.endpoints)
+        for path, endpoint in endpoints.items():
+            known = self.endpoints.get(path)
+            if known is None or {v.name for v in known.variants} != {v.name for v in endpoint.variants} or any(
+                    self.routes[variant_key(path, v.name)].model != v.model for v in endpoint.variants):
+                refused.append(path)
+                continue
+            self.endpoints[path] = endpoint
+        return refused
 
     async def handle(self, request: Request) -> Response:
         started = time.perf_counter()
         call, path, status = _Call(new_request_id()), request.path_params.get("path", ""), 200
+        headers: dict[str, str] = {}
         try:
             data = await self._serve(request, path, call)
             body = envelope(call.app_id, call.request_id, SUCCESS, data)
+        except ClientGone:
+            log.info("%s POST /api/%s: client disconnected before its body arrived", call.request_id,
+                     printable(path))
+            self.metrics.observe(self._api_label(path), "", -1, time.perf_counter() - started)
+            return Response(status_code=400)
         except RequestError as e:
             status = e.status
             body = envelope(call.app_id, call.request_id, e.code, msg=e.message)
+            if e.status in (429, 503):
+                headers["Retry-After"] = "1"
         except Exception:
-            log.exception("%s POST /api/%s failed unexpectedly", call.request_id, path)
+            log.exception("%s POST /api/%s failed unexpectedly", call.request_id, printable(path))
             body = envelope(call.app_id, call.request_id, self.codes.inference_failed,
                             msg=f"internal error (request {call.request_id})")
         try:
             content = render(body)
         except ValueError:  # an output JSON cannot carry; never a 500 without an envelope
-            log.exception("%s POST /api/%s: answer not serialisable", call.request_id, path)
+            log.exception("%s POST /api/%s: answer not serialisable", call.request_id, printable(path))
             body = envelope(call.app_id, call.request_id, self.codes.inference_failed,
                             msg=f"internal error (request {call.request_id})")
             content = render(body)
-        log.info("%s POST /api/%s appId=%s code=%s %.1fms", call.request_id, path, call.app_id or "-",
-                 body["code"], (time.perf_counter() - started) * 1000)
-        return Response(content, status_code=status, media_type="application/json")
+        seconds = time.perf_counter() - started
+        if call.variant:
+            headers["X-Variant"] = call.variant
+        log.info("%s POST /api/%s appId=%s%s code=%s%s %.1fms", call.request_id, printable(path),
+                 printable(call.app_id or "-", 64), f" variant={call.variant}" if call.variant else "",
+                 body["code"], f" retries={call.retries}" if call.retries else "", seconds * 1000)
+        self.metrics.observe(self._api_label(path), call.variant, body["code"], seconds)
+        return Response(content, status_code=status, media_type="application/json", headers=headers)
+
+    def _api_label(self, path: str) -> str:
+        return path if path in self.routes or path in self.endpoints else "-"
 
     async def _serve(self, request: Request, path: str, call: _Call) -> dict[str, Any]:
         api = self.settings.api
-        fields = parse_body(await read_body(request, api.max_body_bytes, self.codes), api.max_json_depth, self.codes)
-        caller = await self.auth.authenticate(fields)
+        body = await read_body(request, api.max_body_bytes, self.codes, api.body_read_timeout)
+        caller = await self.auth.authenticate(body)
         call.app_id = caller.app_id
-        route = self.routes.get(path)
-        if route is None:
+        endpoint = self.endpoints.get(path)
+        if endpoint is not None:
+            variant = endpoint.choose(caller.fields)
+            call.variant = variant.name
+            route = self.routes[variant_key(path, variant.name)]
+        else:
+            route = self.routes.get(path)
+        if route is None or "\0" in path:
             raise RequestError(self.codes.unknown_api_path, "unknown path")
         tensors, single = route.to_tensors(caller.data, self.codes.missing_parameter)
-        try:
-            outputs = await self.backend.infer(route, tensors)
-        except Exception as e:
-            if not _is_triton_error(e):
-                raise
-            raise triton_error(e, self.codes, route.timeout) from e
-        return route.to_data(outputs, single, self.codes.inference_failed)
+        outputs = await self._infer(route, tensors, call)
+        data = route.to_data(outputs, single, self.codes.inference_failed)
+        if call.variant:
+            data["variant"] = call.variant
+        return data
+
+    async def _infer(self, route: ApiRoute, tensors: dict[str, np.ndarray], call: _Call) -> dict[str, np.ndarray]:
+        """One inference, sent again after a 9996 while the route's deadline allows."""
+        deadline = time.monotonic() + route.timeout
+        attempt = 0
+        while True:
+            try:
+                return await self.backend.infer(route, tensors, max(deadline - time.monotonic(), 0.001))
+            except Exception as e:
+                if not _is_triton_error(e):
+                    raise
+                error = triton_error(e, self.codes, route.timeout, call.request_id)
+                if error.code != self.codes.unavailable:
+                    if error.code in (self.codes.inference_failed, self.codes.api_entry_failed):
+                        log.warning("%s %s: %s", call.request_id, route.model, printable(e, 500))
+                    raise error from e
+                pause = retry_pause(UNAVAILABLE, attempt, deadline - time.monotonic())
+                if pause is None:
+                    raise error from e
+                attempt += 1
+                call.retries = attempt
+                self.metrics.retried(route.path)
+                await asyncio.sleep(pause)
 
 
 def _is_triton_error(error: Exception) -> bool:
@@ -212,23 +337,60 @@ def _is_triton_error(error: Exception) -> bool:
 
 
 def create_app(settings: GatewaySettings, routes: Mapping[str, ApiRoute], *,
-               backend: Backend | None = None) -> Starlette:
-    """The ASGI app. ``backend`` defaults to Triton at ``settings.triton.url`` (connected at start-up)."""
-    gateway = Gateway(settings, routes, backend or TritonBackend(settings.triton.url))
+               backend: Backend | None = None, settings_file: Path | None = None) -> Starlette:
+    """The ASGI app. ``backend`` defaults to Triton at ``settings.triton.url`` (connected at start-up).
+    With ``settings_file``, endpoint weights are re-read from it whenever it changes."""
+    gateway = Gateway(settings, routes, backend or TritonBackend(settings.triton.url, settings.triton.compression))
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        gateway.auth.start()
         await gateway.backend.start()
+        watcher = asyncio.create_task(_watch_settings(gateway, settings_file)) if settings_file else None
         try:
             yield
         finally:
+            if watcher is not None:
+                watcher.cancel()
             await gateway.backend.close()
+            gateway.auth.close()
 
     async def liveness(_request: Request) -> Response:
         return PlainTextResponse("Hello world.")  # go-infer's answer on GET /
 
+    async def metrics(_request: Request) -> Response:
+        return Response(gateway.metrics.render(), media_type=gateway.metrics.content_type)
+
     app = Starlette(routes=[Route("/", liveness, methods=["GET"]),
+                            Route("/metrics", metrics, methods=["GET"]),
                             Route("/api/{path:path}", gateway.handle, methods=["POST"])],
+                    middleware=[Middleware(GZipMiddleware, minimum_size=1024)],
                     lifespan=lifespan)
     app.state.gateway = gateway
     return app
+
+
+async def _watch_settings(gateway: Gateway, path: Path, interval: float = 1.0) -> None:
+    """Apply new endpoint weights when the settings file changes (Paddle Serving's hot reload)."""
+    from toolkit.errors import GatewayError
+    from toolkit.gateway.settings import load_settings
+
+    seen = path.stat().st_mtime_ns if path.exists() else 0
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            mtime = path.stat().st_mtime_ns
+        except OSError:
+            continue
+        if mtime == seen:
+            continue
+        seen = mtime
+        try:
+            settings = await asyncio.to_thread(load_settings, path)
+        except GatewayError as e:
+            log.warning("settings changed but were not applied: %s", e)
+            continue
+        refused = gateway.reload_endpoints(settings)
+        log.info("settings reloaded: endpoint weights %s%s",
+                 {p: {v.name: v.weight for v in e.variants} for p, e in gateway.endpoints.items()},
+                 f"; not applied (restart needed): {', '.join(refused)}" if refused else "")

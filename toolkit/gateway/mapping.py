@@ -23,7 +23,7 @@ import base64
 import binascii
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -78,6 +78,10 @@ class ApiRoute:
     outputs: tuple[OutputField, ...]
     max_batch_size: int
     timeout: float
+    #: The model version to call ("" = the one Triton's policy serves), and the endpoint variant
+    #: this route is (Endpoints in the settings), if any.
+    version: str = ""
+    variant: str = ""
 
     def to_tensors(self, data: Mapping[str, Any], missing: int) -> tuple[dict[str, np.ndarray], bool]:
         """The request's tensors, and whether ``data`` held single items (not lists)."""
@@ -259,6 +263,11 @@ def build_route(path: str, model: str, config: Mapping[str, Any], metadata: Mapp
     return ApiRoute(path, model, tuple(inputs), tuple(outputs), batched, mapping.timeout or default_timeout)
 
 
+def variant_key(path: str, variant: str) -> str:
+    """Where a variant's route is kept among the routes (never a valid API path: it has a NUL)."""
+    return f"{path}\0{variant}"
+
+
 def admin_headers(settings: GatewaySettings) -> dict[str, str] | None:
     """The gRPC metadata Triton expects for a restricted protocol: ``triton-grpc-protocol-<key>``."""
     if settings.triton.admin_header is None:
@@ -299,6 +308,8 @@ def discover_routes(settings: GatewaySettings, url: str | None = None, *, timeou
                 claims.setdefault(normalise_api_path(declared), []).append(name)
         models: dict[str, str] = {}
         for path in sorted(set(claims) | set(settings.apis)):
+            if path in settings.endpoints:  # its variants name their models
+                continue
             configured = settings.apis.get(path)
             if configured is not None and configured.model:
                 models[path] = configured.model
@@ -310,7 +321,17 @@ def discover_routes(settings: GatewaySettings, url: str | None = None, *, timeou
             else:
                 raise GatewayError(f"api '{path}' in the settings has no Model and no READY model "
                                    f"declares api_path '{path}'")
-        routes = {}
+        routes: dict[str, ApiRoute] = {}
+        for path, endpoint in settings.endpoints.items():
+            for variant in endpoint.variants:
+                if variant.model not in configs:
+                    raise GatewayError(f"endpoint '{path}': variant '{variant.name}' names model '{variant.model}', "
+                                       f"which is not READY on Triton at {url} (ready: {', '.join(ready) or 'none'})")
+                metadata = client.get_model_metadata(variant.model, as_json=True, client_timeout=timeout)
+                route = build_route(path, variant.model, configs[variant.model], metadata, settings.apis.get(path),
+                                    settings.triton.timeout)
+                routes[variant_key(path, variant.name)] = replace(route, version=variant.version,
+                                                                  variant=variant.name)
         for path, model in models.items():
             if model not in configs:
                 raise GatewayError(f"api '{path}': model '{model}' is not READY on Triton at {url} "

@@ -45,6 +45,19 @@ def normalise_api_path(path: str) -> str:
     return name
 
 
+class AppRate(_Section):
+    per_second: float = Field(alias="PerSecond", ge=0)
+    burst: float = Field(alias="Burst", ge=1)
+
+
+class RateLimit(_Section):
+    """Requests per second and burst per appId (PerSecond 0: unlimited); ``Apps`` overrides per app."""
+
+    per_second: float = Field(200.0, alias="PerSecond", ge=0)
+    burst: float = Field(400.0, alias="Burst", ge=1)
+    apps: dict[str, AppRate] = Field(default_factory=dict, alias="Apps")
+
+
 class ApiSection(_Section):
     """go-infer's ``API:`` section, with the gateway's safety settings next to it."""
 
@@ -63,6 +76,16 @@ class ApiSection(_Section):
     max_json_depth: int = Field(32, alias="MaxJsonDepth", gt=1)
     #: Also accept ``data`` signed as Python's ``json.dumps`` writes it (go-infer's test client).
     accept_python_json: bool = Field(True, alias="AcceptPythonJson")
+    #: A request whose body has not fully arrived after this many seconds is answered 9801 (HTTP 408).
+    body_read_timeout: float = Field(10.0, alias="BodyReadTimeout", gt=0)
+    #: Open connections beyond this are answered 503 by the server (uvicorn's limit_concurrency).
+    max_connections: int = Field(256, alias="MaxConnections", gt=0)
+    #: Processes that parse and verify requests off the event loop (0: threads of the gateway).
+    check_workers: int = Field(1, alias="CheckWorkers", ge=0, le=64)
+    #: Requests being checked at once; more are answered 9996 (busy) at once.
+    max_pending_checks: int = Field(64, alias="MaxPendingChecks", gt=0)
+    #: Token bucket per appId, applied after authentication; 429 and RateLimited when empty.
+    rate_limit: RateLimit = Field(default_factory=lambda: RateLimit(), alias="RateLimit")
 
     @field_validator("app_id_secret")
     @classmethod
@@ -81,7 +104,11 @@ class ApiSection(_Section):
 
 
 class TritonSection(_Section):
-    url: str = Field("127.0.0.1:8001", alias="Url", description="Triton's gRPC address, host:port")
+    #: Triton's gRPC address: host:port, several separated by commas, or dns:///name:port; several
+    #: replicas are balanced by gRPC itself (toolkit/balancing.py).
+    url: str = Field("127.0.0.1:8001", alias="Url", description="Triton's gRPC address(es)")
+    #: gzip the gateway's calls to Triton (worth it only on a slow link; see BENCHMARKS.md).
+    compression: Literal["gzip"] | None = Field(None, alias="Compression")
     #: Per-request deadline in seconds (go-infer's ``Server.MessageTimeout``).
     timeout: float = Field(10.0, alias="Timeout", gt=0)
     #: ``KEY=VALUE`` given to ``toolkit serve --restrict-apis``: sent with the model-repository calls
@@ -129,21 +156,50 @@ class ErrorCodes(_Section):
     api_entry_failed: int = Field(9701, alias="ApiEntryFailed")
     queue_timeout: int = Field(9997, alias="QueueTimeout")
     inference_failed: int = Field(9998, alias="InferenceFailed")
+    #: Busy or restarting: a full queue, a model reloading, the gateway's own checks saturated (503).
+    unavailable: int = Field(9996, alias="Unavailable")
+    #: The appId's rate limit is exceeded (429).
+    rate_limited: int = Field(9810, alias="RateLimited")
+
+
+class VariantMapping(_Section):
+    name: str = Field(alias="Name", min_length=1)
+    model: str = Field(alias="Model", min_length=1)
+    version: str = Field("", alias="Version", pattern=r"^[0-9]*$")
+    weight: float = Field(alias="Weight", ge=0)
+
+
+class EndpointMapping(_Section):
+    """An API path split between variants by weight (Paddle Serving's variant_weight_list)."""
+
+    variants: list[VariantMapping] = Field(alias="Variants", min_length=1)
+    #: A top-level request field (e.g. appId) whose value always picks the same variant.
+    sticky: str | None = Field(None, alias="Sticky")
+
+    @model_validator(mode="after")
+    def _weights(self) -> EndpointMapping:
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variant names must differ, got {names}")
+        if sum(v.weight for v in self.variants) <= 0:
+            raise ValueError(f"weights must sum to more than 0, got {[v.weight for v in self.variants]}")
+        return self
 
 
 class GatewaySettings(_Section):
     api: ApiSection = Field(alias="API")
     triton: TritonSection = Field(default_factory=TritonSection, alias="Triton")
     apis: dict[str, ApiMapping] = Field(default_factory=dict, alias="Apis")
+    endpoints: dict[str, EndpointMapping] = Field(default_factory=dict, alias="Endpoints")
     err_code: ErrorCodes = Field(default_factory=ErrorCodes, alias="ErrCode")
     #: go-infer's Redis queue and custom settings: accepted so its file loads, not used.
     server: dict[str, Any] | None = Field(None, alias="Server")
     customer: dict[str, Any] | None = Field(None, alias="Customer")
 
-    @field_validator("apis")
+    @field_validator("apis", "endpoints")
     @classmethod
-    def _normalise_paths(cls, value: dict[str, ApiMapping]) -> dict[str, ApiMapping]:
-        out: dict[str, ApiMapping] = {}
+    def _normalise_paths(cls, value: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
         for path, mapping in value.items():
             name = normalise_api_path(path)
             if name in out:

@@ -272,8 +272,12 @@ class Sm2Verifier:
 
 
 def decode_signature(sign_data: str) -> bytes | None:
-    """Strict base64 (go-infer's StdEncoding, which skips line breaks); None when it is not."""
+    """Canonical base64 only; None otherwise. No line breaks or other whitespace, correct padding,
+    and unused trailing bits zero (the encoding of the decoded bytes must give back ``sign_data``):
+    one signature has exactly one spelling, so a replayed request cannot pass for a new one by
+    changing how its signature is written."""
     try:
-        return base64.b64decode(sign_data.replace("\r", "").replace("\n", ""), validate=True)
+        raw = base64.b64decode(sign_data, validate=True)
     except (binascii.Error, ValueError):
         return None
+    return raw if base64.b64encode(raw).decode("ascii") == sign_data else None
