@@ -54,12 +54,14 @@ def wait_until_live(url: str, process: subprocess.Popen, log: Path, timeout: flo
 
 
 @contextlib.contextmanager
-def running_gateway(root: Path, triton: str, **overrides: Any) -> Iterator[Gateway]:
-    """The example's gateway.yaml with ``overrides`` merged into its sections (API, Triton, ...)."""
+def running_gateway(root: Path, triton: str, replace: tuple[str, ...] = (), **overrides: Any) -> Iterator[Gateway]:
+    """The example's gateway.yaml with ``overrides`` merged into its sections (API, Triton, ...), or
+    replacing the sections named in ``replace``."""
     settings = {section: dict(value) if isinstance(value, dict) else value
                 for section, value in EXAMPLE_SETTINGS.items()}
     for section, values in overrides.items():
-        settings[section] = {**settings.get(section, {}), **values} if isinstance(values, dict) else values
+        merge = isinstance(values, dict) and section not in replace
+        settings[section] = {**settings.get(section, {}), **values} if merge else values
     path = root / "gateway.yaml"
     path.write_text(yaml.safe_dump(settings))
     (port,) = free_ports(1)

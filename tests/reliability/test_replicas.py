@@ -147,3 +147,53 @@ def test_every_replica_down_is_a_clear_failure_not_a_hang():
             client.infer("work", {"X": np.array([[1.0]], np.float32)})
     assert time.monotonic() - started < 10
     assert failed.value.code in (9996, 9997), failed.value
+
+
+def test_gateway_over_three_replicas_loses_nothing_when_one_is_killed_and_spreads_the_load(replicas, tmp_path):
+    """16 signed clients through the gateway for 30 s; at 10 s one replica is killed -9."""
+    import json as _json
+
+    import httpx
+    from gateway_helpers import running_gateway, signed
+
+    write_api = {"Apis": {"work": {"Model": "work", "Inputs": {"x": {"Tensor": "X"}}, "Outputs": {"Y": "ys"}}},
+                 "API": {"RateLimit": {"PerSecond": 0, "Burst": 1}}}
+    codes: Counter = Counter()
+    lock = threading.Lock()
+    stop = threading.Event()
+    with running_gateway(tmp_path, ",".join(replicas.grpc_addresses), replace=("Apis",), **write_api) as gateway:
+        def client(i):
+            with httpx.Client() as http:
+                n = 0
+                while not stop.is_set():
+                    n += 1
+                    body = _json.dumps(signed({"x": [float(n % 100)], "client": i}))
+                    answer = http.post(f"{gateway.url}/api/work", content=body, timeout=30).json()
+                    ok = answer["code"] == 0 and answer["data"]["ys"] == [2.0 * (n % 100)]
+                    with lock:
+                        codes[answer["code"] if not ok and answer["code"] else ("ok" if ok else "wrong")] += 1
+
+        restarts_before = len(replicas.restarts)
+        start_counts = executions(replicas)
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+        for t in threads:
+            t.start()
+        time.sleep(10)
+        before_kill = [n - s for n, s in zip(executions(replicas), start_counts, strict=True)]
+        os.kill(replicas.servers[2].process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while len(replicas.restarts) == restarts_before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        back = executions(replicas)
+        time.sleep(max(0.0, 20 - (time.monotonic() - deadline + 60)))
+        time.sleep(5)
+        after = [n - s for n, s in zip(executions(replicas), back, strict=True)]
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert set(codes) == {"ok"}, codes                                      # none lost, none failed
+    total = sum(before_kill)
+    assert all(abs(n / total - 1 / 3) <= 0.10 for n in before_kill), before_kill
+    assert len(replicas.restarts) > restarts_before and after[2] > 0.1 * sum(after), (replicas.events, after)
+    print(f"\ngateway: {codes['ok']} answered, 0 failed; shares before the kill {before_kill}, "
+          f"after the restart {after}")

@@ -283,10 +283,15 @@ def discover_routes(settings: GatewaySettings, url: str | None = None, *, timeou
 
     url = url or settings.triton.url
     headers = admin_headers(settings)
+    from toolkit.balancing import channel_args, grpc_target
+    from toolkit.errors import ToolkitError
+
     try:
-        client = grpcclient.InferenceServerClient(url)
+        client = grpcclient.InferenceServerClient(grpc_target(url), channel_args=channel_args(url))
     except InferenceServerException as e:
         raise GatewayError(f"cannot connect to Triton at {url}: {e.message()}") from e
+    except ToolkitError as e:
+        raise GatewayError(f"Triton.Url: {e}") from e
     try:
         try:
             client.is_server_live(client_timeout=timeout)
