@@ -197,3 +197,16 @@ def test_gateway_over_three_replicas_loses_nothing_when_one_is_killed_and_spread
     assert len(replicas.restarts) > restarts_before and after[2] > 0.1 * sum(after), (replicas.events, after)
     print(f"\ngateway: {codes['ok']} answered, 0 failed; shares before the kill {before_kill}, "
           f"after the restart {after}")
+
+
+def test_gateway_starts_over_an_address_list_with_one_replica_down_and_says_so_once(replicas, tmp_path):
+    from gateway_helpers import call, running_gateway, signed
+
+    (dead,) = free_ports(1)
+    addresses = ",".join([*replicas.grpc_addresses, f"127.0.0.1:{dead}"])
+    api = {"Apis": {"work": {"Model": "work", "Inputs": {"x": {"Tensor": "X"}}, "Outputs": {"Y": "ys"}}}}
+    with running_gateway(tmp_path, addresses, replace=("Apis",), **api) as gateway:
+        answers = [call(gateway, "work", signed({"x": [float(i)]}))[1]["code"] for i in range(12)]
+        log = gateway.log.read_text()
+    assert answers == [0] * 12
+    assert log.count(f"127.0.0.1:{dead} not reachable now") == 1

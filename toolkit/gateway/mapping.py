@@ -263,6 +263,33 @@ def build_route(path: str, model: str, config: Mapping[str, Any], metadata: Mapp
     return ApiRoute(path, model, tuple(inputs), tuple(outputs), batched, mapping.timeout or default_timeout)
 
 
+def _report_unreachable_replicas(url: str, timeout: float) -> None:
+    """Several replicas: say once which cannot be reached now (gRPC keeps trying them and sends their
+    share to the others meanwhile); all of them unreachable is an error."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from toolkit.balancing import split_addresses
+
+    addresses = split_addresses(url)
+    if len(addresses) < 2:
+        return
+    down = []
+    for address in addresses:
+        client = grpcclient.InferenceServerClient(address)
+        try:
+            client.is_server_live(client_timeout=min(timeout, 3.0))
+        except InferenceServerException:
+            down.append(address)
+        finally:
+            client.close()
+    if len(down) == len(addresses):
+        raise GatewayError(f"no Triton replica is reachable at {url} (gRPC)")
+    if down:
+        log.warning("Triton replica(s) %s not reachable now; gRPC retries them and balances over the others",
+                    ", ".join(down))
+
+
 def variant_key(path: str, variant: str) -> str:
     """Where a variant's route is kept among the routes (never a valid API path: it has a NUL)."""
     return f"{path}\0{variant}"
@@ -293,6 +320,7 @@ def discover_routes(settings: GatewaySettings, url: str | None = None, *, timeou
     except ToolkitError as e:
         raise GatewayError(f"Triton.Url: {e}") from e
     try:
+        _report_unreachable_replicas(url, timeout)
         try:
             client.is_server_live(client_timeout=timeout)
         except InferenceServerException as e:
