@@ -201,3 +201,46 @@ def test_serve_on_a_spec_folder_says_to_run_gen_repo(tmp_path):
                           text=True, timeout=60)
     assert done.returncode == 1
     assert "holds model specs (model.yaml), not a Triton repository: run `toolkit gen-repo" in done.stderr
+
+
+def test_serve_replicas_prints_the_address_list_and_stops_cleanly(tmp_path):
+    import socket
+
+    repo = repository(tmp_path, broken=False)
+    for _ in range(20):  # a base port with the 6 ports above it free
+        base = free_ports(1)[0]
+        if base < 64000 and all(_bindable(socket, p) for p in range(base, base + 6)):
+            break
+    process, banner = start_serve(["serve", "--repository", str(repo), "--replicas", "2", "--http-port", str(base)])
+    try:
+        text = "".join(banner)
+        assert "2 Triton replicas are ready with echo" in text, text
+        assert f"gRPC addresses (balanced by gRPC): 127.0.0.1:{base + 1},127.0.0.1:{base + 4}" in text
+        from toolkit.client import TritonClient
+
+        with TritonClient(f"127.0.0.1:{base + 1},127.0.0.1:{base + 4}", protocol="grpc") as client:
+            assert client.infer("echo", {"X": np.array([[5.0]], np.float32)})["Y"].tolist() == [[5.0]]
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, err
+    assert "2 tritonservers stopped" in err
+
+
+def _bindable(socket, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def test_serve_refuses_zero_replicas(tmp_path):
+    repo = repository(tmp_path, broken=False)
+    done = subprocess.run([*TOOLKIT, "serve", "--repository", str(repo), "--replicas", "0"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 1 and "Error: --replicas must be at least 1, got 0" in done.stderr
