@@ -122,7 +122,7 @@ def test_tokenizer_truncates_to_256_with_cls_and_sep_when_text_is_over_long(mini
 
 
 def test_tokenizer_ids_equal_transformers_autotokenizer_when_transformers_installed(minilm_dir, minilm_source):
-    import transformers
+    transformers = pytest.importorskip("transformers", reason="optional: transformers is not a test dependency")
     hf = transformers.AutoTokenizer.from_pretrained(str(minilm_source), local_files_only=True)
     hook = make_hook(WordPieceTokenizer, minilm_dir)
     texts = [*MINILM_TEXTS.values(), "word " * 300]
@@ -314,7 +314,7 @@ def test_mean_pooling_returns_zero_vector_when_mask_is_all_zero(tmp_path):
 
 
 def test_mean_pooling_equals_torch_recipe_when_torch_installed(tmp_path, padded_batch):
-    import torch
+    torch = pytest.importorskip("torch", reason="optional: torch is not a test dependency")
     hidden = torch.from_numpy(padded_batch["last_hidden_state"])
     mask = torch.from_numpy(padded_batch["attention_mask"]).unsqueeze(-1).expand(hidden.size()).float()
     expected = torch.nn.functional.normalize(
