@@ -70,12 +70,13 @@ exports() {  # the ONNX files the example serves, exported once
 }
 
 demo() {
+    local toolkit="$VENV/bin/toolkit" http=$PORT_BASE grpc=$((PORT_BASE + 1)) metrics=$((PORT_BASE + 2))
+    check_ports "$http" "$grpc" "$metrics"  # before minutes of set-up, not after
     setup demo
     exports
-    local toolkit="$VENV/bin/toolkit" http=$PORT_BASE grpc=$((PORT_BASE + 1)) metrics=$((PORT_BASE + 2))
     log "generating the Triton model repository"
     "$toolkit" gen-repo --out build/model_repository
-    check_ports "$http" "$grpc" "$metrics"
+    check_ports "$http" "$grpc" "$metrics"  # again: something may have taken one meanwhile
     log "serving it on the embedded tritonserver (ports $http, $grpc, $metrics; models load in ~20 s)"
     mkdir -p build
     "$toolkit" serve --repository build/model_repository --http-port "$http" --grpc-port "$grpc" \
@@ -104,7 +105,7 @@ EOF
 check_ports() {  # a busy port would only show up as a server that never starts
     local port
     for port in "$@"; do
-        if ! "$VENV/bin/python" -c "import socket, sys; socket.create_server(('127.0.0.1', int(sys.argv[1]))).close()" \
+        if ! "$PYTHON" -c "import socket, sys; socket.create_server(('127.0.0.1', int(sys.argv[1]))).close()" \
                 "$port" 2>/dev/null; then
             echo "Error: port $port is in use (another toolkit serve?); stop it or choose other ports:" \
                  "PORT_BASE=8100 ./dev.sh demo" >&2

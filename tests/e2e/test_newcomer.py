@@ -232,3 +232,18 @@ def test_bench_load_workload_mobile_sends_to_mobile_by_default(example_server):
     assert result.returncode == 0 and "errors 0" in result.stdout, (result.stdout, result.stderr)
     with TritonClient(example_server.http_url) as triton:
         assert int(triton.statistics("mobile")["inference_count"]) > before
+
+
+# --- item 8: the demo on a busy port ---------------------------------------------------------------
+
+def test_demo_on_a_busy_port_fails_at_once_naming_port_base_and_no_server_stopped(tmp_path):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        env = {**ENV, "PORT_BASE": str(port), "VENV": str(tmp_path / "venv")}  # never the real .venv
+        result = subprocess.run(["./dev.sh", "demo"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip() == (f"Error: port {port} is in use (another toolkit serve?); stop it or choose "
+                                     "other ports: PORT_BASE=8100 ./dev.sh demo")
+    assert not (tmp_path / "venv").exists()
