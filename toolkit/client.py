@@ -129,11 +129,18 @@ class TritonClient:
 def normalize_url(url: str) -> str:
     """``http://127.0.0.1:8000/v2`` (what `toolkit serve` prints) -> ``127.0.0.1:8000``: tritonclient
     wants host:port only."""
+    original = url
     url = url.strip()
     for scheme in ("http://", "https://", "grpc://"):
         if url.lower().startswith(scheme):
             url = url[len(scheme):]
     url = url.split("/", 1)[0]
+    host, sep, port = url.rpartition(":")
+    if not sep:  # a host alone: tritonclient's default port
+        host, port = url, "80"
+    if not host or " " in host or not (port.isdigit() and 0 < int(port) < 65536):
+        raise InferenceError(f"bad URL {original!r}: expected host:port, e.g. 127.0.0.1:8000 (HTTP) or "
+                             "127.0.0.1:8001 (gRPC)")
     return url
 
 

@@ -247,3 +247,9 @@ def test_demo_on_a_busy_port_fails_at_once_naming_port_base_and_no_server_stoppe
     assert result.stderr.strip() == (f"Error: port {port} is in use (another toolkit serve?); stop it or choose "
                                      "other ports: PORT_BASE=8100 ./dev.sh demo")
     assert not (tmp_path / "venv").exists()
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:notaport", "http://", "foo bar"])
+def test_infer_bad_url_is_one_error_line_without_tritonclient_noise(url):
+    result = toolkit("infer", "embedding", "-i", 'TEXT=["a"]', "--url", url)
+    assert_one_error(result, f"bad URL {url!r}: expected host:port")
