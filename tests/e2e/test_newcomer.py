@@ -253,3 +253,14 @@ def test_demo_on_a_busy_port_fails_at_once_naming_port_base_and_no_server_stoppe
 def test_infer_bad_url_is_one_error_line_without_tritonclient_noise(url):
     result = toolkit("infer", "embedding", "-i", 'TEXT=["a"]', "--url", url)
     assert_one_error(result, f"bad URL {url!r}: expected host:port")
+
+
+def test_gen_repo_skips_a_folder_without_model_yaml_with_a_note_when_all_else_is_fine(fresh_clone, minilm_export,
+                                                                                      mobilenet_export):
+    shutil.copytree(minilm_export, fresh_clone / "model_repository" / "bert" / "1")
+    shutil.copytree(mobilenet_export, fresh_clone / "model_repository" / "mobilenet" / "1")
+    shutil.copytree(mobilenet_export, fresh_clone / "model_repository" / "mobilenetv2" / "1")  # export without --out
+    result = toolkit("gen-repo", cwd=fresh_clone)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("Note: skipped model_repository/mobilenetv2/: not a model, it has no model.yaml")
+    assert "build/model_repository (7 models, 20 files, target embedded)" in result.stdout
