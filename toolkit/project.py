@@ -70,12 +70,35 @@ def load_project(models_dir: Path, ensembles_dir: Path | None = None) -> Project
     if not models_dir.is_dir():
         raise SpecError(f"models folder not found: {models_dir}")
 
+    failed: dict[str, SpecError] = {}  # model folder name -> why it did not load
+    strays: list[Path] = []
     for folder in sorted(p for p in models_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if not (folder / MODEL_FILE).is_file():
+            strays.append(folder)  # not a model: reported below, never fatal
+            continue
         try:
             source = load_model(folder)
             project.models[source.spec.name] = source
         except SpecError as e:
+            failed[folder.name] = e
+    # A missing export is a root cause: what only fails because of it (an asset inside its version
+    # folder, an ensemble that uses it) is not reported on its own, only counted.
+    missing = {name for name, e in failed.items() if getattr(e, "missing_export", False)}
+    knock_on: list[str] = []
+    for name, e in failed.items():
+        asset = getattr(e, "missing_asset", None)
+        if asset is not None and any(_inside(asset, models_dir / m) for m in missing):
+            knock_on.append(f"model '{name}' (its asset {asset.name})")
+        else:
             problems.append(e)
+    for folder in strays:
+        onnx = sorted(folder.glob("*/*.onnx"))
+        hint = (f"it holds {onnx[0].relative_to(models_dir)}: an export written without --out? Re-export with "
+                f"`--out {models_dir}/<model>` (the folder whose model.yaml expects it) and remove this folder"
+                if onnx else f"add {folder / MODEL_FILE} or move the folder out of {models_dir}")
+        if onnx and len(missing) == 1:
+            hint += f"; or `mv {onnx[0].parent} {models_dir / next(iter(missing))}/` if it is that model's"
+        project.notes.append(f"skipped {folder}/: not a model, it has no {MODEL_FILE} ({hint})")
 
     if ensembles_dir is not None and ensembles_dir.is_dir():
         for file in sorted([*ensembles_dir.glob("*.yaml"), *ensembles_dir.glob("*.yml")]):
@@ -92,12 +115,21 @@ def load_project(models_dir: Path, ensembles_dir: Path | None = None) -> Project
 
     problems.extend(_resolve_api_paths(project))
     specs = project.specs()
+    unavailable = set(failed)
     for ens in project.ensembles.values():
+        waiting = sorted({step.model for step in ens.spec.steps} & unavailable)
+        if waiting:  # checked once those models load: their absence is already reported
+            knock_on.append(f"ensemble '{ens.spec.name}' (uses {', '.join(waiting)})")
+            continue
         problems.extend(check_ensemble(ens.spec, specs, file=str(ens.file)))
-    problems.extend(check_nesting(specs))
-    if not specs and not problems:
+    if not failed:
+        problems.extend(check_nesting(specs))
+    if not specs and not problems and not failed:
         problems.append(SpecError(f"no models found: expected {models_dir}/<model>/{MODEL_FILE}"))
-    if problems:
+    if knock_on:
+        problems.append(SpecError(f"not checked until the above is fixed: {'; '.join(knock_on)}"))
+    if problems:  # a stray folder is often the cause (an export without --out): say so in the error
+        problems = [SpecError(note) for note in project.notes if note.startswith("skipped ")] + problems
         if len(problems) == 1:
             raise problems[0]
         raise SpecError(f"{len(problems)} problems:\n" + "\n".join(f"- {p}" for p in problems))
@@ -161,7 +193,9 @@ def load_model(folder: Path) -> ModelSource:
     versions = sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
     for dst, src in spec.assets.items():
         if not (folder / src).is_file():
-            raise fail(f"asset '{dst}': file not found: {folder / src}", f"assets.{dst}")
+            error = fail(f"asset '{dst}': file not found: {folder / src}", f"assets.{dst}")
+            error.missing_asset = folder / src  # type: ignore[attr-defined]
+            raise error
 
     hook_path, hook_api_path = None, None
     if spec.kind == "python":
@@ -170,8 +204,12 @@ def load_model(folder: Path) -> ModelSource:
     else:
         versions = [v for v in versions if (folder / str(v) / spec.file).is_file()]
         if not versions:
-            raise fail(f"no version folder holds '{spec.file}' (expected {folder}/1/{spec.file}); "
-                       "export one with `toolkit export`", "file")
+            how = (f"`{spec.export.strip()} --out {folder}`" if spec.export
+                   else f"`toolkit export keras|bert SOURCE --out {folder}` (see export/README.md)")
+            error = fail(f"no version folder holds '{spec.file}' (expected {folder}/1/{spec.file}): "
+                         f"export it first: {how}", "file")
+            error.missing_export = True  # type: ignore[attr-defined]
+            raise error
         spec = _with_onnx_io(spec, folder / str(versions[-1]) / spec.file, fail)
 
     try:
@@ -179,6 +217,12 @@ def load_model(folder: Path) -> ModelSource:
     except ValueError as e:
         raise fail(str(e), "pad_inputs") from None
     return ModelSource(spec, folder, versions, hook_path, hook_api_path)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    import os
+
+    return os.path.normpath(path).startswith(os.path.normpath(folder) + os.sep)
 
 
 def _locate_hook(folder: Path, ref: str, fail) -> tuple[Path | None, str | None]:

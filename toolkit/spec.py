@@ -195,6 +195,9 @@ class ModelSpec(_ModelBase):
     hook: str | None = None
     #: onnx: the file inside each version folder.
     file: str = "model.onnx"
+    #: onnx: the command that makes ``file`` (``toolkit export ...`` without ``--out``); gen-repo
+    #: prints it, with ``--out <this model's folder>``, when the file is missing. Documentation only.
+    export: str | None = None
     dynamic_batching: DynamicBatching | None = None
     #: go-infer's MaxWorkers: how many copies of the model Triton runs in parallel.
     instance_count: int = Field(default=1, ge=1, le=64)

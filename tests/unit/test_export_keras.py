@@ -252,3 +252,10 @@ def test_toolkit_cli_prints_error_without_traceback_when_export_source_is_wrong(
     assert result.exit_code == 1
     assert "Error: Keras model file" in result.output and "does not exist" in result.output
     assert "Traceback" not in result.output
+
+
+def test_cli_application_list_equals_keras_applications_so_typos_fail_before_tensorflow():
+    from toolkit.export.defaults import KERAS_APPLICATIONS
+    from toolkit.export.keras_models import keras_applications
+
+    assert list(KERAS_APPLICATIONS) == keras_applications()

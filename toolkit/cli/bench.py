@@ -27,7 +27,7 @@ def bench() -> None:
 
 @bench.command("load")
 @click.option("--url", required=True, help="host:port of the server (gRPC port for triton-grpc).")
-@click.option("--model", default="embedding", show_default=True, help="Model (or route, for json-http).")
+@click.option("--model", default=None, help="Model (or route, for json-http). Default: the --workload's name.")
 @click.option("--kind", type=click.Choice(["triton-grpc", "triton-http", "json-http"]), default="triton-grpc",
               show_default=True)
 @click.option("--workload", type=click.Choice(["embedding", "mobile"]), default="embedding", show_default=True,
@@ -36,13 +36,16 @@ def bench() -> None:
 @click.option("--rate", callback=_numbers(float), default="", help="Open-loop Poisson rates (req/s), e.g. 20,50.")
 @click.option("--seconds", type=float, default=10.0, show_default=True, help="Measurement window per point.")
 @click.option("--warmup", type=float, default=2.0, show_default=True)
-def load(url: str, model: str, kind: str, workload: str, concurrency: tuple[int, ...], rate: tuple[float, ...],
+def load(url: str, model: str | None, kind: str, workload: str, concurrency: tuple[int, ...], rate: tuple[float, ...],
          seconds: float, warmup: float) -> None:
     """Drive a running server and print one line per load point."""
     from toolkit.bench.loadgen import PointSpec, TargetSpec, run_point
     from toolkit.bench.runner import BenchError
     from toolkit.bench.runner import workload as make_workload
+    from toolkit.client import normalize_url
 
+    url, model = normalize_url(url), model or workload
+    _check_reachable(kind, url, model)  # fail in a second, not after a window of failed requests
     work = make_workload(workload, Path("."))
     target = TargetSpec(kind, url, model, work.input_name, json_field=work.json_field)
     payloads = work.payloads()
@@ -57,6 +60,27 @@ def load(url: str, model: str, kind: str, workload: str, concurrency: tuple[int,
                 click.echo(f"    e.g. {sample}")
     if failed:
         raise BenchError(f"{failed} requests failed")
+
+
+def _check_reachable(kind: str, url: str, model: str) -> None:
+    from toolkit.bench.runner import BenchError
+
+    if kind == "json-http":
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(f"http://{url}/", timeout=5).close()
+        except urllib.error.HTTPError:
+            pass  # it answers: the route itself is checked by the first requests
+        except (OSError, ValueError) as e:
+            raise BenchError(f"cannot reach http://{url}/ ({getattr(e, 'reason', None) or e})") from e
+        return
+    from toolkit.client import TritonClient
+
+    protocol = "grpc" if kind == "triton-grpc" else "http"
+    with TritonClient(url, protocol=protocol, timeout=5) as client:  # type: ignore[arg-type]
+        client.metadata(model)  # raises InferenceError naming the URL, or the unknown model
 
 
 @bench.command("compare")

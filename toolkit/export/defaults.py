@@ -20,3 +20,15 @@ REL_TOLERANCE = 1e-3
 outputs are ~1e-11 (MobileNetV2 with weights=None), where no absolute tolerance can."""
 
 BERT_OUT = Path("model_repository/bert")
+
+KERAS_APPLICATIONS = (
+    "ConvNeXtBase", "ConvNeXtLarge", "ConvNeXtSmall", "ConvNeXtTiny", "ConvNeXtXLarge", "DenseNet121",
+    "DenseNet169", "DenseNet201", "EfficientNetB0", "EfficientNetB1", "EfficientNetB2", "EfficientNetB3",
+    "EfficientNetB4", "EfficientNetB5", "EfficientNetB6", "EfficientNetB7", "EfficientNetV2B0", "EfficientNetV2B1",
+    "EfficientNetV2B2", "EfficientNetV2B3", "EfficientNetV2L", "EfficientNetV2M", "EfficientNetV2S",
+    "InceptionResNetV2", "InceptionV3", "MobileNet", "MobileNetV2", "MobileNetV3Large", "MobileNetV3Small",
+    "NASNetLarge", "NASNetMobile", "ResNet101", "ResNet101V2", "ResNet152", "ResNet152V2", "ResNet50",
+    "ResNet50V2", "VGG16", "VGG19", "Xception",
+)
+"""keras.applications of Keras 3 (tensorflow-cpu 2.21), so a mistyped name fails before the ~10 s
+TensorFlow import; tests/unit/test_export_keras.py checks it against keras itself."""
