@@ -250,7 +250,7 @@ def test_toolkit_cli_prints_error_without_traceback_when_export_source_is_wrong(
     result = CliRunner().invoke(cli, ["export", "keras", str(tmp_path / "missing.keras"), "--quiet"])
 
     assert result.exit_code == 1
-    assert "Error: Keras model file" in result.output and "does not exist" in result.output
+    assert "Error: Keras model " in result.output and "does not exist" in result.output
     assert "Traceback" not in result.output
 
 
