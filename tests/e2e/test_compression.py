@@ -47,3 +47,17 @@ def test_triton_answers_gzip_when_asked_and_the_body_shrinks(example_server):
 def test_an_unknown_compression_is_a_clear_error():
     with pytest.raises(InferenceError, match="compression 'brotli'"):
         TritonClient("127.0.0.1:1", protocol="http", compression="brotli")
+
+
+@pytest.mark.parametrize(("protocol", "compress"), [("http", "deflate"), ("grpc", "gzip")])
+def test_toolkit_infer_compress_prints_the_same_answer(example_server, protocol, compress):
+    import subprocess
+    import sys
+
+    url = example_server.http_url if protocol == "http" else example_server.grpc_url
+    base = [sys.executable, "-m", "toolkit.cli", "infer", "embedding", "-i", 'TEXT=["same answer"]',
+            "--protocol", protocol, "--url", url]
+    plain = subprocess.run(base, capture_output=True, text=True, timeout=60)
+    packed = subprocess.run([*base, "--compress", compress], capture_output=True, text=True, timeout=60)
+    assert plain.returncode == packed.returncode == 0, packed.stderr
+    assert json.loads(packed.stdout) == json.loads(plain.stdout)

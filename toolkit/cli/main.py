@@ -75,12 +75,17 @@ def gen_repo(models_dir: Path, ensembles_dir: Path, out: Path, target: str, chec
 @click.argument("model")
 @click.option("-i", "--input", "inputs", multiple=True, metavar="NAME=JSON|@FILE",
               help="An input as JSON (e.g. TEXT='[\"hello\"]'), or @FILE for raw bytes (BYTES inputs).")
-@click.option("--url", default=None, help="host:port (default 127.0.0.1:8000 for http, :8001 for grpc).")
+@click.option("--url", default=None,
+              help="host:port (default 127.0.0.1:8000 for http, :8001 for grpc); with grpc, several "
+                   "replicas as a,b,c or dns:///name:port, balanced by gRPC.")
 @click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True)
 @click.option("--model-version", default="", help="A specific version (default: Triton's choice).")
-@click.option("--timeout", type=float, default=60.0, show_default=True)
+@click.option("--timeout", type=float, default=60.0, show_default=True,
+              help="Seconds; also sent to Triton, which drops the request if it is still queued by then.")
+@click.option("--compress", type=click.Choice(["gzip", "deflate"]), default=None,
+              help="Compress the request and the answer (HTTP: gzip or deflate; gRPC: gzip).")
 def infer(model: str, inputs: tuple[str, ...], url: str | None, protocol: str, model_version: str,
-          timeout: float) -> None:
+          timeout: float, compress: str | None) -> None:
     """Call MODEL (a model or an ensemble) and print its outputs as JSON.
 
     A batched model takes one item or a list of items: -i 'TEXT=["a","b"]' embeds two texts.
@@ -96,7 +101,7 @@ def infer(model: str, inputs: tuple[str, ...], url: str | None, protocol: str, m
                 files[item] = Path(raw[1:]).read_bytes()
             except OSError as e:
                 raise ToolkitError(f"--input {name}: cannot read {raw[1:]!r}: {e.strerror or e}") from e
-    with TritonClient(url, protocol=protocol, timeout=timeout) as client:  # type: ignore[arg-type]
+    with TritonClient(url, protocol=protocol, timeout=timeout, compression=compress) as client:  # type: ignore[arg-type]
         meta = {t["name"]: t for t in client.metadata(model)["inputs"]}
         arrays = {}
         for item in inputs:
