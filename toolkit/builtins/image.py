@@ -11,6 +11,10 @@ ImagePreprocess
       size        output height and width in pixels (224)
       max_pixels  largest accepted width * height, checked from the header before decoding
                   (40000000): the decompression-bomb guard
+      max_request_pixels  largest total width * height of one request's images, read from their
+                  headers before any is decoded (100000000): the budget that keeps one request of
+                  many large images from holding the instance while others wait (decoding costs
+                  ~10 ms per megapixel here)
       max_bytes   largest accepted encoded payload (20971520 = 20 MiB)
       formats     comma-separated Pillow format names accepted ("JPEG,PNG,WEBP,GIF,BMP"); other
                   payloads are not handed to Pillow's other decoders at all
@@ -36,6 +40,7 @@ Error codes sent by ``api_entry`` (the client sees ``[code] message``):
     1102  the payload is empty
     1103  the payload is over ``max_bytes`` or the image over ``max_pixels``
     1104  IMAGE is missing, not shaped [n, 1] with n >= 1, or holds something other than bytes
+    1105  the request's images together are over ``max_request_pixels`` (or ``max_bytes`` x 4 bytes)
 """
 
 from __future__ import annotations
@@ -53,9 +58,11 @@ NOT_AN_IMAGE = 1101
 EMPTY_IMAGE = 1102
 IMAGE_TOO_LARGE = 1103
 BAD_IMAGE_TENSOR = 1104
+REQUEST_TOO_LARGE = 1105
 
 DEFAULT_SIZE = 224
 DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_REQUEST_PIXELS = 100_000_000
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_FORMATS = "JPEG,PNG,WEBP,GIF,BMP"
 _SIXTEEN_BIT_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -71,6 +78,8 @@ class ImagePreprocess(Hook):
         self.size = parse_int(params.get("size", DEFAULT_SIZE), "size", minimum=1)
         self.max_pixels = parse_int(params.get("max_pixels", DEFAULT_MAX_PIXELS), "max_pixels", minimum=1)
         self.max_bytes = parse_int(params.get("max_bytes", DEFAULT_MAX_BYTES), "max_bytes", minimum=1)
+        self.max_request_pixels = parse_int(params.get("max_request_pixels", DEFAULT_MAX_REQUEST_PIXELS),
+                                            "max_request_pixels", minimum=1)
         Image.init()  # register every plugin so the format names below can be checked now
         formats = [name.strip().upper() for name in params.get("formats", DEFAULT_FORMATS).split(",")]
         unknown = [name for name in formats if name not in Image.OPEN]
@@ -81,10 +90,33 @@ class ImagePreprocess(Hook):
 
     def api_entry(self, request: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         payloads = column_tensor(request, "IMAGE", BAD_IMAGE_TENSOR)
+        self._check_budget(payloads[:, 0])
         images = np.empty((payloads.shape[0], self.size, self.size, 3), dtype=np.float32)
         for row, payload in enumerate(payloads[:, 0]):
             self.decode_into(row, payload, images[row])
         return {**request, "image": images}
+
+    def _check_budget(self, payloads: np.ndarray) -> None:
+        """The request's total pixels, from the images' headers, before any is decoded. A payload that
+        is not a readable image counts nothing here: decoding it reports its own error."""
+        total_bytes = sum(len(p) for p in payloads if isinstance(p, bytes))
+        if total_bytes > 4 * self.max_bytes:
+            raise HookError(REQUEST_TOO_LARGE, f"the request's {len(payloads)} images hold {total_bytes} bytes, "
+                                               f"more than {4 * self.max_bytes} per request")
+        total = 0
+        for payload in payloads:
+            if not isinstance(payload, bytes) or not payload:
+                continue
+            try:
+                with Image.open(io.BytesIO(payload), formats=self.formats) as image:
+                    width, height = image.size
+            except Exception:
+                continue
+            total += width * height
+            if total > self.max_request_pixels:
+                raise HookError(REQUEST_TOO_LARGE, f"the request's {len(payloads)} images hold more than "
+                                                   f"{self.max_request_pixels / 1e6:g} megapixels, the limit per "
+                                                   "request; send them in smaller requests")
 
     def decode_into(self, row: int, payload: Any, out: np.ndarray) -> None:
         """Decode one payload into ``out`` ([size, size, 3] float32) or raise its HookError."""

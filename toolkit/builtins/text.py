@@ -39,10 +39,14 @@ MeanPooling
 Error codes sent by ``api_entry`` (the client sees ``[code] message``):
     1001  a text is empty or only whitespace
     1002  a text is not valid UTF-8
-    1003  a text is longer than ``max_text_bytes``
+    1003  a text is longer than ``max_text_bytes`` (65536)
     1004  TEXT is missing, not shaped [n, 1] with n >= 1, or holds something other than bytes/str
+    1005  the request's texts together are longer than ``max_request_bytes`` (262144): the budget that
+          keeps one request from holding the tokenizer while others wait
     1201  a tensor the pooling mode needs is missing
     1202  pooling inputs have the wrong rank or disagree in batch or sequence length
+    1203  last_hidden_state / pooler_output holds NaN or infinity
+    1204  attention_mask holds values other than 0 and 1
 
 Configuration mistakes (a missing vocabulary, an unknown mode) raise ``ValueError`` from ``init``
 so the model fails to load instead of failing every request.
@@ -63,11 +67,15 @@ EMPTY_TEXT = 1001
 TEXT_NOT_UTF8 = 1002
 TEXT_TOO_LONG = 1003
 BAD_TEXT_TENSOR = 1004
+REQUEST_TEXT_TOO_LONG = 1005
 POOLING_INPUT_MISSING = 1201
 POOLING_SHAPE_MISMATCH = 1202
+POOLING_NOT_FINITE = 1203
+POOLING_BAD_MASK = 1204
 
 DEFAULT_MAX_SEQ_LENGTH = 256
 DEFAULT_MAX_TEXT_BYTES = 65536
+DEFAULT_MAX_REQUEST_BYTES = 256 * 1024
 BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
@@ -139,6 +147,8 @@ class WordPieceTokenizer(Hook):
         )
         self.max_text_bytes = parse_int(params.get("max_text_bytes", DEFAULT_MAX_TEXT_BYTES),
                                         "max_text_bytes", minimum=1)
+        self.max_request_bytes = parse_int(params.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES),
+                                           "max_request_bytes", minimum=1)
         self.tokenizer = build_wordpiece_tokenizer(
             model_dir / params.get("vocab", "vocab.txt"), lower_case, self.max_seq_length
         )
@@ -151,6 +161,11 @@ class WordPieceTokenizer(Hook):
         and the BERT step after this one can bucket them by length. (Tokenizing a whole dynamic
         batch at once would pad every text to the batch's longest.)"""
         texts = column_tensor(request, "TEXT", BAD_TEXT_TENSOR)
+        total = sum(len(t) if isinstance(t, bytes | str) else 0 for t in texts[:, 0])
+        if total > self.max_request_bytes:
+            raise HookError(REQUEST_TEXT_TOO_LONG, f"the request's {texts.shape[0]} texts hold {total} bytes, more "
+                                                   f"than the limit of {self.max_request_bytes} per request; "
+                                                   "send them in smaller requests")
         decoded = [self._checked_text(row, item) for row, item in enumerate(texts[:, 0])]
         return {**request, **self._encode(decoded)}
 
@@ -219,6 +234,8 @@ class MeanPooling(Hook):
             if pooled.ndim != 2:
                 raise HookError(POOLING_SHAPE_MISMATCH,
                                 f"pooler_output must be [n, hidden], got shape {list(pooled.shape)}")
+            if pooled.dtype.kind == "f" and not np.isfinite(pooled).all():
+                raise HookError(POOLING_NOT_FINITE, "pooler_output holds NaN or infinity")
             return
         hidden = self._required(tensors, "last_hidden_state")
         if hidden.ndim != 3 or hidden.shape[1] < 1:
@@ -230,6 +247,10 @@ class MeanPooling(Hook):
                 raise HookError(POOLING_SHAPE_MISMATCH,
                                 f"attention_mask shape {list(mask.shape)} does not match last_hidden_state "
                                 f"shape {list(hidden.shape)} in [n, seq]")
+            if mask.size and (mask.min() < 0 or mask.max() > 1):
+                raise HookError(POOLING_BAD_MASK, "attention_mask must hold only 0 and 1")
+        if hidden.dtype.kind == "f" and not np.isfinite(hidden).all():
+            raise HookError(POOLING_NOT_FINITE, "last_hidden_state holds NaN or infinity")
 
     @staticmethod
     def _required(tensors: dict[str, np.ndarray], name: str) -> np.ndarray:

@@ -4,6 +4,16 @@ The embedded tritonserver has only the python backend, so on that target every `
 is this hook behind the fixed adapter. Threads: onnxruntime's intra-op pool is sized
 ``cores // instance_count`` (parameter ``intra_op_threads`` overrides), and the inter-op pool is 1,
 so the instances Triton runs side by side do not oversubscribe the cores.
+
+Inputs are checked per request in ``api_entry`` (microseconds), so a bad one fails alone with a
+clear code instead of onnxruntime's error (or, worse, a silently wrong answer: its Gather wraps a
+negative index around):
+
+    1301  an integer input holds a value outside its declared range (parameter
+          ``input_range.<input>: "lo:hi"``, hi exclusive; e.g. ``input_ids: "0:30522"``). A BERT
+          that ``toolkit export bert`` wrote declares its own from export.json: input_ids in
+          [0, vocab_size), token_type_ids in [0, type_vocab_size), attention_mask in [0, 2).
+    1302  a floating-point input holds NaN or infinity
 """
 
 from __future__ import annotations
@@ -12,7 +22,11 @@ import os
 
 import numpy as np
 
-from toolkit.hooks import Hook, HookContext
+from toolkit.hooks import Hook, HookContext, HookError
+
+INPUT_OUT_OF_RANGE = 1301
+INPUT_NOT_FINITE = 1302
+RANGE_PREFIX = "input_range."
 
 
 def default_threads(instance_count: int) -> int:
@@ -41,7 +55,48 @@ class OnnxModel(Hook):
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.ranges: dict[str, tuple[int, int]] = {
+            k: v for k, v in _export_ranges(ctx.model_dir).items() if k in self.input_names}
+        for key, value in ctx.parameters.items():
+            if key.startswith(RANGE_PREFIX):
+                name = key[len(RANGE_PREFIX):]
+                lo, sep, hi = str(value).partition(":")
+                if name not in self.input_names or not sep or not lo.strip().lstrip("-").isdigit() \
+                        or not hi.strip().lstrip("-").isdigit() or int(lo) >= int(hi):
+                    raise ValueError(f"parameter {key!r}: expected 'lo:hi' (hi exclusive) for one of the "
+                                     f"inputs {self.input_names}, got {value!r}")
+                self.ranges[name] = (int(lo), int(hi))
+
+    def api_entry(self, request: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name, array in request.items():
+            if array.dtype.kind == "f":
+                if not np.isfinite(array).all():
+                    raise HookError(INPUT_NOT_FINITE, f"input {name!r} holds NaN or infinity")
+            elif name in self.ranges and array.size:
+                lo, hi = self.ranges[name]
+                low, high = int(array.min()), int(array.max())
+                if low < lo or high >= hi:
+                    bad = low if low < lo else high
+                    raise HookError(INPUT_OUT_OF_RANGE, f"input {name!r} holds {bad}, outside [{lo}, {hi})")
+        return request
 
     def infer(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = {name: batch[name] for name in self.input_names if name in batch}
         return dict(zip(self.output_names, self.session.run(self.output_names, feed), strict=True))
+
+
+def _export_ranges(model_dir) -> dict[str, tuple[int, int]]:
+    import json
+
+    try:
+        export = json.loads((model_dir / "export.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if export.get("kind") != "bert":
+        return {}
+    ranges = {"attention_mask": (0, 2)}
+    if isinstance(export.get("vocab_size"), int):
+        ranges["input_ids"] = (0, export["vocab_size"])
+    if isinstance(export.get("type_vocab_size"), int):
+        ranges["token_type_ids"] = (0, export["type_vocab_size"])
+    return ranges

@@ -1,0 +1,79 @@
+"""Per-request budgets on the real server: one request of many huge images or long texts is refused
+at once with its code, and a normal request sent meanwhile is answered; the internal models refuse
+impossible inputs (token ids outside the vocabulary, NaN) with a code instead of a wrong answer."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from toolkit.client import TritonClient
+from toolkit.errors import InferenceError
+
+pytestmark = [pytest.mark.e2e, pytest.mark.reliability]
+
+
+def png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 120, 200)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def refused_while_a_normal_request_is_answered(server, model, tensor, hostile, normal):
+    normal_result: list = []
+
+    def send_normal():
+        time.sleep(0.05)
+        with TritonClient(server.grpc_url, protocol="grpc", timeout=20) as client:
+            started = time.perf_counter()
+            normal_result.append((client.infer(model, {tensor: normal}), time.perf_counter() - started))
+
+    thread = threading.Thread(target=send_normal)
+    thread.start()
+    with TritonClient(server.grpc_url, protocol="grpc", timeout=20) as client:
+        started = time.perf_counter()
+        with pytest.raises(InferenceError) as refused:
+            client.infer(model, {tensor: hostile})
+        took = time.perf_counter() - started
+    thread.join(timeout=30)
+    assert len(normal_result) == 1
+    return refused.value, took, normal_result[0][1]
+
+
+def test_32_huge_pngs_in_one_request_are_1105_at_once_and_others_are_served(example_server):
+    huge = png(6300, 6300)                                   # 39.7 MP, just under the per-image limit
+    assert len(huge) < 200_000
+    hostile = np.array([[huge]] * 32, dtype=object)
+    error, took, normal_took = refused_while_a_normal_request_is_answered(
+        example_server, "mobile", "IMAGE", hostile, np.array([[png(300, 200)]], dtype=object))
+    assert error.code == 1105 and "megapixels" in str(error)
+    assert took < 5 and normal_took < 5, (took, normal_took)   # decoding them all took ~13 s before
+    print(f"\n32 x 39.7 MP refused in {took * 1000:.0f} ms; a normal image answered in {normal_took * 1000:.0f} ms")
+
+
+def test_a_request_of_long_texts_is_1005_and_others_are_served(example_server):
+    hostile = np.array([[("word " * 13_000).encode()]] * 16, dtype=object)      # 16 x 65 KB
+    error, took, _ = refused_while_a_normal_request_is_answered(
+        example_server, "embedding", "TEXT", hostile, np.array([[b"a normal sentence"]], dtype=object))
+    assert error.code == 1005 and took < 5
+
+
+@pytest.mark.parametrize("ids", [[[101, -1, 102]], [[101, 30522, 102]]])
+def test_bert_called_directly_refuses_token_ids_outside_its_vocabulary(example_server, ids):
+    ids = np.array(ids, np.int64)
+    with TritonClient(example_server.grpc_url, protocol="grpc") as client, pytest.raises(InferenceError) as refused:
+        client.infer("bert", {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": ids * 0})
+    assert refused.value.code == 1301 and "outside [0, 30522)" in str(refused.value)
+    assert "INVALID_ARGUMENT" in str(refused.value.status)
+
+
+def test_pooling_called_directly_refuses_nan(example_server):
+    with TritonClient(example_server.http_url, protocol="http") as client, pytest.raises(InferenceError) as refused:
+        client.infer("pooling", {"last_hidden_state": np.full((1, 3, 384), np.nan, np.float32),
+                                 "attention_mask": np.ones((1, 3), np.int64)})
+    assert refused.value.code == 1203
