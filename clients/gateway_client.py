@@ -2,10 +2,14 @@
 
     python clients/gateway_client.py embedding "Triton serves this sentence."
     python clients/gateway_client.py mobile photo.jpg --sign-type SM2
+
+The body goes gzip-compressed and a gzip answer is accepted (the gateway does both); the answer
+names its variant when the API is split between weighted variants (Endpoints in gateway.yaml).
 """
 
 import argparse
 import base64
+import gzip
 import json
 import sys
 import time
@@ -41,22 +45,26 @@ signing_string = canonical_string(body, APP_SECRET)
 body["signData"] = (sha256_signature(signing_string) if args.sign_type == "SHA256"
                     else sm2_sign(signing_string, SM2_PRIVATE_KEY))
 
-request = urllib.request.Request(f"{args.url}/api/{args.api}", data=json.dumps(body).encode("utf-8"),
-                                 headers={"Content-Type": "application/json"}, method="POST")
+request = urllib.request.Request(f"{args.url}/api/{args.api}", data=gzip.compress(json.dumps(body).encode("utf-8")),
+                                 headers={"Content-Type": "application/json", "Content-Encoding": "gzip",
+                                          "Accept-Encoding": "gzip"}, method="POST")
 started = time.perf_counter()
 try:
     with urllib.request.urlopen(request, timeout=60) as response:
-        answer = json.loads(response.read())
+        raw = response.read()
+        answer = json.loads(gzip.decompress(raw) if response.headers.get("Content-Encoding") == "gzip" else raw)
 except urllib.error.HTTPError as e:  # the gateway answers its envelope with 4xx/5xx too
     try:
-        answer = json.loads(e.read())
+        raw = e.read()
+        answer = json.loads(gzip.decompress(raw) if e.headers.get("Content-Encoding") == "gzip" else raw)
     except ValueError:
         sys.exit(f"Error: {args.url}: HTTP {e.code} {e.reason}")
 except (OSError, ValueError) as e:
     reason = getattr(e, "reason", None) or e
     sys.exit(f"Error: cannot reach the gateway at {args.url} ({reason}): is `toolkit gateway` running?")
 print(f"[{(time.perf_counter() - started) * 1000:.0f} ms] code {answer['code']}, {answer['data']['msg']}, "
-      f"request {answer['data']['requestId']}")
+      f"request {answer['data']['requestId']}" + (f", variant {answer['data']['variant']}"
+                                                  if "variant" in answer["data"] else ""))
 if not answer.get("success"):
     sys.exit(1)  # the line above names the code and message
 vector = answer["data"]["embeddings"]

@@ -65,7 +65,8 @@ def wait_until_live(url: str, process: subprocess.Popen, log: Path, timeout: flo
 def gateway(example_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("gateway")
     settings = root / "gateway.yaml"
-    example = {**EXAMPLE_SETTINGS, "API": {**EXAMPLE_SETTINGS["API"], "MaxBodyBytes": 1 << 20},
+    example = {**EXAMPLE_SETTINGS, "API": {**EXAMPLE_SETTINGS["API"], "MaxBodyBytes": 1 << 20,
+                                           "RateLimit": {"PerSecond": 0, "Burst": 1}},  # a load test
                "Triton": {**EXAMPLE_SETTINGS["Triton"], "Timeout": 60}}
     settings.write_text(yaml.safe_dump(example))
     (port,) = free_ports(1)

@@ -263,4 +263,4 @@ def test_gen_repo_skips_a_folder_without_model_yaml_with_a_note_when_all_else_is
     result = toolkit("gen-repo", cwd=fresh_clone)
     assert result.returncode == 0, result.stderr
     assert result.stderr.startswith("Note: skipped model_repository/mobilenetv2/: not a model, it has no model.yaml")
-    assert "build/model_repository (7 models, 20 files, target embedded)" in result.stdout
+    assert "build/model_repository (7 models, 22 files, target embedded)" in result.stdout
