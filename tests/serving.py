@@ -16,7 +16,7 @@ from toolkit.project import load_project
 from toolkit.repo import generate_repository
 from toolkit.server import free_ports
 
-__all__ = ["build_project", "call_concurrently", "example_repository", "free_ports"]
+__all__ = ["build_project", "call_concurrently", "example_repository", "free_port_run", "free_ports"]
 
 PROJECT = Path(__file__).parent / "e2e" / "project"
 ROOT = Path(__file__).parents[1]
@@ -58,3 +58,24 @@ def call_concurrently(url: str, model: str, requests: list[dict[str, Any]], prot
 
     with ThreadPoolExecutor(len(requests)) as pool:
         return list(pool.map(one, requests))
+
+
+def free_port_run(count: int) -> int:
+    """A base port with ``count`` consecutive free ports from it (for `--replicas`, which uses
+    base + 3 i .. base + 3 i + 2)."""
+    import socket
+
+    def bindable(port: int) -> bool:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", port))
+                return True
+            except OSError:
+                return False
+
+    for _ in range(50):
+        base = free_ports(1)[0]
+        if base + count < 65000 and all(bindable(p) for p in range(base, base + count)):
+            return base
+    raise AssertionError(f"no run of {count} free ports")

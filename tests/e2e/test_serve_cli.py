@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from projects import python_model, write_model
-from serving import free_ports
+from serving import free_port_run, free_ports
 
 from toolkit.errors import ModelLoadError, ServerError
 from toolkit.project import load_project
@@ -74,15 +74,8 @@ def test_serve_exits_non_zero_naming_the_model_that_failed_to_load(tmp_path):
 def test_serve_prints_endpoints_and_stops_cleanly_on_sigterm(tmp_path):
     repo = repository(tmp_path, broken=False)
     args = serve_args(repo)
-    process = subprocess.Popen([*TOOLKIT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process, lines = start_serve(args)
     try:
-        lines = []
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = process.stdout.readline()
-            lines.append(line)
-            if "Press Ctrl-C" in line or not line:
-                break
         assert "Triton is ready with echo" in "".join(lines)
         assert f"http://127.0.0.1:{args[4]}/v2" in "".join(lines)
         process.send_signal(signal.SIGTERM)
@@ -204,13 +197,8 @@ def test_serve_on_a_spec_folder_says_to_run_gen_repo(tmp_path):
 
 
 def test_serve_replicas_prints_the_address_list_and_stops_cleanly(tmp_path):
-    import socket
-
     repo = repository(tmp_path, broken=False)
-    for _ in range(20):  # a base port with the 6 ports above it free
-        base = free_ports(1)[0]
-        if base < 64000 and all(_bindable(socket, p) for p in range(base, base + 6)):
-            break
+    base = free_port_run(6)
     process, banner = start_serve(["serve", "--repository", str(repo), "--replicas", "2", "--http-port", str(base)])
     try:
         text = "".join(banner)
@@ -227,16 +215,6 @@ def test_serve_replicas_prints_the_address_list_and_stops_cleanly(tmp_path):
             os.kill(process.pid, signal.SIGKILL)
     assert process.returncode == 0, err
     assert "2 tritonservers stopped" in err
-
-
-def _bindable(socket, port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def test_serve_refuses_zero_replicas(tmp_path):

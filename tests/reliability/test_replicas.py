@@ -13,7 +13,7 @@ from collections import Counter
 import numpy as np
 import pytest
 from projects import python_model, write_model
-from serving import free_ports
+from serving import free_port_run, free_ports
 
 from toolkit.client import TritonClient
 from toolkit.errors import InferenceError, ServerError
@@ -37,28 +37,6 @@ class Work(Hook):
 CLIENTS = 16
 
 
-def consecutive_free_base(count: int) -> int:
-    """A base port with 3 * count free ports above it."""
-    for _ in range(50):
-        base = free_ports(1)[0]
-        if base + 3 * count < 65000 and set(range(base, base + 3 * count)) <= set(
-                p for p in range(base, base + 3 * count) if _free(p)):
-            return base
-    raise AssertionError("no run of free ports")
-
-
-def _free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory):
     root = tmp_path_factory.mktemp("replicas")
@@ -66,7 +44,7 @@ def replicas(tmp_path_factory):
                 files={"work.py": WORK_HOOK})
     repository = generate_repository(load_project(root / "models"), root / "repo").path
     events: list[str] = []
-    replicas = ReplicaSet(repository, 3, http_port=consecutive_free_base(3), on_event=events.append, log_dir=root)
+    replicas = ReplicaSet(repository, 3, http_port=free_port_run(9), on_event=events.append, log_dir=root)
     replicas.events = events  # type: ignore[attr-defined]
     with replicas:
         yield replicas
