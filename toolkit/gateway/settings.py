@@ -251,4 +251,25 @@ def load_settings(path: Path) -> GatewaySettings:
         raise GatewayError(f"cannot read gateway settings {path}: {e.strerror}") from e
     except yaml.YAMLError as e:
         raise GatewayError(f"{path}: not valid YAML: {e}") from e
-    return parse_settings(raw, source=str(path))
+    return parse_settings(_expand_env(raw, str(path)), source=str(path))
+
+
+_ENV_REFERENCE = re.compile(r"^\$\{([A-Z_][A-Z0-9_]*)\}$")
+
+
+def _expand_env(value: Any, source: str) -> Any:
+    """A string that is exactly ``${NAME}`` is the environment variable NAME (how a Kubernetes
+    Secret reaches a settings file kept in a ConfigMap); an unset one is an error naming it."""
+    if isinstance(value, dict):
+        return {k: _expand_env(v, source) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, source) for v in value]
+    if isinstance(value, str):
+        match = _ENV_REFERENCE.match(value)
+        if match:
+            import os
+
+            if match.group(1) not in os.environ:
+                raise GatewayError(f"{source}: ${{{match.group(1)}}} is not set in the environment")
+            return os.environ[match.group(1)]
+    return value
