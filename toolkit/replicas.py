@@ -58,7 +58,8 @@ class ReplicaSet:
                 events(f"replica {i}: {message}")
 
         return TritonServer(self.repository, host=self.host, http_port=base, grpc_port=base + 1,
-                            metrics_port=base + 2, log_file=log, on_event=event, **self.server_options)
+                            metrics_port=base + 2, log_file=log, on_event=event, restart_on_crash=False,
+                            **self.server_options)
 
     @property
     def grpc_addresses(self) -> list[str]:

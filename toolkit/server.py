@@ -199,7 +199,7 @@ class TritonServer:
                  load_models: Sequence[str] = (), log_verbose: int = 0, log_file: Path | None = None,
                  exit_timeout: int = 30, extra_args: Sequence[str] = (),
                  restrict_apis: ApiRestriction | None = None, self_heal: bool = True,
-                 on_event: Callable[[str], None] | None = None):
+                 restart_on_crash: bool = True, on_event: Callable[[str], None] | None = None):
         self.repository = Path(repository).absolute()
         self.host, self.http_port, self.grpc_port, self.metrics_port = host, http_port, grpc_port, metrics_port
         self.model_control, self.load_models = model_control, list(load_models)
@@ -208,6 +208,9 @@ class TritonServer:
         self.restrict_apis = restrict_apis
         #: Reload a model whose python stub died (needs explicit model control: the repository API).
         self.self_heal = self_heal and model_control == "explicit"
+        #: Start tritonserver again when it dies on its own (a ReplicaSet does that itself).
+        self.restart_on_crash = restart_on_crash and self_heal
+        self._output: IO | int | None = None
         self.on_event = on_event
         self.watchdog: StubWatchdog | None = None
         #: Why the last ``stop`` was not clean (Triton failed to drain, or had to be killed), or None.
@@ -270,20 +273,15 @@ class TritonServer:
         self._check_ports_free()
         bundle = bundled_server_dir()
         self._workdir = Path(tempfile.mkdtemp(prefix="toolkit-triton-"))
-        backend_dir = prepare_backends(bundle, self._workdir / "backends")
+        prepare_backends(bundle, self._workdir / "backends")
         output: IO | int | None = None
         if self.log_file is not None:
             self._log = open(self.log_file, "ab")  # noqa: SIM115 - closed in stop()
             output = self._log
-        # The server dies with the process that started it. util-linux's setpriv sets that up without
-        # running Python between fork and exec (a preexec_fn can crash the child of a process whose
-        # gRPC threads are busy, as a gateway's or a test's are).
-        setpriv = shutil.which("setpriv")
-        prefix = [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
-        self.process = subprocess.Popen(
-            prefix + self.command(backend_dir), env=self.environment(), stdout=output, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=None if setpriv else _die_with_parent)
-        self.watchdog = StubWatchdog(self, heal=self.self_heal, log=self._event)
+        self._output = output
+        self.process = self._launch()
+        self.watchdog = StubWatchdog(self, heal=self.self_heal, log=self._event,
+                                     restart_server=self.restart_on_crash)
         try:
             self._wait_until_ready(timeout)
             self.watchdog.start()
@@ -291,6 +289,37 @@ class TritonServer:
             self.stop()
             raise
         return self
+
+    def _launch(self) -> subprocess.Popen:
+        assert self._workdir is not None
+        # The server dies with the process that started it. util-linux's setpriv sets that up without
+        # running Python between fork and exec (a preexec_fn can crash the child of a process whose
+        # gRPC threads are busy, as a gateway's or a test's are).
+        setpriv = shutil.which("setpriv")
+        prefix = [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
+        return subprocess.Popen(
+            prefix + self.command(self._workdir / "backends"), env=self.environment(), stdout=self._output,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=None if setpriv else _die_with_parent)
+
+    def restart_after_crash(self, timeout: float = 180.0) -> None:
+        """Start tritonserver again after it died on its own (the python backend aborts the whole
+        server when a stub dies holding a shared lock). Its stubs and their shared memory go first."""
+        old = self.process
+        assert old is not None and old.poll() is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(old.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while True:  # the dead server's listening sockets close with it; give the kernel a moment
+            try:
+                self._check_ports_free()
+                break
+            except ServerError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        self.process = self._launch()
+        self._wait_until_ready(timeout)
 
     def _event(self, message: str) -> None:
         if self.on_event is not None:

@@ -109,8 +109,10 @@ class StubWatchdog:
     mode has no repository API (none, poll)."""
 
     def __init__(self, server: TritonServer, *, interval: float = 0.1, heal: bool = True,
-                 log: Callable[[str], None] | None = None, load_timeout: float = 120.0):
+                 log: Callable[[str], None] | None = None, load_timeout: float = 120.0,
+                 restart_server: bool = False):
         self.server, self.interval, self.heal_enabled = server, interval, heal
+        self.restart_server = restart_server
         self.log = log or (lambda message: None)
         self.load_timeout = load_timeout
         self.stubs: dict[int, Stub] = {}          # every stub seen alive, by pid
@@ -143,6 +145,10 @@ class StubWatchdog:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
+                process = self.server.process
+                if self.restart_server and process is not None and process.poll() is not None:
+                    self._restart_server(process.returncode)
+                    continue
                 self.scan()
                 if self.heal_enabled:
                     self._heal_due()
@@ -226,6 +232,32 @@ class StubWatchdog:
                     (SHM_DIR / stub.shm_region).unlink()
 
     # --- healing ---------------------------------------------------------------------------------
+
+    def _restart_server(self, code: int | None) -> None:
+        """tritonserver itself died: the python backend aborts it when a stub was killed while
+        holding one of their shared locks (boost's lock_exception, uncaught). Start it again."""
+        heal = Heal("tritonserver", [f"exit code {code}"], detected=time.monotonic(), action="server-restart")
+        self.log(f"watchdog: tritonserver died (exit code {code}); starting it again")
+        with self._lock:
+            dead = list(self.stubs.values())
+        self.remove_shm(dead)
+        try:
+            self.server.restart_after_crash()
+        except Exception as e:
+            heal.error = str(e)
+            self.log(f"watchdog: tritonserver could not be started again: {e}")
+            self._stop.wait(2.0)
+            return
+        with self._lock:
+            self.stubs.clear()
+            self._zombie_since.clear()
+            self._handled.clear()
+            self.stranded.clear()
+        self._models.clear()
+        heal.serving_after = time.monotonic() - heal.detected
+        self.heals.append(heal)
+        self.log(f"watchdog: tritonserver serving again {heal.serving_after:.1f}s after it died")
+        self.scan()
 
     def _heal_due(self) -> None:
         now = time.monotonic()

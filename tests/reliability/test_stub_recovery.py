@@ -125,8 +125,12 @@ def test_killed_stub_serves_again_within_5s_with_bounded_retryable_failures(serv
     heal = server.watchdog.heals[-1]
     sent = sum(load.outcomes.values())
 
-    assert heal.model == instance.rsplit("_", 2)[0] and heal.instances == [instance]
-    assert heal.serving_after is not None and heal.serving_after < 5, heal
+    # Usually the model is reloaded. Sometimes the stub dies holding a lock it shares with
+    # tritonserver, and the python backend aborts the whole server (an uncaught
+    # boost::interprocess::lock_exception): the watchdog then starts the server again.
+    restarted = heal.action == "server-restart"
+    assert restarted or (heal.model == instance.rsplit("_", 2)[0] and heal.instances == [instance]), heal
+    assert heal.serving_after is not None and heal.serving_after < (20 if restarted else 5), heal
     assert load.outcomes["wrong"] == 0
     assert load.outcomes["answered"] > 10 * CLIENTS, load.outcomes
     # Every failure is retryable (9996), and none happens once the model serves again.
@@ -143,7 +147,7 @@ def test_killed_stub_serves_again_within_5s_with_bounded_retryable_failures(serv
         # Its only instance died: the model, the ensemble and the server said "not ready" meanwhile.
         assert any(ready != 200 and model != 200 for t, ready, model in load.ready_seen
                    if killed_at[0] <= t <= healed_at), load.ready_seen
-    else:
+    elif not restarted:
         # One of two instances died: bert kept serving through the other one, reloaded in place.
         assert heal.action == "reload-in-place"
     assert server.http("GET", "/v2/health/ready")[0] == 200
@@ -194,16 +198,20 @@ def test_stop_after_a_heal_is_fast_reports_the_kill_and_leaves_no_shared_memory(
             assert failed.value.code == UNAVAILABLE
             wait_for_heal(server, 1)
             client.infer("embedding", {"TEXT": TEXT})
+        server_restarted = server.watchdog.heals[0].action == "server-restart"
         regions += server.watchdog.shm_regions()
         started = time.monotonic()
         code = server.stop()
         took = time.monotonic() - started
     finally:
         server.stop()
-    # Triton hangs on the crashed stub's old model version; the drain is complete, so it is killed
-    # well before its 30 s exit timeout, and the stop says so.
     assert took < 15, took
-    assert code != 0 and server.stop_problem and "pooling_0_0" in server.stop_problem
+    if server_restarted:  # the stub took tritonserver down with it: the new one stops cleanly
+        assert code == 0 and server.stop_problem is None
+    else:
+        # Triton hangs on the crashed stub's old model version; the drain is complete, so it is
+        # killed well before its 30 s exit timeout, and the stop says so.
+        assert code != 0 and server.stop_problem and "pooling_0_0" in server.stop_problem
     assert [r for r in set(regions) if (Path(SHM_DIR) / r).exists()] == []
 
 
@@ -271,3 +279,28 @@ def test_a_model_that_cannot_come_back_stays_not_ready_and_is_retried_until_it_c
             assert client.infer("flaky", {"X": np.array([[2.0]], np.float32)})["Y"].tolist() == [[2.0]]
     finally:
         server.stop()
+
+
+def test_a_killed_tritonserver_is_started_again_and_serves(triton, tmp_path):
+    """What an OOM kill of tritonserver itself looks like (and what the python backend does when a
+    stub dies holding a shared lock): the watchdog starts it again on the same ports."""
+    events: list[str] = []
+    server = TritonServer(triton.repository, **dict(zip(("http_port", "grpc_port", "metrics_port"),
+                                                        free_ports(3), strict=True)),
+                          log_file=tmp_path / "tritonserver.log", on_event=events.append).start()
+    try:
+        old = server.process
+        regions = server.watchdog.shm_regions()
+        os.kill(old.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not server.watchdog.heals and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.watchdog.heals and server.watchdog.heals[0].action == "server-restart", events
+        assert server.process is not old and server.process.poll() is None
+        with TritonClient(server.grpc_url, protocol="grpc") as client:
+            out = client.infer("scale", {"X": np.ones((1, 4), np.float32)})
+        assert out["Y"].tolist() == [[2.0, 2.0, 2.0, 2.0]]
+        assert [r for r in regions if (Path(SHM_DIR) / r).exists()] == []
+        assert any("tritonserver died" in e for e in events)
+    finally:
+        assert server.stop() == 0
