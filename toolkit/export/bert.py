@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,13 @@ import numpy as np
 
 from toolkit.errors import ExportError
 from toolkit.export.defaults import BERT_OUT, BERT_TOLERANCE, DEFAULT_OPSET, REL_TOLERANCE
+from toolkit.export.quantize import SCHEMES, Gate, quantize_bert
 from toolkit.export.report import ExportReport
 from toolkit.export.staging import check_version_target, staged_version_dir, write_json
 from toolkit.export.steps import Steps
 from toolkit.lifecycle.golden import GOLDEN_FILE, write_golden
 
+INT8_GOLDEN_TOLERANCE, INT8_GOLDEN_REL = 0.05, 0.01
 # The official releases whose folder name does not say "uncased" but that are lower-cased
 # (google-research/bert tokenization.validate_case_matches_checkpoint).
 _LOWER_CASE_RELEASES = {"chinese_l-12_h-768_a-12", "multilingual_l-12_h-768_a-12"}
@@ -181,13 +184,17 @@ def bert_check_cases(vocab_size: int, type_vocab_size: int, max_positions: int, 
 def export_bert(source: Path | None, out_dir: Path = BERT_OUT, version: int = 1, *,
                 tolerance: float = BERT_TOLERANCE, rel_tolerance: float = REL_TOLERANCE,
                 opset: int = DEFAULT_OPSET, lower_case: bool | None = None, with_pooler: bool = True,
-                overwrite: bool = False, show_progress: bool = False, seed: int = 0) -> ExportReport:
+                overwrite: bool = False, show_progress: bool = False, seed: int = 0,
+                quantize: str | None = None, gate: Gate | None = None) -> ExportReport:
     """Export a BERT encoder to ONNX, check it against Keras with onnxruntime, write the version folder.
 
     ``source=None`` exports the packaged all-MiniLM-L6-v2. ``lower_case=None`` infers
     ``do_lower_case``. ``with_pooler=False`` exports only ``last_hidden_state`` (for checkpoints
-    without pooler weights; pooler weights present are then ignored on purpose).
+    without pooler weights; pooler weights present are then ignored on purpose). ``quantize="int8"``
+    writes the int8 model instead, if it passes ``gate`` against the fp32 one (``toolkit.export.quantize``).
     """
+    if quantize is not None and quantize not in SCHEMES:
+        raise ExportError(f"unknown quantization {quantize!r}: choose from {', '.join(SCHEMES)}")
     check_version_target(Path(out_dir), version, overwrite)
     resolved = resolve_bert_source(source)
     do_lower_case, lower_case_from = resolve_lower_case(lower_case, resolved)
@@ -226,17 +233,51 @@ def export_bert(source: Path | None, out_dir: Path = BERT_OUT, version: int = 1,
             "opset": opset, **check.to_dict(), "ignored_weights": matched.ignored,
             "versions": onnx_check.tool_versions(),
         }
+        quantized = quantization = None
+        if quantize:
+            with steps.step("quantize", "Quantizing MatMul weights to int8 and checking it against fp32 on "
+                                        "the calibration sentences"):
+                scratch = Path(tempfile.mkdtemp(prefix="toolkit-quantize-"))
+                onnx_check.save_onnx(onnx_model, scratch / "fp32.onnx")
+                quantized = scratch / "model.onnx"
+                try:
+                    quantization = quantize_bert(scratch / "fp32.onnx", quantized, resolved.vocab_path,
+                                                 lower_case=do_lower_case, gate=gate or Gate())
+                except BaseException:
+                    shutil.rmtree(scratch, ignore_errors=True)
+                    raise
+                metadata["quantization"] = quantization.to_dict()
         version_dir = Path(out_dir) / str(version)
-        with steps.step("write", f"Writing {version_dir}"), \
-                staged_version_dir(Path(out_dir), version, overwrite) as staging:
-            onnx_check.save_onnx(onnx_model, staging / "model.onnx")
-            shutil.copyfile(resolved.vocab_path, staging / "vocab.txt")
-            metadata["timings_s"] = dict(steps.timings)
-            write_json(staging / "export.json", metadata)
-            write_golden(staging / GOLDEN_FILE, check.golden_inputs, check.golden_outputs, tolerance, rel_tolerance)
+        try:
+            with steps.step("write", f"Writing {version_dir}"), \
+                    staged_version_dir(Path(out_dir), version, overwrite) as staging:
+                golden = (check.golden_outputs, tolerance, rel_tolerance)
+                if quantized is None:
+                    onnx_check.save_onnx(onnx_model, staging / "model.onnx")
+                else:
+                    shutil.move(quantized, staging / "model.onnx")
+                    golden = _int8_golden(staging / "model.onnx", check.golden_inputs)
+                shutil.copyfile(resolved.vocab_path, staging / "vocab.txt")
+                metadata["timings_s"] = dict(steps.timings)
+                write_json(staging / "export.json", metadata)
+                write_golden(staging / GOLDEN_FILE, check.golden_inputs, *golden)
+        finally:
+            if quantized is not None:
+                shutil.rmtree(quantized.parent, ignore_errors=True)
 
     files = [version_dir / n for n in ("model.onnx", "vocab.txt", "export.json")]
     return ExportReport(kind="bert", source=resolved.label, version_dir=version_dir, model_path=files[0],
                         metadata_path=files[2], files=files, inputs=inputs, outputs=outputs, check=check,
                         opset=opset, timings=dict(steps.timings), ignored_weights=matched.ignored,
-                        metadata=metadata)
+                        metadata=metadata, quantization=quantization.summary_line() if quantize else None)
+
+
+def _int8_golden(model: Path, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float, float]:
+    """The int8 model's own outputs as its golden sample. Its tolerance is looser than fp32's: int8
+    kernels differ between CPUs (with and without VNNI) by ~1e-2 in hidden states, while a wrong
+    model differs by ~1."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, inputs), strict=True)), INT8_GOLDEN_TOLERANCE, INT8_GOLDEN_REL

@@ -75,6 +75,8 @@ class ExportReport:
     timings: dict[str, float] = field(default_factory=dict)
     ignored_weights: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: ``--quantize``: the accuracy gate's summary line.
+    quantization: str | None = None
 
     @property
     def max_abs_diff(self) -> float:
@@ -100,6 +102,8 @@ class ExportReport:
                      f"over {len(self.check.cases)} cases: {cases}")
         for name, diff in self.check.per_output.items():
             lines.append(f"    {name}: max abs diff {diff:.3g}, peak |value| {self.check.peak_abs[name]:.3g}")
+        if self.quantization:
+            lines.append(self.quantization)
         if self.ignored_weights:
             shown = ", ".join(self.ignored_weights[:6])
             more = f" (+{len(self.ignored_weights) - 6} more)" if len(self.ignored_weights) > 6 else ""
