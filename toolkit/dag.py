@@ -183,3 +183,35 @@ def check_nesting(specs: Mapping[str, AnySpec]) -> list[EnsembleError]:
             seen.add(child)
             frontier.extend(s.model for s in child_spec.steps)
     return problems
+
+
+def step_order(ens: EnsembleSpec) -> list[int]:
+    """The steps' indices in an order where every step comes after the steps it consumes from
+    (the listed order wherever the wiring allows). Call on an ensemble ``check_ensemble`` accepted."""
+    producer = {t: i for i, s in enumerate(ens.steps) for t in s.outputs.values()}
+    done: list[int] = []
+    pending = list(range(len(ens.steps)))
+    while pending:
+        ready = next(i for i in pending if all(producer.get(t) in (None, *done) for t in ens.steps[i].inputs.values()))
+        done.append(ready)
+        pending.remove(ready)
+    return done
+
+
+def check_fusable(ens: EnsembleSpec, specs: Mapping[str, AnySpec], *, file: str | None = None
+                  ) -> list[EnsembleError]:
+    """``execution: fused`` runs every step's hook in one python model: each step must be a model
+    with a hook (python) or an ONNX file the built-in onnxruntime hook runs, and must batch."""
+    problems = []
+    for i, step in enumerate(ens.steps):
+        target = specs.get(step.model)
+        where = f"steps[{i}].model"
+        if isinstance(target, EnsembleSpec):
+            problems.append(EnsembleError(f"execution: fused cannot fuse step '{step.model}': it is an ensemble; "
+                                          "fuse its steps into this one instead", file=file, model=ens.name,
+                                          field=where))
+        elif target is not None and target.max_batch_size == 0:
+            problems.append(EnsembleError(f"execution: fused cannot fuse step '{step.model}': it does not batch "
+                                          "(max_batch_size 0) while the fused model does", file=file,
+                                          model=ens.name, field=where))
+    return problems

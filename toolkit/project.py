@@ -18,7 +18,7 @@ import importlib.util
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from toolkit.dag import check_ensemble, check_nesting
+from toolkit.dag import check_ensemble, check_fusable, check_nesting
 from toolkit.errors import SpecError
 from toolkit.spec import DTYPES, AnySpec, EnsembleSpec, ModelSpec, TensorSpec, parse_spec, read_yaml
 
@@ -122,6 +122,8 @@ def load_project(models_dir: Path, ensembles_dir: Path | None = None) -> Project
             knock_on.append(f"ensemble '{ens.spec.name}' (uses {', '.join(waiting)})")
             continue
         problems.extend(check_ensemble(ens.spec, specs, file=str(ens.file)))
+        if ens.spec.execution == "fused":
+            problems.extend(check_fusable(ens.spec, specs, file=str(ens.file)))
     if not failed:
         problems.extend(check_nesting(specs))
     if not specs and not problems and not failed:

@@ -26,12 +26,24 @@ TARGETS: tuple[str, ...] = ("embedded", "container")
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 
 
-def _tensor(t) -> dict[str, Any]:
+def tensor_config(t) -> dict[str, Any]:
     out = {"name": t.name, "data_type": "TYPE_STRING" if t.dtype == "BYTES" else f"TYPE_{t.dtype}",
            "dims": list(t.dims)}
     if t.optional:
         out["optional"] = True
     return out
+
+
+def batching_config(db) -> dict[str, Any]:
+    """A spec's ``dynamic_batching`` as Triton's DynamicBatching message."""
+    batching: dict[str, Any] = {
+        "preferred_batch_size": list(db.preferred_batch_size),
+        "max_queue_delay_microseconds": db.max_queue_delay_microseconds,
+        "preserve_ordering": db.preserve_ordering,
+    }
+    if db.default_queue_policy is not None:
+        batching["default_queue_policy"] = db.default_queue_policy.model_dump()
+    return batching
 
 
 def _version_policy(vp) -> dict[str, Any]:
@@ -50,14 +62,16 @@ def model_config(source: ModelSource | EnsembleSource, target: Target = "embedde
         "name": spec.name,
         "max_batch_size": spec.max_batch_size,
         "version_policy": _version_policy(spec.version_policy),
-        "input": [_tensor(t) for t in spec.inputs],
-        "output": [_tensor(t) for t in spec.outputs],
+        "input": [tensor_config(t) for t in spec.inputs],
+        "output": [tensor_config(t) for t in spec.outputs],
         "instance_group": [],
     }
     if source.api_path:
         params[API_PATH] = source.api_path
 
     if isinstance(source, EnsembleSource):
+        if spec.execution == "fused":
+            raise RenderError(f"ensemble '{spec.name}' has execution: fused: render it with toolkit.fused")
         config["platform"] = "ensemble"
         config["ensemble_scheduling"] = {"step": [
             {"model_name": s.model, "model_version": s.version,
@@ -65,15 +79,7 @@ def model_config(source: ModelSource | EnsembleSource, target: Target = "embedde
     else:
         config["instance_group"] = [{"count": spec.instance_count, "kind": "KIND_CPU"}]
         if spec.dynamic_batching is not None:
-            db = spec.dynamic_batching
-            batching: dict[str, Any] = {
-                "preferred_batch_size": list(db.preferred_batch_size),
-                "max_queue_delay_microseconds": db.max_queue_delay_microseconds,
-                "preserve_ordering": db.preserve_ordering,
-            }
-            if db.default_queue_policy is not None:
-                batching["default_queue_policy"] = db.default_queue_policy.model_dump()
-            config["dynamic_batching"] = batching
+            config["dynamic_batching"] = batching_config(spec.dynamic_batching)
         if spec.kind == "onnx" and target == "container":
             # Triton's own onnxruntime backend; it batches only requests of equal shape.
             config["backend"] = "onnxruntime"
@@ -148,9 +154,10 @@ def validate_config(text: str, expected: dict[str, Any]) -> model_config_pb2.Mod
 
 
 def build_config_text(source: ModelSource | EnsembleSource, *, source_label: str,
-                      target: Target = "embedded", env: jinja2.Environment | None = None) -> str:
-    """Render and validate one model's config.pbtxt."""
-    config = model_config(source, target)
+                      target: Target = "embedded", env: jinja2.Environment | None = None,
+                      config: dict[str, Any] | None = None) -> str:
+    """Render and validate one model's config.pbtxt (``config``: built already, e.g. a fused ensemble's)."""
+    config = config if config is not None else model_config(source, target)
     text = render_config(config, source=source_label, target=target, env=env)
     validate_config(text, config)
     return text

@@ -9,6 +9,7 @@ repository, and the output is deterministic: running it twice gives byte-identic
     <out>/<model>/<version>/<hook>.py ...     the model folder's .py files
     <out>/<model>/<version>/<artifacts>       the source version folder (model.onnx, vocab.txt, ...)
     <out>/<ensemble>/config.pbtxt, <out>/<ensemble>/1/   (ensembles need an empty version folder)
+    <out>/<ensemble>/1/model.py, fused.json, <i>-<step>/  (``execution: fused``: see toolkit/fused.py)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from toolkit.errors import RepositoryError
 from toolkit.files import replace_dir, staging_dir
+from toolkit.fused import fused_config, fused_plan, write_fused_version
 from toolkit.project import MODEL_FILE, ModelSource, Project
 from toolkit.render import Target, build_config_text
 
@@ -45,8 +47,14 @@ def generate_repository(project: Project, out: Path, *, target: Target = "embedd
     for name, model in sorted(project.models.items()):
         configs[name] = build_config_text(model, source_label=f"{models_label}/{name}/{MODEL_FILE}",
                                           target=target)
+    plans: dict[str, dict] = {}  # execution: fused ensembles
     for name, ens in sorted(project.ensembles.items()):
-        configs[name] = build_config_text(ens, source_label=f"ensembles/{ens.file.name}", target=target)
+        config = None
+        if ens.spec.execution == "fused":
+            plans[name] = fused_plan(ens, project.models, target)
+            config = fused_config(ens, project.models, plans[name])
+        configs[name] = build_config_text(ens, source_label=f"ensembles/{ens.file.name}", target=target,
+                                          config=config)
 
     report = RepositoryReport(out, target)
     try:
@@ -62,6 +70,9 @@ def generate_repository(project: Project, out: Path, *, target: Target = "embedd
             if isinstance(source, ModelSource):
                 write_versions(source, folder, target)
                 report.models[name] = source.spec.kind
+            elif name in plans:
+                write_fused_version(plans[name], project.models, folder, ADAPTER)
+                report.models[name] = "fused ensemble"
             else:
                 (folder / "1").mkdir()
                 report.models[name] = "ensemble"
@@ -78,30 +89,33 @@ def generate_repository(project: Project, out: Path, *, target: Target = "embedd
 
 
 def write_versions(source: ModelSource, folder: Path, target: Target, versions: list[int] | None = None) -> None:
-    """Write the model's version folders (all, or ``versions``) into ``folder``: each source version
-    folder, the model folder's hook modules (a version folder's own module of the same name wins:
-    that is how a new version ships new hook code), the assets, and the adapter."""
-    spec = source.spec
-    needs_adapter = spec.kind == "python" or target == "embedded"
-    hook_files = sorted(source.folder.glob("*.py")) if spec.kind == "python" else []
+    """Write the model's version folders (all, or ``versions``) into ``folder``."""
     for version in versions or source.versions:
-        dst = folder / str(version)
-        src = source.folder / str(version)
-        if src.is_dir():
-            shutil.copytree(src, dst, copy_function=_link_or_copy)
-        else:
-            dst.mkdir()
-        for path in [*hook_files, *sorted(dst.glob("*.py"))]:
-            if path.name == "model.py":
-                raise RepositoryError(f"{path}: 'model.py' is reserved for the toolkit's adapter; "
-                                      "rename the hook module")
-        for path in hook_files:
-            if not (src / path.name).exists():
-                _link_or_copy(path, dst / path.name)
-        for name, rel in sorted(spec.assets.items()):
-            _link_or_copy(source.folder / rel, dst / name)
-        if needs_adapter:
-            shutil.copyfile(ADAPTER, dst / "model.py")
+        write_version(source, version, folder / str(version), target)
+
+
+def write_version(source: ModelSource, version: int, dst: Path, target: Target, *, adapter: bool = True) -> None:
+    """One version folder at ``dst``: the source version folder, the model folder's hook modules (a
+    version folder's own module of the same name wins: that is how a new version ships new hook
+    code), the assets, and (``adapter``, where Triton runs it) the adapter."""
+    spec = source.spec
+    hook_files = sorted(source.folder.glob("*.py")) if spec.kind == "python" else []
+    src = source.folder / str(version)
+    if src.is_dir():
+        shutil.copytree(src, dst, copy_function=_link_or_copy)
+    else:
+        dst.mkdir()
+    for path in [*hook_files, *sorted(dst.glob("*.py"))]:
+        if path.name == "model.py":
+            raise RepositoryError(f"{path}: 'model.py' is reserved for the toolkit's adapter; "
+                                  "rename the hook module")
+    for path in hook_files:
+        if not (src / path.name).exists():
+            _link_or_copy(path, dst / path.name)
+    for name, rel in sorted(spec.assets.items()):
+        _link_or_copy(source.folder / rel, dst / name)
+    if adapter and (spec.kind == "python" or target == "embedded"):
+        shutil.copyfile(ADAPTER, dst / "model.py")
 
 
 def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:

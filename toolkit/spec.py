@@ -284,16 +284,38 @@ class EnsembleStep(_Strict):
         return check_model_name(v)
 
 
+class FusedOptions(_Strict):
+    """How Triton serves a fused ensemble, which is one python model: its instances and batcher.
+    Defaults: as many instances as the busiest step, and the entry step's batcher settings."""
+
+    instance_count: int | None = Field(default=None, ge=1, le=64)
+    dynamic_batching: DynamicBatching | None = None
+
+
 class EnsembleSpec(_ModelBase):
-    """Paddle Serving's operator DAG, run by Triton's ensemble scheduler."""
+    """Paddle Serving's operator DAG, run by Triton's ensemble scheduler (``execution: ensemble``,
+    the default: each step a model of its own, scaled apart) or by one python model that runs the
+    steps' hooks in one process (``execution: fused``: no hand-off between processes per step)."""
 
     kind: Literal["ensemble"] = "ensemble"
     steps: list[EnsembleStep] = Field(min_length=1)
+    execution: Literal["ensemble", "fused"] = "ensemble"
+    fused: FusedOptions | None = None
 
     @model_validator(mode="after")
     def _io(self) -> EnsembleSpec:
         if not self.inputs or not self.outputs:
             raise ValueError("an ensemble must declare its inputs and outputs")
+        if self.fused is not None and self.execution != "fused":
+            raise ValueError("'fused' settings need 'execution: fused'")
+        if self.execution == "fused" and self.max_batch_size == 0:
+            raise ValueError("execution: fused needs max_batch_size > 0 (the fused model batches requests)")
+        batching = self.fused.dynamic_batching if self.fused else None
+        if batching is not None:
+            too_big = [b for b in batching.preferred_batch_size if b > self.max_batch_size]
+            if too_big:
+                raise ValueError(f"fused.dynamic_batching.preferred_batch_size {too_big} exceeds max_batch_size "
+                                 f"{self.max_batch_size}")
         return self
 
 

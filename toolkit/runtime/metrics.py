@@ -25,13 +25,15 @@ ROW_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 
 class HookMetrics(Observer):
-    def __init__(self, pb_utils: Any, model: str, version: str, log: Any = None):
+    def __init__(self, pb_utils: Any, model: str, version: str, log: Any = None,
+                 families: dict[str, Any] | None = None):
         self._log, self._warned = log, False
         family = pb_utils.MetricFamily
         self._labels = {"model": model, "version": str(version)}
 
-        #: Triton drops a metric whose family object is gone: keep every family for the model's life.
-        self._families: dict[str, Any] = {}
+        #: Triton drops a metric whose family object is gone: keep every family for the model's life
+        #: (a fused model's steps share one set: one family per name in a process).
+        self._families: dict[str, Any] = {} if families is None else families
 
         def metric(name: str, description: str, kind: Any, buckets: list[float] | None = None, **labels: str):
             if name not in self._families:

@@ -16,7 +16,7 @@ import triton_python_backend_utils as pb_utils
 
 from toolkit.hooks import HookContext
 from toolkit.runtime.batching import Failure, Layout, Observer, run_batch
-from toolkit.runtime.params import HOOK
+from toolkit.runtime.params import FUSED, HOOK
 
 
 class TritonPythonModel:
@@ -32,6 +32,21 @@ class TritonPythonModel:
         self.input_names = list(self.layout.inputs)
 
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        groups = config.get("instance_group") or [{}]
+        instance_count = max(1, sum(int(g.get("count", 1)) for g in groups))
+        self.fused = None
+        if FUSED in params:  # execution: fused - the ensemble's steps in this process
+            from toolkit.runtime.fused import FusedPipeline
+
+            families = {}
+            self.fused = FusedPipeline.load(
+                version_dir, params[FUSED], instance_name=args.get("model_instance_name", ""),
+                instance_count=instance_count,
+                observer=lambda step: _metrics(f"{self.name}/{step}", args["model_version"], self.logger,
+                                               families) or Observer())
+            self.logger.log_info(f"model '{self.name}': fused steps {[s.model for s in self.fused.steps]} "
+                                 f"ready (pid {os.getpid()})")
+            return
         module_name, class_name = params[HOOK].split(":")
         try:
             hook_class = getattr(importlib.import_module(module_name), class_name)
@@ -39,14 +54,13 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"model '{self.name}': cannot load hook {params[HOOK]}: {type(e).__name__}: {e}") from e
         self.hook = hook_class()
-        groups = config.get("instance_group") or [{}]
         ctx = HookContext(
             model_name=self.name,
             model_version=int(args["model_version"]),
             model_dir=version_dir,
             parameters={k: v for k, v in params.items() if not k.startswith("toolkit.")},
             instance_name=args.get("model_instance_name", ""),
-            instance_count=max(1, sum(int(g.get("count", 1)) for g in groups)),
+            instance_count=instance_count,
             max_batch_size=self.layout.max_batch_size,
         )
         self.hook.init(ctx)
@@ -63,8 +77,15 @@ class TritonPythonModel:
                 if tensor is not None:  # optional inputs may be absent
                     inputs[name] = tensor.as_numpy()
             batch.append(inputs)
-        results = run_batch(self.hook, batch, self.layout, log=self.logger.log_error,
-                            observer=self.metrics or Observer())
+        if self.fused is not None:
+            results, per_step = self.fused.run(batch, log=self.logger.log_error)
+            for step in self.fused.steps:
+                flush = getattr(step.observer, "flush", None)  # metrics, when on
+                if flush is not None and step.model in per_step:
+                    flush(per_step[step.model])
+        else:
+            results = run_batch(self.hook, batch, self.layout, log=self.logger.log_error,
+                                observer=self.metrics or Observer())
         responses = []
         for result in results:
             if isinstance(result, Failure):
@@ -72,11 +93,14 @@ class TritonPythonModel:
             else:
                 responses.append(pb_utils.InferenceResponse(
                     output_tensors=[pb_utils.Tensor(n, a) for n, a in result.items()]))
-        if self.metrics is not None:
+        if self.fused is None and self.metrics is not None:
             self.metrics.flush(results)
         return responses
 
     def finalize(self):
+        if self.fused is not None:
+            self.fused.finalize()
+            return
         finalize = getattr(self.hook, "finalize", None)
         if finalize is not None:
             finalize()
@@ -91,7 +115,7 @@ def _triton_error(failure):
     return pb_utils.TritonError(failure.wire_message(), code)
 
 
-def _metrics(model, version, logger):
+def _metrics(model, version, logger, families=None):
     """The hook's Prometheus metrics (toolkit/runtime/metrics.py), or None where the python backend
     has no custom metrics (older than 23.xx) or metrics are off."""
     if not hasattr(pb_utils, "MetricFamily"):
@@ -100,7 +124,7 @@ def _metrics(model, version, logger):
     from toolkit.runtime.metrics import HookMetrics
 
     try:
-        return HookMetrics(pb_utils, model, version, log=logger.log_warn)
+        return HookMetrics(pb_utils, model, version, log=logger.log_warn, families=families)
     except Exception as e:  # e.g. tritonserver started with --allow-metrics=false
         logger.log_warn(f"model '{model}': hook metrics unavailable: {type(e).__name__}: {e}")
         return None
