@@ -190,3 +190,48 @@ def test_run_batch_splits_padded_requests_into_length_buckets_when_calls_cost_le
     calls.clear()
     run_batch(Echo(), requests, layout(inputs, outputs, pad={"T": 0}, trim={"E": "T"}, bucket_cost=1000))
     assert calls == [(6, 41)]  # a call dearer than all the padding: one batch
+
+
+def test_rows_of_a_bulk_request_are_bucketed_by_their_own_length():
+    calls = []
+
+    class Echo(Hook):
+        def infer(self, batch):
+            calls.append(batch["T"].shape)
+            return {"E": batch["T"] * 10, "N": (batch["T"] > 0).sum(axis=1, keepdims=True)}
+
+    inputs = [("T", "TYPE_INT64", [-1]), ("M", "TYPE_INT64", [-1])]
+    outputs = [("E", "TYPE_INT64", [-1]), ("N", "TYPE_INT64", [1])]
+    lengths = [3, 40, 4, 41, 3, 39]
+    ids = np.zeros((6, 41), np.int64)
+    for r, n in enumerate(lengths):
+        ids[r, :n] = np.arange(1, n + 1)
+    bulk = {"T": ids, "M": (ids > 0).astype(np.int64)}  # one request of six rows, padded to 41
+    single = {"T": np.arange(1, 6, dtype=np.int64)[None], "M": np.ones((1, 5), np.int64)}
+    bucketed = layout(inputs, outputs, pad={"T": 0, "M": 0}, trim={"E": "T"}, bucket_cost=8)
+    results = run_batch(Echo(), [bulk, single], bucketed)
+    assert sorted(calls) == [(3, 41), (4, 5)]  # the short rows (and the 5-token request) apart from the long
+    assert results[0]["E"].shape == (6, 41) and results[1]["E"].shape == (1, 5)
+    np.testing.assert_array_equal(results[0]["E"], ids * 10)  # in order, zero past each row's own length
+    np.testing.assert_array_equal(results[0]["N"][:, 0], lengths)
+    np.testing.assert_array_equal(results[1]["E"], single["T"] * 10)
+
+    calls.clear()
+    run_batch(Echo(), [bulk, single], layout(inputs, outputs, pad={"T": 0, "M": 0}, trim={"E": "T"}))
+    assert calls == [(7, 41)]  # without buckets: one call, everything padded to the longest
+
+
+def test_a_failing_row_fails_its_whole_request_and_only_it():
+    class PoisonRow(Hook):
+        def infer(self, batch):
+            if (batch["T"] == 99).any():
+                raise ValueError("poison")
+            return {"E": batch["T"]}
+
+    inputs, outputs = [("T", "TYPE_INT64", [-1])], [("E", "TYPE_INT64", [-1])]
+    bad = {"T": np.array([[1, 2, 0], [99, 1, 1]], np.int64)}
+    good = {"T": np.array([[5, 6, 0], [7, 0, 0]], np.int64)}
+    results = run_batch(PoisonRow(), [bad, good], layout(inputs, outputs, pad={"T": 0}, trim={"E": "T"},
+                                                         bucket_cost=1000))
+    assert isinstance(results[0], Failure) and "poison" in results[0].message
+    np.testing.assert_array_equal(results[1]["E"], good["T"])

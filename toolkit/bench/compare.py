@@ -14,18 +14,23 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from toolkit.bench.loadgen import PointSpec, run_point
 from toolkit.bench.report import evaluate_targets, write_markdown, write_plot
-from toolkit.bench.runner import CONTENDERS, BenchError, Workload, measure_limit, measure_point, serve
+from toolkit.bench.runner import CONTENDERS, BenchError, Workload, best_limits, measure_limit, measure_point, serve
+from toolkit.errors import ToolkitError
 
 
 @dataclass(frozen=True)
 class Plan:
     workloads: tuple[Workload, ...]
     contenders: tuple[str, ...] = CONTENDERS
-    concurrencies: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    concurrencies: tuple[int, ...] = (1, 16, 64)
     rates: tuple[float, ...] = ()
+    #: Bulk requests: (concurrency, items per request); (0, 0) for none.
+    bulk: tuple[int, int] = (4, 64)
     warmup_s: float = 3.0
     measure_s: float = 10.0
-    batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    #: Seconds (at least one whole pass over the items) per in-process limit measurement.
+    limit_s: float = 3.0
     max_variation: float = 0.25
     allow_unstable: bool = False
 
@@ -45,8 +50,10 @@ def machine() -> dict[str, Any]:
 def compare(plan: Plan, out: Path, *, progress: bool = True) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     servers = [c for c in plan.contenders if c != "inprocess"]
-    points_per_server = len(plan.concurrencies) + len(plan.rates)
-    total = len(plan.workloads) * (len(servers) * points_per_server + 2 * ("inprocess" in plan.contenders))
+    loads = [("concurrency", c, 1) for c in plan.concurrencies] + [("rate", r, 1) for r in plan.rates]
+    if plan.bulk[0] > 0:
+        loads.append(("concurrency", plan.bulk[0], plan.bulk[1]))
+    total = len(plan.workloads) * (len(servers) * len(loads) + 2 * ("inprocess" in plan.contenders))
     results: dict[str, Any] = {"machine": machine(), "plan": _plan_dict(plan), "workloads": {}}
     columns = (TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, disable=not progress, transient=False) as bar:
@@ -54,34 +61,36 @@ def compare(plan: Plan, out: Path, *, progress: bool = True) -> dict[str, Any]:
         for work in plan.workloads:
             payloads = work.payloads()
             per_contender: dict[str, Any] = {}
+
+            limit_args = (work.model, work.model_dir, list(plan.batch_sizes), plan.limit_s,
+                          [c for c in plan.concurrencies if c > 1], payloads)
             if "inprocess" in plan.contenders:
-                bar.update(task, description=f"{work.name}: in-process limit")
-                per_contender["inprocess"] = {"limit": measure_limit(
-                    work.name, work.model_dir, list(plan.batch_sizes), plan.measure_s / 2)}
+                bar.update(task, description=f"{work.name}: in-process limits")
+                first = measure_limit(*limit_args)
                 bar.advance(task)
             for contender in servers:
                 bar.update(task, description=f"{work.name}: starting {contender}")
                 points = []
-                with serve(contender, work, out) as (target, stats_url):
-                    run_point(PointSpec(target, payloads, concurrency=4, warmup_s=0, measure_s=plan.warmup_s))
-                    models = work.steps if contender == "toolkit" else None
-                    loads = [("concurrency", c) for c in plan.concurrencies] + [("rate", r) for r in plan.rates]
-                    for kind, value in loads:
-                        bar.update(task, description=f"{work.name}: {contender} {kind} {value}")
-                        spec = PointSpec(target, payloads, warmup_s=min(2.0, plan.warmup_s),
-                                         measure_s=plan.measure_s, **{kind: value})
-                        result, server_split = measure_point(spec, stats_url, models, plan.max_variation)
-                        points.append({"load": kind, "value": value, **result.to_dict(), **server_split})
-                        bar.advance(task)
+                try:
+                    with serve(contender, work, out) as (target, stats_url):
+                        run_point(PointSpec(target, payloads, concurrency=4, warmup_s=0, measure_s=plan.warmup_s))
+                        models = work.steps if contender == "toolkit" else (work.model,)
+                        for kind, value, items in loads:
+                            bar.update(task, description=f"{work.name}: {contender} {kind} {value} x{items}")
+                            spec = PointSpec(target, payloads, warmup_s=min(2.0, plan.warmup_s),
+                                             measure_s=plan.measure_s, items=items, **{kind: value})
+                            result, server_split = measure_point(spec, stats_url, models, plan.max_variation)
+                            points.append({"load": "bulk" if items > 1 else kind, "value": value,
+                                           **result.to_dict(), **server_split})
+                            bar.advance(task)
+                except (BenchError, ToolkitError, OSError) as e:  # reported, and the run goes on
+                    per_contender[contender] = {"failed": f"{type(e).__name__}: {e}"[:500], "points": points}
+                    bar.console.print(f"[red]{work.name}: {contender} failed: {e}")
+                    continue
                 per_contender[contender] = {"points": points}
             if "inprocess" in plan.contenders:
-                # This machine's speed drifts between minutes; measure the limit again after the
-                # servers and hold the toolkit to the better of the two (the stricter target).
-                bar.update(task, description=f"{work.name}: in-process limit again")
-                again = measure_limit(work.name, work.model_dir, list(plan.batch_sizes), plan.measure_s / 2)
-                first = per_contender["inprocess"]["limit"]
-                best = first if first["best_throughput"] >= again["best_throughput"] else again
-                per_contender["inprocess"] = {"limit": {**best, "runs": [first, again]}}
+                bar.update(task, description=f"{work.name}: in-process limits again")
+                per_contender["inprocess"] = {"limit": best_limits(first, measure_limit(*limit_args))}
                 bar.advance(task)
             results["workloads"][work.name] = per_contender
     results["targets"] = evaluate_targets(results["workloads"])

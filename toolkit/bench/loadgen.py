@@ -49,6 +49,11 @@ class PointSpec:
     warmup_s: float = 2.0
     measure_s: float = 10.0
     seed: int = 0
+    items: int = 1  # payloads per request (> 1: bulk requests of consecutive payloads)
+
+    def request(self, index: int) -> list[bytes]:
+        start = index * self.items
+        return [self.payloads[(start + k) % len(self.payloads)] for k in range(self.items)]
 
 
 @dataclass
@@ -66,6 +71,11 @@ class PointResult:
     #: Throughput in each fifth of the window, to judge stability.
     slices: list[float] = field(default_factory=list)
     error_samples: list[str] = field(default_factory=list)
+    items: int = 1  # payloads per request
+
+    @property
+    def items_per_s(self) -> float:
+        return self.throughput * self.items
 
     @property
     def variation(self) -> float:
@@ -75,7 +85,7 @@ class PointResult:
         return float(np.std(self.slices) / np.mean(self.slices))
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "variation": self.variation}
+        return {**asdict(self), "variation": self.variation, "items_per_s": self.items_per_s}
 
 
 class _Client:
@@ -113,25 +123,26 @@ class _Client:
         else:
             await self.client.close()
 
-    async def call(self, payload: bytes) -> None:
-        spec = self.spec
+    async def call(self, payloads: list[bytes]) -> None:
+        spec, n = self.spec, len(payloads)
         if spec.kind == "json-http":
-            value = payload.decode("utf-8") if spec.json_field == "texts" else base64.b64encode(payload).decode()
-            async with self.session.post(f"http://{spec.url}/{spec.model}", json={spec.json_field: [value]}) as r:
+            values = [p.decode("utf-8") if spec.json_field == "texts" else base64.b64encode(p).decode()
+                      for p in payloads]
+            async with self.session.post(f"http://{spec.url}/{spec.model}", json={spec.json_field: values}) as r:
                 body = await r.json(content_type=None)
-                if r.status != 200 or len(body.get("embeddings", [])) != 1:
+                if r.status != 200 or len(body.get("embeddings", [])) != n:
                     raise RuntimeError(f"HTTP {r.status}: {str(body)[:200]}")
             return
-        data = np.empty((1, 1), dtype=np.object_)
-        data[0, 0] = payload
-        item = self.module.InferInput(spec.input_name, [1, 1], "BYTES")
+        data = np.empty((n, 1), dtype=np.object_)
+        data[:, 0] = payloads
+        item = self.module.InferInput(spec.input_name, [n, 1], "BYTES")
         if spec.kind == "triton-http":
             item.set_data_from_numpy(data, binary_data=True)
             result = await self.client.infer(spec.model, [item], timeout=int(spec.timeout_s * 1e6))
         else:
             item.set_data_from_numpy(data)
             result = await self.client.infer(spec.model, [item], client_timeout=spec.timeout_s)
-        if result.as_numpy(spec.output_name).shape[0] != 1:
+        if result.as_numpy(spec.output_name).shape[0] != n:
             raise RuntimeError("answer has the wrong number of rows")
 
 
@@ -143,7 +154,7 @@ class _Recorder:
         self.samples: list[tuple[float, float]] = []
         self.errors: list[str] = []
 
-    async def send(self, client: _Client, payload: bytes, since: float) -> None:
+    async def send(self, client: _Client, payload: list[bytes], since: float) -> None:
         """One request; latency counts from ``since`` (sent, or scheduled in an open loop)."""
         try:
             await client.call(payload)
@@ -161,7 +172,7 @@ async def _closed_loop(spec: PointSpec) -> _Recorder:
 
     async def worker(client: _Client) -> None:
         while (now := time.perf_counter()) < end:
-            await record.send(client, spec.payloads[next(counter) % len(spec.payloads)], now)
+            await record.send(client, spec.request(next(counter)), now)
 
     async with _Client(spec.target) as client:
         await asyncio.gather(*(worker(client) for _ in range(spec.concurrency)))
@@ -186,7 +197,7 @@ async def _open_loop(spec: PointSpec) -> _Recorder:
                 record.errors.append(f"{scheduled - record.start:.3f} client: more than {MAX_OUTSTANDING} "
                                      "requests outstanding")
                 continue
-            task = asyncio.create_task(record.send(client, spec.payloads[i % len(spec.payloads)], scheduled))
+            task = asyncio.create_task(record.send(client, spec.request(i), scheduled))
             outstanding.add(task)
             task.add_done_callback(outstanding.discard)
             i += 1
@@ -207,7 +218,7 @@ def _summarise(spec: PointSpec, samples: list[tuple[float, float]], errors: list
         errors=len(errors), throughput=len(window) / spec.measure_s,
         p50_ms=float(np.percentile(latencies, 50)), p95_ms=float(np.percentile(latencies, 95)),
         p99_ms=float(np.percentile(latencies, 99)), mean_ms=float(np.mean(latencies)),
-        slices=slices, error_samples=errors[:5])
+        slices=slices, error_samples=errors[:5], items=spec.items)
 
 
 def run_point_here(spec: PointSpec) -> PointResult:

@@ -75,6 +75,10 @@ class EmbeddingPipeline:
         self.pooling.init(_context("pooling", bert_dir))
         self.session = _session(Path(bert_dir) / "model.onnx", threads)
 
+    def token_count(self, text: str) -> int:
+        """Tokens of ``text`` as served (with [CLS]/[SEP], truncated): the length batches sort by."""
+        return len(self.tokenizer.tokenizer.encode(text).ids)
+
     def __call__(self, texts: list[str]) -> np.ndarray:
         encoded = _run(self.tokenizer, {"TEXT": np.array([[t.encode("utf-8")] for t in texts], dtype=object)})
         hidden = self.session.run(["last_hidden_state"], encoded)[0]

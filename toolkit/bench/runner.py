@@ -29,9 +29,11 @@ import numpy as np
 
 from toolkit.bench.loadgen import PointResult, PointSpec, TargetSpec, run_point
 from toolkit.errors import ToolkitError
-from toolkit.server import free_ports
+from toolkit.server import TritonServer, free_ports
 
-CONTENDERS = ("inprocess", "naive", "pytriton", "toolkit")
+#: The toolkit in its forms: the Triton ensemble, ``execution: fused``, and fused with the int8 BERT.
+TOOLKIT_FORMS = ("toolkit", "toolkit-fused", "toolkit-int8")
+CONTENDERS = ("inprocess", "naive", "pytriton", *TOOLKIT_FORMS)
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -41,26 +43,35 @@ class BenchError(ToolkitError):
 
 @dataclass(frozen=True)
 class Workload:
-    name: str  # embedding | mobile: also the model / route name every server uses
+    name: str  # embedding | short | mobile
+    model: str  # embedding | mobile: the model / route name every server uses
     model_dir: Path  # version folder of the ONNX model (bert/1 or mobilenet/1)
     input_name: str
     json_field: str
     steps: tuple[str, ...]  # the toolkit's models behind the ensemble, for the server-side split
+    int8_dir: Path | None = None  # `toolkit export bert --quantize int8`: the toolkit-int8 contender
 
     def payloads(self) -> list[bytes]:
         from toolkit.bench.pipelines import load_corpus, make_images
 
-        if self.name == "embedding":
-            return [t.encode("utf-8") for t in load_corpus()]
-        return make_images(64)
+        if self.model == "mobile":
+            return make_images(64)
+        texts = load_corpus()
+        if self.name == "short":  # one short sentence per request, as a chat or search box sends
+            texts = [t for t in texts if SHORT_WORDS[0] <= len(t.split()) <= SHORT_WORDS[1]]
+        return [t.encode("utf-8") for t in texts]
 
 
-def workload(name: str, model_dir: Path) -> Workload:
-    if name == "embedding":
-        return Workload(name, model_dir, "TEXT", "texts", ("tokenizer", "bert", "pooling"))
+SHORT_WORDS = (8, 16)
+WORKLOADS = ("embedding", "short", "mobile")
+
+
+def workload(name: str, model_dir: Path, int8_dir: Path | None = None) -> Workload:
+    if name in ("embedding", "short"):
+        return Workload(name, "embedding", model_dir, "TEXT", "texts", ("tokenizer", "bert", "pooling"), int8_dir)
     if name == "mobile":
-        return Workload(name, model_dir, "IMAGE", "images", ("preprocess", "mobilenet"))
-    raise BenchError(f"unknown workload {name!r}: use embedding or mobile")
+        return Workload(name, "mobile", model_dir, "IMAGE", "images", ("preprocess", "mobilenet"))
+    raise BenchError(f"unknown workload {name!r}: use {', '.join(WORKLOADS)}")
 
 
 @dataclass
@@ -72,41 +83,81 @@ class ContenderResult:
 
 
 # ----------------------------------------------------------------------------- (a) in process
-def measure_limit_here(name: str, model_dir: str, batch_sizes: list[int], seconds: float) -> dict[str, Any]:
-    """Throughput at each batch size (similar-length items batched together) and batch-1 latency."""
-    from toolkit.bench.pipelines import EmbeddingPipeline, MobilePipeline, load_corpus, make_images
+def _rate(pipeline: Callable, batches: list[list], seconds: float) -> float:
+    """Items per second over whole passes through ``batches``, repeated until ``seconds`` have gone
+    by (never a part of a pass: a sorted corpus cut short would count only its short items)."""
+    done, start = 0, time.perf_counter()
+    while True:
+        for batch in batches:
+            pipeline(batch)
+            done += len(batch)
+        if time.perf_counter() - start >= seconds:
+            return done / (time.perf_counter() - start)
 
-    if name == "embedding":
-        pipeline: Callable = EmbeddingPipeline(Path(model_dir))
-        items: list = load_corpus()
-        ordered = sorted(items, key=len)  # similar lengths together: the padding-free best case
+
+def _stream_batches(items: list, concurrency: int, group: int, size: Callable) -> list[list]:
+    """What a server holding ``concurrency`` requests can do with them: take them in arrival order,
+    ``concurrency`` at a time, sort each window by length and run it in groups of ``group``."""
+    batches = []
+    for i in range(0, len(items), concurrency):
+        window = sorted(items[i:i + concurrency], key=size)
+        batches += [window[j:j + group] for j in range(0, len(window), group)]
+    return batches
+
+
+def measure_limit_here(name: str, model_dir: str, batch_sizes: list[int], seconds: float,
+                       concurrencies: list[int] | None = None, payloads: list | None = None) -> dict[str, Any]:
+    """The two limits of issue 13, for the workload's items in their arrival order:
+
+    * offline: the whole corpus sorted by length, at each batch size (the best is the limit);
+    * stream at concurrency c: ``c`` requests at a time in arrival order, each alone or sorted into
+      groups of 4, 8 or 16 (at most c): the best grouping is the limit.
+
+    Plus the batch-1 latency (p50 over 200 items)."""
+    from toolkit.bench.pipelines import EmbeddingPipeline, MobilePipeline
+
+    if name == "mobile":
+        pipeline: Callable = MobilePipeline(Path(model_dir))
+        size: Callable = len
     else:
-        pipeline = MobilePipeline(Path(model_dir))
-        items = ordered = make_images(64)
+        pipeline = EmbeddingPipeline(Path(model_dir))
+        size = pipeline.token_count
+    items = [p.decode("utf-8") for p in payloads] if name != "mobile" else list(payloads)
+    ordered = sorted(items, key=size)
     pipeline(items[:4])  # warm-up
-    throughput = {}
-    for batch in batch_sizes:
-        done, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            for i in range(0, len(ordered), batch):
-                pipeline(ordered[i:i + batch])
-                done += len(ordered[i:i + batch])
-                if time.perf_counter() - start >= seconds:
-                    break
-        throughput[batch] = done / (time.perf_counter() - start)
+    throughput = {b: _rate(pipeline, [ordered[i:i + b] for i in range(0, len(ordered), b)], seconds)
+                  for b in batch_sizes}
+    stream = {}
+    for c in concurrencies or []:
+        groupings = {"alone": [[x] for x in items]}
+        groupings.update({f"sorted groups of {g}": _stream_batches(items, c, g, size) for g in (4, 8, 16) if g <= c})
+        rates = {label: _rate(pipeline, batches, seconds) for label, batches in groupings.items()}
+        best = max(rates, key=rates.get)
+        stream[c] = {"rates": rates, "best": best, "throughput": rates[best]}
     latencies = []
     for item in items[:200]:
         t = time.perf_counter()
         pipeline([item])
         latencies.append((time.perf_counter() - t) * 1000)
     best = max(throughput, key=throughput.get)
-    return {"throughput": throughput, "best_batch": best, "best_throughput": throughput[best],
+    return {"throughput": throughput, "best_batch": best, "best_throughput": throughput[best], "stream": stream,
             "batch1_p50_ms": float(np.percentile(latencies, 50))}
 
 
-def measure_limit(name: str, model_dir: Path, batch_sizes: list[int], seconds: float) -> dict[str, Any]:
+def measure_limit(name: str, model_dir: Path, batch_sizes: list[int], seconds: float,
+                  concurrencies: list[int] | None = None, payloads: list | None = None) -> dict[str, Any]:
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(measure_limit_here, (name, str(model_dir), batch_sizes, seconds))
+        return pool.apply(measure_limit_here, (name, str(model_dir), batch_sizes, seconds, concurrencies, payloads))
+
+
+def best_limits(first: dict[str, Any], again: dict[str, Any]) -> dict[str, Any]:
+    """This machine's speed drifts between minutes: each limit is the higher of its two measurements
+    (the stricter target for the servers)."""
+    best = dict(first if first["best_throughput"] >= again["best_throughput"] else again)
+    best["stream"] = {c: max(first["stream"][c], again["stream"][c], key=lambda s: s["throughput"])
+                      for c in first["stream"]}
+    best["runs"] = [first, again]
+    return best
 
 
 # ----------------------------------------------------------------------------- servers
@@ -146,45 +197,56 @@ def _subprocess(cmd: list[str], log: Path) -> Iterator[subprocess.Popen]:
 def serve(contender: str, work: Workload, out: Path) -> Iterator[tuple[TargetSpec, str | None]]:
     """Start one contender; yield its load target and its Triton HTTP address (for statistics)."""
     http, grpc, metrics = free_ports(3)
-    if contender == "toolkit":
-        from toolkit.project import load_project
-        from toolkit.repo import generate_repository
-        from toolkit.server import TritonServer
-
-        project_dir = out / "toolkit-project"
-        shutil.rmtree(project_dir, ignore_errors=True)
-        shutil.copytree(ROOT / "model_repository", project_dir / "models", ignore=shutil.ignore_patterns("[0-9]*"))
-        shutil.copytree(ROOT / "ensembles", project_dir / "ensembles")
-        owner = "bert" if work.name == "embedding" else "mobilenet"
-        shutil.copytree(work.model_dir, project_dir / "models" / owner / "1")
-        if work.name == "embedding":  # serve only what is measured
-            for other in ("preprocess", "mobilenet"):
-                shutil.rmtree(project_dir / "models" / other)
-            (project_dir / "ensembles" / "mobile.yaml").unlink()
-        else:
-            for other in ("tokenizer", "bert", "pooling"):
-                shutil.rmtree(project_dir / "models" / other)
-            (project_dir / "ensembles" / "embedding.yaml").unlink()
-        project = load_project(project_dir / "models", project_dir / "ensembles")
-        repo = generate_repository(project, out / "toolkit-repository").path
+    if contender in TOOLKIT_FORMS:
+        repo = _toolkit_repository(contender, work, out)
         with TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics,
-                          log_file=out / "toolkit-tritonserver.log"):
-            yield TargetSpec("triton-grpc", f"127.0.0.1:{grpc}", work.name, work.input_name), f"127.0.0.1:{http}"
+                          log_file=out / f"{contender}-tritonserver.log"):
+            yield TargetSpec("triton-grpc", f"127.0.0.1:{grpc}", work.model, work.input_name), f"127.0.0.1:{http}"
     elif contender == "pytriton":
-        cmd = [sys.executable, "-m", "toolkit.bench.baselines.pytriton_server", "--workload", work.name,
+        cmd = [sys.executable, "-m", "toolkit.bench.baselines.pytriton_server", "--workload", work.model,
                "--model-dir", str(work.model_dir), "--http-port", str(http), "--grpc-port", str(grpc),
                "--metrics-port", str(metrics)]
         with _subprocess(cmd, out / "pytriton.log") as process:
-            _wait_http(f"http://127.0.0.1:{http}/v2/models/{work.name}/ready", process, 180, "PyTriton")
-            yield TargetSpec("triton-grpc", f"127.0.0.1:{grpc}", work.name, work.input_name), f"127.0.0.1:{http}"
+            _wait_http(f"http://127.0.0.1:{http}/v2/models/{work.model}/ready", process, 180, "PyTriton")
+            yield TargetSpec("triton-grpc", f"127.0.0.1:{grpc}", work.model, work.input_name), f"127.0.0.1:{http}"
     elif contender == "naive":
-        cmd = [sys.executable, "-m", "toolkit.bench.baselines.naive", "--workload", work.name,
+        cmd = [sys.executable, "-m", "toolkit.bench.baselines.naive", "--workload", work.model,
                "--model-dir", str(work.model_dir), "--host", "127.0.0.1", "--port", str(http)]
         with _subprocess(cmd, out / "naive.log") as process:
             _wait_http(f"http://127.0.0.1:{http}/health", process, 120, "the FastAPI server")
-            yield TargetSpec("json-http", f"127.0.0.1:{http}", work.name, json_field=work.json_field), None
+            yield TargetSpec("json-http", f"127.0.0.1:{http}", work.model, json_field=work.json_field), None
     else:
         raise BenchError(f"unknown contender {contender!r}")
+
+
+def _toolkit_repository(contender: str, work: Workload, out: Path) -> Path:
+    """The example's repository with only the measured ensemble: as committed (``toolkit``), with
+    ``execution: fused`` (``toolkit-fused``), or fused with the int8 BERT (``toolkit-int8``)."""
+    import yaml
+
+    from toolkit.project import load_project
+    from toolkit.repo import generate_repository
+
+    if contender == "toolkit-int8" and (work.model != "embedding" or work.int8_dir is None):
+        raise BenchError("toolkit-int8 needs the embedding workload and an int8 export (--int8-dir)")
+    project_dir = out / f"{contender}-project"
+    shutil.rmtree(project_dir, ignore_errors=True)
+    shutil.copytree(ROOT / "model_repository", project_dir / "models", ignore=shutil.ignore_patterns("[0-9]*"))
+    shutil.copytree(ROOT / "ensembles", project_dir / "ensembles")
+    owner = "bert" if work.model == "embedding" else "mobilenet"
+    source = work.int8_dir if contender == "toolkit-int8" else work.model_dir
+    shutil.copytree(source, project_dir / "models" / owner / "1")
+    others = ("preprocess", "mobilenet", "mobile") if work.model == "embedding" else (
+        "tokenizer", "bert", "pooling", "embedding")
+    for other in others:  # serve only what is measured
+        shutil.rmtree(project_dir / "models" / other, ignore_errors=True)
+        (project_dir / "ensembles" / f"{other}.yaml").unlink(missing_ok=True)
+    if contender != "toolkit":
+        path = project_dir / "ensembles" / f"{work.model}.yaml"
+        spec = yaml.safe_load(path.read_text())
+        path.write_text(yaml.safe_dump({**spec, "execution": "fused"}, sort_keys=False))
+    project = load_project(project_dir / "models", project_dir / "ensembles")
+    return generate_repository(project, out / f"{contender}-repository").path
 
 
 def triton_statistics(http_url: str) -> dict[str, dict[str, int]]:

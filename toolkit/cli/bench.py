@@ -20,6 +20,9 @@ def _numbers(kind):
     return parse
 
 
+DEFAULT_CONTENDERS = ("inprocess", "naive", "pytriton", "toolkit", "toolkit-fused", "toolkit-int8")
+
+
 @click.group()
 def bench() -> None:
     """Measure throughput and latency (closed and open loop) with Triton's queue/compute split."""
@@ -30,8 +33,9 @@ def bench() -> None:
 @click.option("--model", default=None, help="Model (or route, for json-http). Default: the --workload's name.")
 @click.option("--kind", type=click.Choice(["triton-grpc", "triton-http", "json-http"]), default="triton-grpc",
               show_default=True)
-@click.option("--workload", type=click.Choice(["embedding", "mobile"]), default="embedding", show_default=True,
-              help="Which payloads to send: the sentence corpus or 224x224 JPEG images.")
+@click.option("--workload", type=click.Choice(["embedding", "short", "mobile"]), default="embedding",
+              show_default=True, help="Which payloads to send: the sentence corpus, its 8-16 word sentences, or "
+                                      "224x224 JPEG images.")
 @click.option("--concurrency", callback=_numbers(int), default="1,4,16", show_default=True)
 @click.option("--rate", callback=_numbers(float), default="", help="Open-loop Poisson rates (req/s), e.g. 20,50.")
 @click.option("--seconds", type=float, default=10.0, show_default=True, help="Measurement window per point.")
@@ -44,9 +48,9 @@ def load(url: str, model: str | None, kind: str, workload: str, concurrency: tup
     from toolkit.bench.runner import workload as make_workload
     from toolkit.client import normalize_url
 
-    url, model = normalize_url(url), model or workload
-    _check_reachable(kind, url, model)  # fail in a second, not after a window of failed requests
     work = make_workload(workload, Path("."))
+    url, model = normalize_url(url), model or work.model
+    _check_reachable(kind, url, model)  # fail in a second, not after a window of failed requests
     target = TargetSpec(kind, url, model, work.input_name, json_field=work.json_field)
     payloads = work.payloads()
     failed = 0
@@ -84,37 +88,47 @@ def _check_reachable(kind: str, url: str, model: str) -> None:
 
 
 @bench.command("compare")
-@click.option("--workload", "workloads", type=click.Choice(["embedding", "mobile"]), multiple=True,
-              default=("embedding", "mobile"), show_default=True)
+@click.option("--workload", "workloads", type=click.Choice(["embedding", "short", "mobile"]), multiple=True,
+              default=("embedding", "short", "mobile"), show_default=True,
+              help="embedding: documentation sentences; short: 8-16 word sentences; mobile: JPEG images.")
 @click.option("--bert-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("model_repository/bert/1"),
               show_default=True, help="Exported BERT version folder (toolkit export bert).")
+@click.option("--int8-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("build/bench/bert-int8/1"),
+              show_default=True, help="The int8 BERT (toolkit export bert --quantize int8) for toolkit-int8.")
 @click.option("--mobilenet-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("model_repository/mobilenet/1"), show_default=True)
-@click.option("--contenders", callback=lambda c, p, v: tuple(v.split(",")),
-              default="inprocess,naive,pytriton,toolkit", show_default=True)
-@click.option("--concurrency", callback=_numbers(int), default="1,2,4,8,16,32", show_default=True)
+@click.option("--contenders", callback=lambda c, p, v: tuple(v.split(",")), default=",".join(DEFAULT_CONTENDERS),
+              show_default=True, help="Peers run in their own virtualenvs (build/peers), created on first use.")
+@click.option("--concurrency", callback=_numbers(int), default="1,16,64", show_default=True)
 @click.option("--rate", callback=_numbers(float), default="", help="Open-loop Poisson rates (req/s).")
+@click.option("--bulk", callback=_numbers(int), default="4,64", show_default=True,
+              help="Bulk requests: CONCURRENCY,ITEMS per request (0,0 for none).")
 @click.option("--seconds", type=float, default=10.0, show_default=True, help="Measurement window per point.")
 @click.option("--warmup", type=float, default=3.0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("build/bench"),
               show_default=True, help="Where results.json, report.md and plot.png go.")
 @click.option("--allow-unstable", is_flag=True, help="Report unsteady points instead of failing.")
-def compare_command(workloads, bert_dir, mobilenet_dir, contenders, concurrency, rate, seconds, warmup, out,
-                    allow_unstable) -> None:
-    """Run the in-process limit, a FastAPI server, PyTriton and the toolkit on the same inputs."""
+def compare_command(workloads, bert_dir, int8_dir, mobilenet_dir, contenders, concurrency, rate, bulk, seconds,
+                    warmup, out, allow_unstable) -> None:
+    """The in-process limits, the toolkit's forms and every peer on the same inputs, in one run."""
     from toolkit.bench.compare import Plan, compare
     from toolkit.bench.runner import CONTENDERS, BenchError, workload
 
     unknown = set(contenders) - set(CONTENDERS)
     if unknown:
         raise click.BadParameter(f"unknown {sorted(unknown)}; choose from {CONTENDERS}", param_hint="--contenders")
-    dirs = {"embedding": bert_dir, "mobile": mobilenet_dir}
+    if len(bulk) != 2 or min(bulk) < 0:
+        raise click.BadParameter(f"expected CONCURRENCY,ITEMS, got {bulk}", param_hint="--bulk")
+    dirs = {"embedding": bert_dir, "short": bert_dir, "mobile": mobilenet_dir}
     for name in workloads:
         if not (dirs[name] / "model.onnx").is_file():
             raise BenchError(f"{dirs[name]}/model.onnx not found: export it first (see export/README.md)")
-    plan = Plan(workloads=tuple(workload(n, dirs[n].absolute()) for n in workloads), contenders=contenders,
-                concurrencies=concurrency, rates=rate, warmup_s=warmup, measure_s=seconds,
-                allow_unstable=allow_unstable)
+    if "toolkit-int8" in contenders and not (int8_dir / "model.onnx").is_file():
+        raise BenchError(f"{int8_dir}/model.onnx not found: toolkit export bert --quantize int8 --out "
+                         f"{int8_dir.parent} (./dev.sh bench does it)")
+    plan = Plan(workloads=tuple(workload(n, dirs[n].absolute(), int8_dir.absolute()) for n in workloads),
+                contenders=contenders, concurrencies=concurrency, rates=rate, bulk=tuple(bulk), warmup_s=warmup,
+                measure_s=seconds, allow_unstable=allow_unstable)
     try:
         results = compare(plan, out)
     finally:

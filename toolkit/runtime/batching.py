@@ -118,6 +118,7 @@ class _Accepted:
     index: int
     inputs: dict[str, np.ndarray]
     rows: int
+    row: int | None = None  # one row of a multi-row request, bucketed on its own (see _split_rows)
 
 
 def run_batch(hook: Any, requests: list[dict[str, np.ndarray]], layout: Layout,
@@ -133,9 +134,84 @@ def run_batch(hook: Any, requests: list[dict[str, np.ndarray]], layout: Layout,
         except Exception as e:
             results[i] = _failure(e, API_ENTRY_FAILED, "api_entry", log)
         observer.api_entry(time.perf_counter() - started)
-    for group in _groups(accepted, layout):
-        _run_group(hook, group, layout, results, log, observer)
+    items = _split_rows(accepted, layout)
+    done: dict[tuple[int, int | None], Result] = {}
+    for group in _groups(items, layout):
+        _run_group(hook, group, layout, done, log, observer)
+    for a in accepted:
+        if (a.index, None) in done:
+            results[a.index] = done[(a.index, None)]
+        else:
+            results[a.index] = _join_rows(a, [done[(a.index, r)] for r in range(a.rows)], layout)
     return results  # type: ignore[return-value]
+
+
+def _split_rows(accepted: list[_Accepted], layout: Layout) -> list[_Accepted]:
+    """With length buckets on, the rows of a multi-row request (a bulk request of 64 texts) are
+    bucketed one by one, each cut to its own length, instead of all at the request's longest.
+
+    A row's length along the padded inputs' variable axis is where every padded input holds only
+    its pad value from there on (the padding ``pad_inputs`` declares). Applies when every padded
+    input has one variable axis and they agree on its size within the request; otherwise the
+    request stays whole."""
+    if layout.bucket_cost <= 0 or not layout.pad or not layout.batching:
+        return accepted
+    items = []
+    for a in accepted:
+        lengths = _row_lengths(a, layout) if a.rows > 1 else None
+        if lengths is None:
+            items.append(a)
+            continue
+        for r, length in enumerate(lengths):
+            inputs = {}
+            for name, array in a.inputs.items():
+                part = array[r:r + 1]
+                if name in layout.pad and name in layout.inputs:
+                    axis = layout.inputs[name].variable_axes[0] + 1
+                    part = part[(slice(None),) * axis + (slice(0, length),)]
+                inputs[name] = part
+            items.append(_Accepted(a.index, inputs, 1, row=r))
+    return items
+
+
+def _row_lengths(a: _Accepted, layout: Layout) -> list[int] | None:
+    padded = [n for n in layout.pad if n in a.inputs and n in layout.inputs]
+    if not padded or any(len(layout.inputs[n].variable_axes) != 1 for n in padded):
+        return None
+    axes = {n: layout.inputs[n].variable_axes[0] + 1 for n in padded}
+    if any(a.inputs[n].ndim <= axes[n] for n in padded) or len({a.inputs[n].shape[axes[n]] for n in padded}) != 1:
+        return None
+    lengths = np.ones(a.rows, dtype=np.int64)
+    for name in padded:
+        array, axis = a.inputs[name], axes[name]
+        used = array != np.asarray(layout.pad[name], dtype=array.dtype)
+        used = used.any(axis=tuple(i for i in range(1, array.ndim) if i != axis)) if array.ndim > 2 else used
+        last = np.where(used.any(axis=1), used.shape[1] - np.argmax(used[:, ::-1], axis=1), 1)
+        lengths = np.maximum(lengths, last)
+    return [int(n) for n in lengths]
+
+
+def _join_rows(a: _Accepted, parts: list[Result], layout: Layout) -> Result:
+    """One request's answer from its rows' answers: the rows stacked, each padded back (with zeros)
+    to the length the request would have had; the first failing row fails the request."""
+    failure = next((p for p in parts if isinstance(p, Failure)), None)
+    if failure is not None:
+        return failure
+    out = {}
+    for name, spec in layout.outputs.items():
+        arrays = [p[name] for p in parts]  # type: ignore[index]
+        shape = [max(x.shape[i] for x in arrays) for i in range(arrays[0].ndim)]
+        like = layout.trim.get(name)
+        if like is not None and like in a.inputs:
+            for out_axis, in_axis in zip(spec.variable_axes, layout.inputs[like].variable_axes, strict=False):
+                shape[out_axis + 1] = a.inputs[like].shape[in_axis + 1]
+        shape[0] = a.rows
+        fill = b"" if arrays[0].dtype == np.object_ else 0
+        joined = np.full(shape, fill, dtype=arrays[0].dtype)
+        for r, x in enumerate(arrays):
+            joined[(slice(r, r + 1), *(slice(0, n) for n in x.shape[1:]))] = x
+        out[name] = joined
+    return out
 
 
 def _rows_of(request: Any, layout: Layout) -> int:
@@ -205,7 +281,7 @@ def _buckets(group: list[_Accepted], layout: Layout) -> list[list[_Accepted]]:
     return buckets[::-1]
 
 
-def _run_group(hook: Any, group: list[_Accepted], layout: Layout, results: list, log: Log | None,
+def _run_group(hook: Any, group: list[_Accepted], layout: Layout, results: dict, log: Log | None,
                observer: Observer = _NO_OBSERVER) -> None:
     try:
         if len(group) == 1:
@@ -227,10 +303,10 @@ def _run_group(hook: Any, group: list[_Accepted], layout: Layout, results: list,
             for a in group:
                 _run_group(hook, [a], layout, results, log, observer)
             return
-        results[group[0].index] = _failure(e, INFERENCE_FAILED, "infer", log)
+        results[(group[0].index, group[0].row)] = _failure(e, INFERENCE_FAILED, "infer", log)
         return
     for a, out in zip(group, split, strict=True):
-        results[a.index] = out
+        results[(a.index, a.row)] = out
 
 
 def _stack(arrays: list[np.ndarray], pad: float | None) -> np.ndarray:
