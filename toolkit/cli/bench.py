@@ -103,11 +103,12 @@ def compare_command(workloads, bert_dir, mobilenet_dir, contenders, concurrency,
                     allow_unstable) -> None:
     """Run the in-process limit, a FastAPI server, PyTriton and the toolkit on the same inputs."""
     from toolkit.bench.compare import Plan, compare
-    from toolkit.bench.runner import CONTENDERS, BenchError, workload
+    from toolkit.bench.runner import KNOWN_CONTENDERS, BenchError, workload
 
-    unknown = set(contenders) - set(CONTENDERS)
+    unknown = set(contenders) - set(KNOWN_CONTENDERS)
     if unknown:
-        raise click.BadParameter(f"unknown {sorted(unknown)}; choose from {CONTENDERS}", param_hint="--contenders")
+        raise click.BadParameter(f"unknown {sorted(unknown)}; choose from {KNOWN_CONTENDERS}",
+                                 param_hint="--contenders")
     dirs = {"embedding": bert_dir, "mobile": mobilenet_dir}
     for name in workloads:
         if not (dirs[name] / "model.onnx").is_file():
