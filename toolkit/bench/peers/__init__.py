@@ -293,7 +293,8 @@ def command(name: str, python: Path, work: Workload, port: int, out: Path) -> tu
     if name == "ray":
         block = free_block(RAY_PORTS, avoid=[port])
         cmd = [*env, str(python), str(HERE / "ray_server.py"), "--workload", work.name,
-               "--model-dir", str(work.model_dir), "--port", str(port), "--ray-ports", f"{block[0]}-{block[-1]}"]
+               "--model-dir", str(work.model_dir), "--port", str(port), "--ray-ports", f"{block[0]}-{block[-1]}",
+               "--temp-dir", str(ray_temp_dir(port))]
         return cmd, TargetSpec("json-http", url, work.name, json_field=work.json_field)
     if name == "infinity":
         model = _infinity_model(python)
@@ -306,6 +307,12 @@ def command(name: str, python: Path, work: Workload, port: int, out: Path) -> tu
                "--log-level", "warning", "--host", "127.0.0.1", "--port", str(port)]
         return cmd, TargetSpec("openai-http", url, INFINITY_MODEL)
     raise PeerError(f"unknown peer {name!r}: choose from {PEERS}")
+
+
+def ray_temp_dir(port: int) -> Path:
+    """Ray's session folder: short (unix socket paths live under it), removed once the peer stops
+    (a SIGTERM to the whole group can end the driver before its own cleanup)."""
+    return Path("/tmp") / f"toolkit-ray-{port}"
 
 
 def wait_ready(name: str, target: TargetSpec, work: Workload, process: subprocess.Popen, timeout: float) -> None:
@@ -381,4 +388,8 @@ def serve_peer(name: str, work: Workload, out: Path) -> Iterator[tuple[TargetSpe
                 seen.update({p: _start_time(p) for p in process_tree(process.pid)})
     finally:
         info["reaped"] = reap(seen) if seen else []
+        if name == "ray":
+            import shutil
+
+            shutil.rmtree(ray_temp_dir(port), ignore_errors=True)
         (out / f"{name}-{work.name}-checks.json").write_text(json.dumps(info, indent=1, default=str))

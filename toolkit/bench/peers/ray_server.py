@@ -271,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mobilenet-dir", type=Path)
     parser.add_argument("--port", type=int, required=True, help="Serve's HTTP port (on 127.0.0.1)")
     parser.add_argument("--ray-ports", required=True, help="LO-HI: the ports Ray's own processes may use")
+    parser.add_argument("--temp-dir", type=Path, help="Ray's session folder (short: unix socket paths live "
+                        "under it); default a new /tmp/rayp-*. Removed at exit.")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
     args = parser.parse_args(argv)
@@ -295,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["DASHBOARD_METRIC_PORT"] = str(ports["dashboard_metrics"])
     os.environ[ENV_GRPC_PORTS] = f"{ports['replica_grpc']}-{ports['replica_grpc'] + 3}"
     # Short: Ray's unix socket paths live under it (108-byte limit).
-    temp_dir = Path(tempfile.mkdtemp(prefix="rayp-"))
+    temp_dir = args.temp_dir or Path(tempfile.mkdtemp(prefix="rayp-"))
+    temp_dir.mkdir(parents=True, exist_ok=True)
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
