@@ -264,7 +264,8 @@ def _infinity_model(python: Path) -> Path:
     with open(log, "wb") as out:
         result = subprocess.run([str(cli), "export", "onnx", "--model", str(source), "--task", "feature-extraction",
                                  "--library-name", "transformers", str(model)], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env={**os.environ, **_OFFLINE}, check=False)
+                                stdin=subprocess.DEVNULL, check=False,
+                                env={**os.environ, **_OFFLINE, "HF_HOME": str(peers_dir() / "infinity" / "hf-home")})
     if result.returncode != 0 or not (model / "model.onnx").is_file():
         raise PeerError(f"infinity: optimum-cli export failed with code {result.returncode} (log: {log})")
     # infinity 0.0.78's optimum engine truncates at config.max_position_embeddings (512) and has no
