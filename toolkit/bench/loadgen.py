@@ -29,7 +29,7 @@ MAX_OUTSTANDING = 1024
 
 @dataclass(frozen=True)
 class TargetSpec:
-    """Where to send requests and how. ``kind``: triton-grpc | triton-http | json-http."""
+    """Where to send requests and how. ``kind``: triton-grpc | triton-http | json-http | openai-http."""
 
     kind: str
     url: str
@@ -100,7 +100,7 @@ class _Client:
             import tritonclient.grpc.aio as module
         elif kind == "triton-http":
             import tritonclient.http.aio as module
-        elif kind == "json-http":
+        elif kind in ("json-http", "openai-http"):
             import aiohttp
 
             self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.spec.timeout_s))
@@ -118,7 +118,7 @@ class _Client:
         return self
 
     async def __aexit__(self, *exc) -> None:
-        if self.spec.kind == "json-http":
+        if self.spec.kind in ("json-http", "openai-http"):
             await self.session.close()
         else:
             await self.client.close()
@@ -131,6 +131,14 @@ class _Client:
             async with self.session.post(f"http://{spec.url}/{spec.model}", json={spec.json_field: values}) as r:
                 body = await r.json(content_type=None)
                 if r.status != 200 or len(body.get("embeddings", [])) != n:
+                    raise RuntimeError(f"HTTP {r.status}: {str(body)[:200]}")
+            return
+        if spec.kind == "openai-http":  # an OpenAI-style embeddings API (the infinity peer)
+            texts = [p.decode("utf-8") for p in payloads]
+            async with self.session.post(f"http://{spec.url}/embeddings",
+                                         json={"model": spec.model, "input": texts}) as r:
+                body = await r.json(content_type=None)
+                if r.status != 200 or len(body.get("data", [])) != n:
                     raise RuntimeError(f"HTTP {r.status}: {str(body)[:200]}")
             return
         data = np.empty((n, 1), dtype=np.object_)

@@ -28,12 +28,15 @@ from typing import Any
 import numpy as np
 
 from toolkit.bench.loadgen import PointResult, PointSpec, TargetSpec, run_point
+from toolkit.bench.peers import PEERS, serve_peer
 from toolkit.errors import ToolkitError
 from toolkit.server import TritonServer, free_ports
 
 #: The toolkit in its forms: the Triton ensemble, ``execution: fused``, and fused with the int8 BERT.
 TOOLKIT_FORMS = ("toolkit", "toolkit-fused", "toolkit-int8")
 CONTENDERS = ("inprocess", "naive", "pytriton", *TOOLKIT_FORMS)
+#: Every contender --contenders accepts: the default ones and the peer servers (toolkit/bench/peers).
+KNOWN_CONTENDERS = CONTENDERS + PEERS
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -215,6 +218,9 @@ def serve(contender: str, work: Workload, out: Path) -> Iterator[tuple[TargetSpe
         with _subprocess(cmd, out / "naive.log") as process:
             _wait_http(f"http://127.0.0.1:{http}/health", process, 120, "the FastAPI server")
             yield TargetSpec("json-http", f"127.0.0.1:{http}", work.model, json_field=work.json_field), None
+    elif contender in PEERS:
+        with serve_peer(contender, work, out) as t:
+            yield t
     else:
         raise BenchError(f"unknown contender {contender!r}")
 

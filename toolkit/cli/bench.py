@@ -112,11 +112,12 @@ def compare_command(workloads, bert_dir, int8_dir, mobilenet_dir, contenders, co
                     warmup, out, allow_unstable) -> None:
     """The in-process limits, the toolkit's forms and every peer on the same inputs, in one run."""
     from toolkit.bench.compare import Plan, compare
-    from toolkit.bench.runner import CONTENDERS, BenchError, workload
+    from toolkit.bench.runner import KNOWN_CONTENDERS, BenchError, workload
 
-    unknown = set(contenders) - set(CONTENDERS)
+    unknown = set(contenders) - set(KNOWN_CONTENDERS)
     if unknown:
-        raise click.BadParameter(f"unknown {sorted(unknown)}; choose from {CONTENDERS}", param_hint="--contenders")
+        raise click.BadParameter(f"unknown {sorted(unknown)}; choose from {KNOWN_CONTENDERS}",
+                                 param_hint="--contenders")
     if len(bulk) != 2 or min(bulk) < 0:
         raise click.BadParameter(f"expected CONCURRENCY,ITEMS, got {bulk}", param_hint="--bulk")
     dirs = {"embedding": bert_dir, "short": bert_dir, "mobile": mobilenet_dir}
