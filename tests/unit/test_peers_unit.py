@@ -163,13 +163,12 @@ def test_nan_or_a_wrong_shape_fails_the_vector_check():
 
 
 # ----------------------------------------------------------------------------- wiring
-def test_the_cli_accepts_peers_but_the_default_contenders_are_unchanged():
-    from toolkit.bench.compare import Plan
-    from toolkit.bench.runner import CONTENDERS, KNOWN_CONTENDERS
+def test_the_cli_runs_every_peer_and_every_toolkit_form_by_default():
+    from toolkit.bench.runner import KNOWN_CONTENDERS, TOOLKIT_FORMS
+    from toolkit.cli.bench import DEFAULT_CONTENDERS
 
-    assert set(peers.PEERS) <= set(KNOWN_CONTENDERS)
-    assert CONTENDERS == ("inprocess", "naive", "pytriton", "toolkit")
-    assert Plan(workloads=()).contenders == CONTENDERS
+    assert set(peers.PEERS) <= set(DEFAULT_CONTENDERS) <= set(KNOWN_CONTENDERS)
+    assert {"inprocess", "naive", "pytriton", *TOOLKIT_FORMS} <= set(DEFAULT_CONTENDERS)
 
 
 def test_infinity_is_refused_for_images_before_anything_is_installed(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from toolkit.bench.loadgen import PointSpec, run_point
 from toolkit.bench.report import evaluate_targets, write_markdown, write_plot
 from toolkit.bench.runner import CONTENDERS, BenchError, Workload, best_limits, measure_limit, measure_point, serve
+from toolkit.bench.peers import WORKLOADS as PEER_WORKLOADS
 from toolkit.errors import ToolkitError
 
 
@@ -71,6 +72,11 @@ def compare(plan: Plan, out: Path, *, progress: bool = True) -> dict[str, Any]:
             for contender in servers:
                 bar.update(task, description=f"{work.name}: starting {contender}")
                 points = []
+                if contender in PEER_WORKLOADS and work.model not in PEER_WORKLOADS[contender]:
+                    per_contender[contender] = {"skipped": f"n/a: {contender} serves "
+                                                           f"{', '.join(PEER_WORKLOADS[contender])} only"}
+                    bar.advance(task, len(loads))
+                    continue
                 try:
                     with serve(contender, work, out) as (target, stats_url):
                         run_point(PointSpec(target, payloads, concurrency=4, warmup_s=0, measure_s=plan.warmup_s))

@@ -111,6 +111,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         for contender, entry in data.items():
             if entry.get("failed"):
                 failed.append(f"- **{contender} failed**: {entry['failed']}")
+            if entry.get("skipped"):
+                failed.append(f"- {contender}: {entry['skipped']}")
             for p in entry.get("points", []):
                 server = (f"{p['queue_ms']:.2f} | {p['compute_ms']:.2f}" if "queue_ms" in p else "- | -")
                 lines.append(f"| {contender} | {_load_label(p)} | {p['throughput']:.1f} | "

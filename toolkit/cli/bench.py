@@ -20,7 +20,8 @@ def _numbers(kind):
     return parse
 
 
-DEFAULT_CONTENDERS = ("inprocess", "naive", "pytriton", "toolkit", "toolkit-fused", "toolkit-int8")
+DEFAULT_CONTENDERS = ("inprocess", "naive", "pytriton", "toolkit", "toolkit-fused", "toolkit-int8", "mosec",
+                      "infinity", "ray")
 
 
 @click.group()
