@@ -13,9 +13,9 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from toolkit.bench.loadgen import PointSpec, run_point
+from toolkit.bench.peers import WORKLOADS as PEER_WORKLOADS
 from toolkit.bench.report import evaluate_targets, write_markdown, write_plot
 from toolkit.bench.runner import CONTENDERS, BenchError, Workload, best_limits, measure_limit, measure_point, serve
-from toolkit.bench.peers import WORKLOADS as PEER_WORKLOADS
 from toolkit.errors import ToolkitError
 
 
