@@ -58,9 +58,11 @@ def fused_plan(ens: EnsembleSource, models: Mapping[str, ModelSource], target: T
         if version not in source.versions:
             raise RenderError(f"ensemble '{spec.name}': step '{step.model}' asks for version {version}, but "
                               f"it has {source.versions}")
+        config = model_config(source, "embedded")
+        overrides = spec.fused.step_parameters.get(step.model, {}) if spec.fused else {}
+        config["parameters"].update({k: {"string_value": v} for k, v in overrides.items()})
         steps.append({"model": step.model, "version": version, "folder": f"{len(steps)}-{step.model}",
-                      "inputs": dict(step.inputs), "outputs": dict(step.outputs),
-                      "config": model_config(source, "embedded")})
+                      "inputs": dict(step.inputs), "outputs": dict(step.outputs), "config": config})
     return {"ensemble": spec.name, "outputs": [t.name for t in spec.outputs], "steps": steps}
 
 

@@ -290,6 +290,16 @@ class FusedOptions(_Strict):
 
     instance_count: int | None = Field(default=None, ge=1, le=64)
     dynamic_batching: DynamicBatching | None = None
+    #: Per step model, parameters that replace its own inside the fused model only, e.g.
+    #: ``{bert: {intra_op_threads: 1}}`` (its instances now also run the other steps).
+    step_parameters: dict[str, dict[str, str]] = Field(default_factory=dict)
+
+    @field_validator("step_parameters", mode="before")
+    @classmethod
+    def _step_parameters(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            v = {step: _stringify(params) if isinstance(params, dict) else params for step, params in v.items()}
+        return v
 
 
 class EnsembleSpec(_ModelBase):
@@ -310,6 +320,9 @@ class EnsembleSpec(_ModelBase):
             raise ValueError("'fused' settings need 'execution: fused'")
         if self.execution == "fused" and self.max_batch_size == 0:
             raise ValueError("execution: fused needs max_batch_size > 0 (the fused model batches requests)")
+        unknown = sorted(set(self.fused.step_parameters) - {s.model for s in self.steps}) if self.fused else []
+        if unknown:
+            raise ValueError(f"fused.step_parameters names {unknown}, which are not steps of this ensemble")
         batching = self.fused.dynamic_batching if self.fused else None
         if batching is not None:
             too_big = [b for b in batching.preferred_batch_size if b > self.max_batch_size]

@@ -71,11 +71,16 @@ def test_gen_repo_writes_one_python_model_with_every_step(tmp_path):
 
 def test_fused_settings_override_the_defaults(tmp_path):
     _chain(tmp_path, fused={"instance_count": 1, "dynamic_batching": {"max_queue_delay_microseconds": 500,
-                                                                       "preferred_batch_size": [4]}})
+                                                                       "preferred_batch_size": [4]},
+                            "step_parameters": {"second": {"factor": 7}}})
     repo = generate_repository(load_project(tmp_path / "models", tmp_path / "ensembles"), tmp_path / "repo").path
     config = (repo / "chain" / "config.pbtxt").read_text()
     assert "count: 1" in config and "max_queue_delay_microseconds: 500" in config
     assert "preferred_batch_size: [ 4 ]" in config
+    plan = json.loads((repo / "chain" / "1" / "fused.json").read_text())
+    assert plan["steps"][1]["config"]["parameters"]["factor"] == {"string_value": "7"}  # fused copy only
+    assert plan["steps"][0]["config"]["parameters"]["factor"] == {"string_value": "2"}
+    assert 'string_value: "10"' in (repo / "second" / "config.pbtxt").read_text()
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -83,6 +88,7 @@ def test_fused_settings_override_the_defaults(tmp_path):
     ({"max_batch_size": 0}, "execution: fused needs max_batch_size > 0"),
     ({"execution": "parallel"}, "'parallel' is not one of the allowed values"),
     ({"fused": {"dynamic_batching": {"preferred_batch_size": [16]}}}, "exceeds max_batch_size 8"),
+    ({"fused": {"step_parameters": {"third": {"x": 1}}}}, "names ['third'], which are not steps"),
 ])
 def test_bad_fused_specs_are_refused(tmp_path, extra, message):
     _chain(tmp_path, **extra)
