@@ -53,7 +53,7 @@ def compare(plan: Plan, out: Path, *, progress: bool = True) -> dict[str, Any]:
     servers = [c for c in plan.contenders if c != "inprocess"]
     loads = [("concurrency", c, 1) for c in plan.concurrencies] + [("rate", r, 1) for r in plan.rates]
     if plan.bulk[0] > 0:
-        loads.append(("concurrency", plan.bulk[0], plan.bulk[1]))
+        loads.append(("concurrency", plan.bulk[0], plan.bulk[1]))  # items capped per workload below
     total = len(plan.workloads) * (len(servers) * len(loads) + 2 * ("inprocess" in plan.contenders))
     results: dict[str, Any] = {"machine": machine(), "plan": _plan_dict(plan), "workloads": {}}
     columns = (TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -72,9 +72,9 @@ def compare(plan: Plan, out: Path, *, progress: bool = True) -> dict[str, Any]:
             for contender in servers:
                 bar.update(task, description=f"{work.name}: starting {contender}")
                 points = []
-                if contender in PEER_WORKLOADS and work.model not in PEER_WORKLOADS[contender]:
-                    per_contender[contender] = {"skipped": f"n/a: {contender} serves "
-                                                           f"{', '.join(PEER_WORKLOADS[contender])} only"}
+                served = PEER_WORKLOADS.get(contender) or (("embedding",) if contender == "toolkit-int8" else None)
+                if served and work.model not in served:
+                    per_contender[contender] = {"skipped": f"n/a: {contender} serves {', '.join(served)} only"}
                     bar.advance(task, len(loads))
                     continue
                 try:
@@ -82,6 +82,7 @@ def compare(plan: Plan, out: Path, *, progress: bool = True) -> dict[str, Any]:
                         run_point(PointSpec(target, payloads, concurrency=4, warmup_s=0, measure_s=plan.warmup_s))
                         models = work.steps if contender == "toolkit" else (work.model,)
                         for kind, value, items in loads:
+                            items = min(items, work.max_items)
                             bar.update(task, description=f"{work.name}: {contender} {kind} {value} x{items}")
                             spec = PointSpec(target, payloads, warmup_s=min(2.0, plan.warmup_s),
                                              measure_s=plan.measure_s, items=items, **{kind: value})

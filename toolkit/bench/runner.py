@@ -54,6 +54,11 @@ class Workload:
     steps: tuple[str, ...]  # the toolkit's models behind the ensemble, for the server-side split
     int8_dir: Path | None = None  # `toolkit export bert --quantize int8`: the toolkit-int8 contender
 
+    @property
+    def max_items(self) -> int:
+        """Items one request may hold: the served ensemble's max_batch_size (embedding 64, mobile 32)."""
+        return 32 if self.model == "mobile" else 64
+
     def payloads(self) -> list[bytes]:
         from toolkit.bench.pipelines import load_corpus, make_images
 
