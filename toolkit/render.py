@@ -19,7 +19,7 @@ from tritonclient.grpc import model_config_pb2
 
 from toolkit.errors import RenderError
 from toolkit.project import EnsembleSource, ModelSource
-from toolkit.runtime.params import API_PATH, BUCKET_COST, HOOK, ONNX_HOOK, PAD_PREFIX, TRIM_PREFIX
+from toolkit.runtime.params import API_PATH, BUCKET_COST, BUCKET_ROWS, HOOK, ONNX_HOOK, PAD_PREFIX, TRIM_PREFIX
 
 Target = Literal["embedded", "container"]
 TARGETS: tuple[str, ...] = ("embedded", "container")
@@ -105,6 +105,8 @@ def model_config(source: ModelSource | EnsembleSource, target: Target = "embedde
                 params[TRIM_PREFIX + name] = like
             if spec.bucket_call_cost:
                 params[BUCKET_COST] = repr(float(spec.bucket_call_cost))
+            if spec.bucket_rows:
+                params[BUCKET_ROWS] = "true"
     config["parameters"] = {k: {"string_value": v} for k, v in sorted(params.items())}
     return config
 

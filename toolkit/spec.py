@@ -210,6 +210,10 @@ class ModelSpec(_ModelBase):
     #: padded dynamic batch is split into length buckets wherever that saves more padding than it
     #: costs (on CPU, padding waste decides variable-length workloads); 0 = one padded call.
     bucket_call_cost: float = Field(default=0, ge=0)
+    #: With length buckets: also sort the rows of a multi-row (bulk) request into buckets one by
+    #: one. Positions past a row's own length then come back as zeros instead of the model's output
+    #: for padding (golden samples with padded rows record the latter), so it is opt-in.
+    bucket_rows: bool = False
     #: Files copied into every version folder: ``{name in version folder: path from model folder}``.
     assets: dict[str, str] = Field(default_factory=dict)
 
@@ -249,6 +253,8 @@ class ModelSpec(_ModelBase):
         """Padding refers to tensors, so it is checked once inputs/outputs are final (onnx)."""
         if (self.pad_inputs or self.trim_outputs) and self.max_batch_size == 0:
             raise ValueError("pad_inputs / trim_outputs need max_batch_size > 0")
+        if self.bucket_rows and not self.bucket_call_cost:
+            raise ValueError("bucket_rows sorts rows into length buckets: it needs bucket_call_cost > 0")
         if self.bucket_call_cost and not self.pad_inputs:
             raise ValueError("bucket_call_cost splits padded batches: it needs pad_inputs")
         for name in self.pad_inputs:

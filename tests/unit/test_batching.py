@@ -9,7 +9,7 @@ from toolkit.hooks import API_ENTRY_FAILED, INFERENCE_FAILED, Hook, HookError
 from toolkit.runtime.batching import Failure, Layout, run_batch
 
 
-def layout(inputs, outputs, max_batch_size=8, pad=None, trim=None, bucket_cost=0) -> Layout:
+def layout(inputs, outputs, max_batch_size=8, pad=None, trim=None, bucket_cost=0, bucket_rows=False) -> Layout:
     def tensors(items):
         return [{"name": n, "data_type": t, "dims": d} for n, t, d in items]
 
@@ -17,6 +17,8 @@ def layout(inputs, outputs, max_batch_size=8, pad=None, trim=None, bucket_cost=0
     params.update({f"toolkit.trim.{k}": {"string_value": v} for k, v in (trim or {}).items()})
     if bucket_cost:
         params["toolkit.bucket_cost"] = {"string_value": str(bucket_cost)}
+    if bucket_rows:
+        params["toolkit.bucket_rows"] = {"string_value": "true"}
     return Layout.from_config({"max_batch_size": max_batch_size, "input": tensors(inputs),
                                "output": tensors(outputs), "parameters": params})
 
@@ -208,7 +210,12 @@ def test_rows_of_a_bulk_request_are_bucketed_by_their_own_length():
         ids[r, :n] = np.arange(1, n + 1)
     bulk = {"T": ids, "M": (ids > 0).astype(np.int64)}  # one request of six rows, padded to 41
     single = {"T": np.arange(1, 6, dtype=np.int64)[None], "M": np.ones((1, 5), np.int64)}
-    bucketed = layout(inputs, outputs, pad={"T": 0, "M": 0}, trim={"E": "T"}, bucket_cost=8)
+    calls.clear()
+    run_batch(Echo(), [bulk, single], layout(inputs, outputs, pad={"T": 0, "M": 0}, trim={"E": "T"}, bucket_cost=8))
+    assert sorted(calls) == [(1, 5), (6, 41)]  # without bucket_rows a bulk request stays whole
+
+    calls.clear()
+    bucketed = layout(inputs, outputs, pad={"T": 0, "M": 0}, trim={"E": "T"}, bucket_cost=8, bucket_rows=True)
     results = run_batch(Echo(), [bulk, single], bucketed)
     assert sorted(calls) == [(3, 41), (4, 5)]  # the short rows (and the 5-token request) apart from the long
     assert results[0]["E"].shape == (6, 41) and results[1]["E"].shape == (1, 5)
@@ -232,6 +239,6 @@ def test_a_failing_row_fails_its_whole_request_and_only_it():
     bad = {"T": np.array([[1, 2, 0], [99, 1, 1]], np.int64)}
     good = {"T": np.array([[5, 6, 0], [7, 0, 0]], np.int64)}
     results = run_batch(PoisonRow(), [bad, good], layout(inputs, outputs, pad={"T": 0}, trim={"E": "T"},
-                                                         bucket_cost=1000))
+                                                         bucket_cost=1000, bucket_rows=True))
     assert isinstance(results[0], Failure) and "poison" in results[0].message
     np.testing.assert_array_equal(results[1]["E"], good["T"])

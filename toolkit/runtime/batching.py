@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from toolkit.hooks import API_ENTRY_FAILED, INFERENCE_FAILED, HookError, format_coded_message
-from toolkit.runtime.params import BUCKET_COST, PAD_PREFIX, TRIM_PREFIX
+from toolkit.runtime.params import BUCKET_COST, BUCKET_ROWS, PAD_PREFIX, TRIM_PREFIX
 
 _NUMPY_DTYPES = {
     "TYPE_BOOL": np.bool_, "TYPE_UINT8": np.uint8, "TYPE_UINT16": np.uint16, "TYPE_UINT32": np.uint32,
@@ -58,6 +58,8 @@ class Layout:
     #: The cost of one more ``infer`` call in padded elements per row (e.g. tokens); > 0 splits a
     #: padded batch into length buckets wherever a call costs less than the padding it saves.
     bucket_cost: float = 0.0
+    #: Bucket the rows of a multi-row request one by one (``bucket_rows`` in the spec).
+    bucket_rows: bool = False
 
     @property
     def batching(self) -> bool:
@@ -79,6 +81,7 @@ class Layout:
             pad={k[len(PAD_PREFIX):]: float(v) for k, v in params.items() if k.startswith(PAD_PREFIX)},
             trim={k[len(TRIM_PREFIX):]: v for k, v in params.items() if k.startswith(TRIM_PREFIX)},
             bucket_cost=float(params.get(BUCKET_COST, 0)),
+            bucket_rows=params.get(BUCKET_ROWS, "false") == "true",
         )
 
 
@@ -147,14 +150,14 @@ def run_batch(hook: Any, requests: list[dict[str, np.ndarray]], layout: Layout,
 
 
 def _split_rows(accepted: list[_Accepted], layout: Layout) -> list[_Accepted]:
-    """With length buckets on, the rows of a multi-row request (a bulk request of 64 texts) are
+    """With ``bucket_rows`` and length buckets on, the rows of a multi-row request (a bulk request of 64 texts) are
     bucketed one by one, each cut to its own length, instead of all at the request's longest.
 
     A row's length along the padded inputs' variable axis is where every padded input holds only
     its pad value from there on (the padding ``pad_inputs`` declares). Applies when every padded
     input has one variable axis and they agree on its size within the request; otherwise the
     request stays whole."""
-    if layout.bucket_cost <= 0 or not layout.pad or not layout.batching:
+    if not layout.bucket_rows or layout.bucket_cost <= 0 or not layout.pad or not layout.batching:
         return accepted
     items = []
     for a in accepted:
