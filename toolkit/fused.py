@@ -37,7 +37,7 @@ from toolkit.dag import step_order
 from toolkit.errors import RenderError
 from toolkit.project import EnsembleSource, ModelSource
 from toolkit.render import Target, batching_config, model_config, tensor_config
-from toolkit.runtime.params import API_PATH, FUSED
+from toolkit.runtime.params import API_PATH, FUSED, PAD_PREFIX
 from toolkit.spec import DynamicBatching, FusedOptions
 
 FUSED_FILE = "fused.json"
@@ -77,7 +77,7 @@ def fused_config(ens: EnsembleSource, models: Mapping[str, ModelSource], plan: M
     if ens.api_path:
         params[API_PATH] = ens.api_path
     ragged = {ens_tensor for s in plan["steps"] for model_tensor, ens_tensor in s["inputs"].items()
-              if f"toolkit.pad.{model_tensor}" in s["config"]["parameters"]}
+              if PAD_PREFIX + model_tensor in s["config"]["parameters"]}
     inputs = [tensor_config(t) for t in spec.inputs]
     for tensor in inputs:
         if tensor["name"] in ragged:

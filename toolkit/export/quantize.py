@@ -129,7 +129,7 @@ def quantize_bert(fp32_path: Path, int8_path: Path, vocab: Path, *, lower_case: 
 def _embed(model: Path, vocab: Path, lower_case: bool, sentences: list[str], batch: int = 16) -> np.ndarray:
     import onnxruntime as ort
 
-    from toolkit.builtins.text import build_wordpiece_tokenizer
+    from toolkit.builtins.text import build_wordpiece_tokenizer, masked_mean
 
     tokenizer = build_wordpiece_tokenizer(vocab, lower_case, MAX_SEQ_LENGTH)  # as the served tokenizer
     tokenizer.enable_padding(pad_id=tokenizer.token_to_id("[PAD]"))
@@ -144,8 +144,7 @@ def _embed(model: Path, vocab: Path, lower_case: bool, sentences: list[str], bat
                  "attention_mask": np.array([e.attention_mask for e in encoded], dtype=np.int64),
                  "token_type_ids": np.array([e.type_ids for e in encoded], dtype=np.int64)}
         hidden = session.run(["last_hidden_state"], {k: v for k, v in feeds.items() if k in wanted})[0]
-        mask = feeds["attention_mask"][..., None].astype(np.float32)
-        mean = (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9)
+        mean = masked_mean(hidden, feeds["attention_mask"])
         rows.append(mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12))
     return np.concatenate(rows)
 
