@@ -38,7 +38,7 @@ from toolkit.errors import RenderError
 from toolkit.project import EnsembleSource, ModelSource
 from toolkit.render import Target, batching_config, model_config, tensor_config
 from toolkit.runtime.params import API_PATH, FUSED, PAD_PREFIX
-from toolkit.spec import DynamicBatching, FusedOptions
+from toolkit.spec import FusedOptions
 
 FUSED_FILE = "fused.json"
 
@@ -69,9 +69,7 @@ def fused_plan(ens: EnsembleSource, models: Mapping[str, ModelSource], target: T
 def fused_config(ens: EnsembleSource, models: Mapping[str, ModelSource], plan: Mapping[str, Any]) -> dict[str, Any]:
     """The fused model's Triton configuration (protobuf-shaped dict, as ``render.model_config``)."""
     spec = ens.spec
-    options = spec.fused or FusedOptions()
-    step_specs = [models[s["model"]].spec for s in plan["steps"]]
-    batching = options.dynamic_batching or step_specs[0].dynamic_batching or DynamicBatching()
+    instance_count, batching = (spec.fused or FusedOptions()).resolved([models[s["model"]].spec for s in plan["steps"]])
     params = dict(spec.parameters)
     params[FUSED] = FUSED_FILE
     if ens.api_path:
@@ -88,8 +86,7 @@ def fused_config(ens: EnsembleSource, models: Mapping[str, ModelSource], plan: M
         "version_policy": {"latest": {"num_versions": 1}},
         "input": inputs,
         "output": [tensor_config(t) for t in spec.outputs],
-        "instance_group": [{"count": options.instance_count or max(s.instance_count for s in step_specs),
-                            "kind": "KIND_CPU"}],
+        "instance_group": [{"count": instance_count, "kind": "KIND_CPU"}],
         "dynamic_batching": batching_config(batching),
         "backend": "python",
         "parameters": {k: {"string_value": v} for k, v in sorted(params.items())},

@@ -18,9 +18,19 @@ import importlib.util
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from toolkit.dag import check_ensemble, check_fusable, check_nesting
+from toolkit.dag import check_ensemble, check_fusable, check_nesting, step_order
 from toolkit.errors import SpecError
-from toolkit.spec import DTYPES, AnySpec, EnsembleSpec, ModelSpec, TensorSpec, parse_spec, read_yaml
+from toolkit.spec import (
+    DTYPES,
+    AnySpec,
+    DynamicBatching,
+    EnsembleSpec,
+    FusedOptions,
+    ModelSpec,
+    TensorSpec,
+    parse_spec,
+    read_yaml,
+)
 
 MODEL_FILE = "model.yaml"
 
@@ -136,6 +146,7 @@ def load_project(models_dir: Path, ensembles_dir: Path | None = None) -> Project
             raise problems[0]
         raise SpecError(f"{len(problems)} problems:\n" + "\n".join(f"- {p}" for p in problems))
     project.notes.extend(_queue_notes(project))
+    project.notes.extend(_lone_instance_notes(project))
     return project
 
 
@@ -149,6 +160,34 @@ def _queue_notes(project: Project) -> list[str]:
     return [f"{', '.join(unbounded)}: no queue policy, so the queue has no bound and work whose caller gave up "
             "is still done; set dynamic_batching.default_queue_policy (max_queue_size, "
             "default_timeout_microseconds, allow_timeout_override: true)"]
+
+
+def _lone_instance_notes(project: Project) -> list[str]:
+    """Triton's batcher with a queue policy (r24.10, unchanged in core's main as of 2026-12) forms no
+    batch ahead: it hands one only to an instance that is already waiting, and nothing wakes it when
+    an instance becomes free; a later arrival or its 500 ms timeout does. A model with ONE instance
+    then leaves a request that arrived while the instance was finishing its previous batch queued
+    for 500 ms: 14 of 1,500 requests at concurrency 1 on a fused embedding measured it. Cheap steps
+    behind a heavier one were not hit (0 of 3,600 at concurrency 1-4); the heavy models are named."""
+    lone = sorted(name for name, m in project.models.items()
+                  if m.spec.kind == "onnx" and m.spec.instance_count == 1 and _enforced(m.spec.dynamic_batching))
+    for name, ens in project.ensembles.items():
+        if ens.spec.execution == "fused":
+            steps = [project.models[ens.spec.steps[i].model].spec for i in step_order(ens.spec)]
+            count, batching = (ens.spec.fused or FusedOptions()).resolved(steps)
+            if count == 1 and _enforced(batching):
+                lone.append(name)
+    if not lone:
+        return []
+    return [f"{', '.join(lone)}: one instance with a queue policy: Triton's batcher then hands work only to a "
+            "waiting instance and is not woken when it frees, so a request that arrives while the instance "
+            "finishes its previous batch can wait 500 ms; use instance_count >= 2 (a fused ensemble: "
+            "fused.instance_count), or drop default_queue_policy (BENCHMARKS.md, 'The 500 ms stall')"]
+
+
+def _enforced(batching: DynamicBatching | None) -> bool:
+    return batching is not None and batching.default_queue_policy is not None \
+        and batching.default_queue_policy.enforced
 
 
 def _resolve_api_paths(project: Project) -> list[SpecError]:

@@ -104,6 +104,13 @@ class QueuePolicy(_Strict):
     allow_timeout_override: bool = False
     max_queue_size: int = Field(default=0, ge=0)
 
+    @property
+    def enforced(self) -> bool:
+        """Whether Triton has anything to enforce. Then its batcher stops forming batches ahead and
+        hands one only to an instance that is already waiting (see ``FusedOptions.resolved``'s note
+        in project.py: with one instance that costs up to 500 ms now and then)."""
+        return self.default_timeout_microseconds > 0 or self.allow_timeout_override or self.max_queue_size > 0
+
 
 class DynamicBatching(_Strict):
     """Triton's dynamic batcher: replaces go-infer's Redis queue."""
@@ -306,6 +313,12 @@ class FusedOptions(_Strict):
         if isinstance(v, dict):
             v = {step: _stringify(params) if isinstance(params, dict) else params for step, params in v.items()}
         return v
+
+    def resolved(self, steps: list[ModelSpec]) -> tuple[int, DynamicBatching]:
+        """The fused model's instance count and batcher, for its step models in dependency order:
+        these options where set, else the busiest step's count and the entry step's batcher."""
+        count = self.instance_count or max(s.instance_count for s in steps)
+        return count, self.dynamic_batching or steps[0].dynamic_batching or DynamicBatching()
 
 
 class EnsembleSpec(_ModelBase):

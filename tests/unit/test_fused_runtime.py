@@ -69,6 +69,16 @@ def test_gen_repo_writes_one_python_model_with_every_step(tmp_path):
     assert (repo / "first" / "config.pbtxt").is_file()  # the steps stay callable on their own
 
 
+def test_load_project_notes_a_fused_ensemble_with_one_instance_behind_a_queue_policy(tmp_path):
+    policy = {"default_queue_policy": {"max_queue_size": 8}}
+    _chain(tmp_path, fused={"instance_count": 1, "dynamic_batching": policy})
+    notes = load_project(tmp_path / "models", tmp_path / "ensembles").notes
+    assert [n.split(":")[0] for n in notes if "one instance with a queue policy" in n] == ["chain"]
+    _chain(tmp_path, fused={"dynamic_batching": policy})  # the busiest step's 3 instances
+    notes = load_project(tmp_path / "models", tmp_path / "ensembles").notes
+    assert not [n for n in notes if "one instance with a queue policy" in n]
+
+
 def test_fused_settings_override_the_defaults(tmp_path):
     _chain(tmp_path, fused={"instance_count": 1, "dynamic_batching": {"max_queue_delay_microseconds": 500,
                                                                        "preferred_batch_size": [4]},

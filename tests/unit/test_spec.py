@@ -170,3 +170,22 @@ def test_load_project_notes_steps_without_a_queue_policy(tmp_path):
         "one: no queue policy, so the queue has no bound and work whose caller gave up is still done; set "
         "dynamic_batching.default_queue_policy (max_queue_size, default_timeout_microseconds, "
         "allow_timeout_override: true)"]
+
+
+POLICY = {"default_queue_policy": {"max_queue_size": 8, "default_timeout_microseconds": 1000,
+                                   "allow_timeout_override": True}}
+
+
+@pytest.mark.parametrize(("spec", "noted"), [
+    ({"dynamic_batching": POLICY}, True),
+    ({"dynamic_batching": POLICY, "instance_count": 2}, False),
+    ({"dynamic_batching": {"default_queue_policy": {"timeout_action": "REJECT"}}}, False),  # nothing enforced
+    ({"dynamic_batching": {}}, False),
+])
+def test_load_project_notes_a_lone_onnx_instance_behind_a_queue_policy(tmp_path, spec, noted):
+    folder = write_model(tmp_path, "linear", {"kind": "onnx", "max_batch_size": 4, **spec})
+    write_linear_onnx(folder / "1" / "model.onnx")
+    notes = [n for n in load(tmp_path).notes if "one instance with a queue policy" in n]
+    assert notes == ([notes[0]] if noted else [])
+    if noted:
+        assert notes[0].startswith("linear: ") and "500 ms" in notes[0] and "instance_count >= 2" in notes[0]
