@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from toolkit.hooks import API_ENTRY_FAILED, INFERENCE_FAILED, HookError, format_coded_message
-from toolkit.runtime.params import BUCKET_COST, BUCKET_ROWS, PAD_PREFIX, TRIM_PREFIX
+from toolkit.runtime.params import BUCKET_COST, BUCKET_ROWS, PAD_PREFIX, TRIM_PREFIX, config_parameters
 
 _NUMPY_DTYPES = {
     "TYPE_BOOL": np.bool_, "TYPE_UINT8": np.uint8, "TYPE_UINT16": np.uint16, "TYPE_UINT32": np.uint32,
@@ -74,7 +74,7 @@ class Layout:
                                             tuple(int(d) for d in t["dims"]))
                     for t in config.get(key, [])}
 
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        params = config_parameters(config)
         return cls(
             max_batch_size=int(config.get("max_batch_size", 0)),
             inputs=tensors("input"), outputs=tensors("output"),

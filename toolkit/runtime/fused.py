@@ -22,7 +22,7 @@ import numpy as np
 
 from toolkit.hooks import HookContext
 from toolkit.runtime.batching import Failure, Layout, Observer, Result, run_batch
-from toolkit.runtime.params import HOOK
+from toolkit.runtime.params import HOOK, config_parameters, hook_parameters
 
 _NO_OBSERVER = Observer()
 
@@ -51,12 +51,12 @@ class FusedPipeline:
         for step in plan["steps"]:
             folder = version_dir / step["folder"]
             config = step["config"]
-            params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+            params = config_parameters(config)
             hook = load_hook(params[HOOK], folder, step["folder"])()
             layout = Layout.from_config(config)
             hook.init(HookContext(
                 model_name=step["model"], model_version=int(step["version"]), model_dir=folder,
-                parameters={k: v for k, v in params.items() if not k.startswith("toolkit.")},
+                parameters=hook_parameters(params),
                 instance_name=instance_name, instance_count=instance_count, max_batch_size=layout.max_batch_size))
             steps.append(FusedStep(step["model"], hook, layout, step["inputs"], step["outputs"],
                                    observer(step["model"]) if observer else _NO_OBSERVER))

@@ -16,7 +16,7 @@ import triton_python_backend_utils as pb_utils
 
 from toolkit.hooks import HookContext
 from toolkit.runtime.batching import Failure, Layout, Observer, run_batch
-from toolkit.runtime.params import FUSED, HOOK
+from toolkit.runtime.params import FUSED, HOOK, config_parameters, hook_parameters
 
 
 class TritonPythonModel:
@@ -31,7 +31,7 @@ class TritonPythonModel:
         self.layout = Layout.from_config(config)
         self.input_names = list(self.layout.inputs)
 
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        params = config_parameters(config)
         groups = config.get("instance_group") or [{}]
         instance_count = max(1, sum(int(g.get("count", 1)) for g in groups))
         self.fused = None
@@ -58,7 +58,7 @@ class TritonPythonModel:
             model_name=self.name,
             model_version=int(args["model_version"]),
             model_dir=version_dir,
-            parameters={k: v for k, v in params.items() if not k.startswith("toolkit.")},
+            parameters=hook_parameters(params),
             instance_name=args.get("model_instance_name", ""),
             instance_count=instance_count,
             max_batch_size=self.layout.max_batch_size,

@@ -5,8 +5,9 @@
     ray       Ray Serve 2.60 (FastAPI ingress, @serve.batch)             embedding, mobile
 
 Each runs in a venv of its own (``envs.py``, pinned by ``requirements-<name>.txt``), from a script
-that imports nothing from the toolkit (``mosec_server.py``, ``ray_server.py``; infinity is its own
-CLI). ``serve_peer`` (this module, in the project's venv) is what ``runner.serve`` calls:
+that imports nothing from the toolkit (``mosec_server.py``, ``ray_server.py``, both running
+``peer_models.py``'s models; infinity is its own CLI). ``serve_peer`` (this module, in the
+project's venv) is what ``runner.serve`` calls:
 
     with serve_peer("mosec", work, out) as (target, stats_url):   # stats_url is always None
         ...                                                       # run the load against target

@@ -16,15 +16,10 @@ Written the way a competent mosec user writes it:
   list. ``--workload`` chooses which routes to start (default: both); the benchmark starts only the
   measured one, as it does for every other contender.
 - a request holds 1 to 64 items (the bulk limit the other servers apply). ``forward`` flattens the
-  batch's items, runs them through the model in chunks of at most 64 items (texts sorted by token
-  length first, so a chunk pads to similar lengths), and splits the rows back per request.
-- embedding: ``tokenizers.BertWordPieceTokenizer`` on the exported vocab.txt (lower-case, accents
-  stripped as BertTokenizerFast does), truncated at 256 tokens (all-MiniLM-L6-v2's max_seq_length),
-  onnxruntime, attention-masked mean pooling, L2 normalisation.
-- mobile: Pillow decode, convert RGB, resize to 224x224 BILINEAR, x / 127.5 - 1 (NHWC float32),
-  onnxruntime. Images are decoded in ``deserialize`` (per request, in the same worker process).
-- onnxruntime: intra-op threads = all cores (the worker is the only thing computing), graph
-  optimisations on, as a user leaves them.
+  batch's items, runs them through peer_models.py's ``TextModel`` / ``ImageModel`` (the same code
+  the Ray peer runs: tokenizer, onnxruntime, pooling, chunks of at most 64 items sorted by length),
+  and splits the rows back per request. Images are decoded in ``deserialize`` (per request, in the
+  same worker process).
 - JSON through msgspec (a mosec dependency): the stock ``json.dumps(indent=2)`` of the default
   serializer costs more than the model for 64 x 384 floats.
 - mosec applies an error in ``forward`` to every request of the batch (its coordinator sends the
@@ -48,7 +43,6 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
-import io
 import os
 import sys
 from pathlib import Path
@@ -56,22 +50,9 @@ from pathlib import Path
 import msgspec
 import numpy as np
 from mosec import Runtime, Server, ValidationError, Worker
+from peer_models import MAX_ITEMS, ImageModel, TextModel, split
 
-MAX_ITEMS = 64
-CHUNK = 64
-MAX_SEQ_LENGTH = 256
-IMAGE_SIZE = 224
 ENV_BERT, ENV_MOBILENET = "PEER_MOSEC_BERT_DIR", "PEER_MOSEC_MOBILENET_DIR"
-
-
-def _session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = len(os.sched_getaffinity(0))
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _items(data: bytes, field: str) -> list:
@@ -91,22 +72,12 @@ def _answer(vectors: np.ndarray) -> bytes:
     return msgspec.json.encode({"embeddings": vectors.tolist()})
 
 
-def _split(rows: np.ndarray, counts: list[int]) -> list[np.ndarray]:
-    return np.split(rows, np.cumsum(counts)[:-1])
-
-
 class Embedding(Worker):
-    """Texts -> WordPiece -> BERT (ONNX) -> masked mean -> L2, on a dynamic batch of requests."""
+    """Texts -> peer_models.TextModel, on a dynamic batch of requests."""
 
     def __init__(self) -> None:
         super().__init__()
-        from tokenizers import BertWordPieceTokenizer
-
-        model_dir = Path(os.environ[ENV_BERT])
-        self.tokenizer = BertWordPieceTokenizer(str(model_dir / "vocab.txt"), lowercase=True)
-        self.tokenizer.enable_truncation(MAX_SEQ_LENGTH)
-        self.tokenizer.enable_padding(pad_id=self.tokenizer.token_to_id("[PAD]"), pad_token="[PAD]")
-        self.session = _session(model_dir / "model.onnx")
+        self.model = TextModel(Path(os.environ[ENV_BERT]))
 
     def deserialize(self, data: bytes) -> list[str]:
         texts = _items(data, "texts")
@@ -117,50 +88,22 @@ class Embedding(Worker):
     def serialize(self, data: np.ndarray) -> bytes:
         return _answer(data)
 
-    def embed(self, texts: list[str]) -> np.ndarray:
-        encodings = self.tokenizer.encode_batch(texts)
-        ids = np.array([e.ids for e in encodings], dtype=np.int64)
-        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
-        hidden = self.session.run(["last_hidden_state"], {
-            "input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})[0]
-        weights = mask[..., None].astype(np.float32)
-        pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
-        return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
-
     def forward(self, data: list[list[str]]) -> list[np.ndarray]:
-        texts = [t for request in data for t in request]
-        lengths = [len(e.ids) for e in self.tokenizer.encode_batch(texts)] if len(texts) > CHUNK else None
-        order = np.argsort(lengths, kind="stable") if lengths else np.arange(len(texts))
-        rows = np.empty((len(texts), 0), dtype=np.float32)
-        for start in range(0, len(texts), CHUNK):
-            part = order[start:start + CHUNK]
-            vectors = self.embed([texts[i] for i in part])
-            if rows.shape[1] == 0:
-                rows = np.empty((len(texts), vectors.shape[1]), dtype=np.float32)
-            rows[part] = vectors
-        return _split(rows, [len(request) for request in data])
-
-
-def _pixels(payload: bytes) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(payload)) as image:
-        image = image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-        return np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+        return split(self.model([t for request in data for t in request]), [len(request) for request in data])
 
 
 class Mobile(Worker):
-    """Base64 images -> Pillow preprocessing -> MobileNetV2 (ONNX), on a dynamic batch of requests."""
+    """Base64 images -> peer_models.ImageModel, on a dynamic batch of requests."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.session = _session(Path(os.environ[ENV_MOBILENET]) / "model.onnx")
+        self.model = ImageModel(Path(os.environ[ENV_MOBILENET]))
 
     def deserialize(self, data: bytes) -> np.ndarray:
         pixels = []
         for item in _items(data, "images"):
             try:
-                pixels.append(_pixels(base64.b64decode(item, validate=True)))
+                pixels.append(ImageModel.pixels(base64.b64decode(item, validate=True)))
             except (binascii.Error, ValueError, OSError) as e:  # PIL's UnidentifiedImageError is an OSError
                 raise ValidationError(f"not a decodable base64 image: {e}") from None
         return np.stack(pixels)
@@ -169,10 +112,7 @@ class Mobile(Worker):
         return _answer(data)
 
     def forward(self, data: list[np.ndarray]) -> list[np.ndarray]:
-        images = np.concatenate(data)
-        rows = [self.session.run(["embedding"], {"image": images[i:i + CHUNK]})[0]
-                for i in range(0, len(images), CHUNK)]
-        return _split(np.concatenate(rows), [len(request) for request in data])
+        return split(self.model(np.concatenate(data)), [len(request) for request in data])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,6 +1,7 @@
 """Peer server: Ray Serve (FastAPI ingress, ``@serve.batch``) on the same ONNX files, loopback only.
 
-Runs in its own venv (requirements-ray.txt); imports nothing from ``toolkit``.
+Runs in its own venv (requirements-ray.txt); imports nothing from ``toolkit``. The models are
+peer_models.py's, the same code the mosec peer runs.
 
     python ray_server.py --workload embedding --model-dir model_repository/bert/1 \\
         --port 9400 --ray-ports 9430-9469 [--max-batch-size 16] [--batch-wait-ms 5]
@@ -47,7 +48,6 @@ import argparse
 import asyncio
 import base64
 import binascii
-import io
 import os
 import secrets
 import shutil
@@ -60,13 +60,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import peer_models
 from fastapi import FastAPI, HTTPException
+from peer_models import MAX_ITEMS, ImageModel, TextModel, split
 from pydantic import BaseModel, Field
 
-MAX_ITEMS = 64
-CHUNK = 64
-MAX_SEQ_LENGTH = 256
-IMAGE_SIZE = 224
 ENV_GRPC_PORTS = "PEER_RAY_REPLICA_GRPC_PORTS"
 LOOPBACK_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # node address = 127.0.0.1 (see the docstring)
@@ -100,74 +98,6 @@ def _loopback_hook() -> None:
     replica.add_port_to_grpc_server = loopback
 
 
-# ----------------------------------------------------------------------------- the models
-def _session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = len(os.sched_getaffinity(0))
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-class TextModel:
-    def __init__(self, model_dir: Path):
-        from tokenizers import BertWordPieceTokenizer
-
-        self.tokenizer = BertWordPieceTokenizer(str(model_dir / "vocab.txt"), lowercase=True)
-        self.tokenizer.enable_truncation(MAX_SEQ_LENGTH)
-        self.tokenizer.enable_padding(pad_id=self.tokenizer.token_to_id("[PAD]"), pad_token="[PAD]")
-        self.session = _session(model_dir / "model.onnx")
-
-    def _embed(self, texts: list[str]):
-        import numpy as np
-
-        encodings = self.tokenizer.encode_batch(texts)
-        ids = np.array([e.ids for e in encodings], dtype=np.int64)
-        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
-        hidden = self.session.run(["last_hidden_state"], {
-            "input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})[0]
-        weights = mask[..., None].astype(np.float32)
-        pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
-        return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
-
-    def __call__(self, texts: list[str]):
-        import numpy as np
-
-        if len(texts) <= CHUNK:
-            return self._embed(texts)
-        order = np.argsort([len(e.ids) for e in self.tokenizer.encode_batch(texts)], kind="stable")
-        rows = None
-        for start in range(0, len(texts), CHUNK):
-            part = order[start:start + CHUNK]
-            vectors = self._embed([texts[i] for i in part])
-            if rows is None:
-                rows = np.empty((len(texts), vectors.shape[1]), dtype=np.float32)
-            rows[part] = vectors
-        return rows
-
-
-class ImageModel:
-    def __init__(self, model_dir: Path):
-        self.session = _session(model_dir / "model.onnx")
-
-    @staticmethod
-    def pixels(payload: bytes):
-        import numpy as np
-        from PIL import Image
-
-        with Image.open(io.BytesIO(payload)) as image:
-            image = image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-            return np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-
-    def __call__(self, pixels):
-        import numpy as np
-
-        return np.concatenate([self.session.run(["embedding"], {"image": pixels[i:i + CHUNK]})[0]
-                               for i in range(0, len(pixels), CHUNK)])
-
-
 # ----------------------------------------------------------------------------- the deployment
 # At module level: FastAPI resolves the endpoints' (string) annotations in this module's namespace.
 class EmbeddingRequest(BaseModel):
@@ -186,9 +116,6 @@ def build_app(dirs: dict[str, Path], max_batch_size: int, batch_wait_s: float):
     from ray import serve
 
     app = FastAPI(title="ray serve peer")
-
-    def split(rows, counts: list[int]) -> list:
-        return np.split(rows, np.cumsum(counts)[:-1])
 
     @serve.deployment(max_ongoing_requests=128, num_replicas=1, ray_actor_options={"num_cpus": 1})
     @serve.ingress(app)
@@ -323,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"cannot connect to the Ray head: {e}", flush=True)
                     return 1
                 time.sleep(1)
+        # The deployment class is pickled for the replica, whose worker cannot import this folder.
+        from ray import cloudpickle
+
+        cloudpickle.register_pickle_by_value(peer_models)
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         serve.run(build_app(dirs, args.max_batch_size, args.batch_wait_ms / 1000), name="peer",
                   route_prefix="/")
