@@ -72,6 +72,14 @@ def test_bert_called_directly_refuses_token_ids_outside_its_vocabulary(example_s
     assert "INVALID_ARGUMENT" in str(refused.value.status)
 
 
+def test_bert_called_directly_refuses_more_tokens_than_its_positions(example_server):
+    ids = np.full((1, 513), 1000, np.int64)   # MiniLM has 512 positions
+    with TritonClient(example_server.grpc_url, protocol="grpc") as client, pytest.raises(InferenceError) as refused:
+        client.infer("bert", {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": ids * 0})
+    assert refused.value.code == 1303 and "513 positions, more than the model's 512" in str(refused.value)
+    assert "INVALID_ARGUMENT" in str(refused.value.status)
+
+
 def test_pooling_called_directly_refuses_nan(example_server):
     with TritonClient(example_server.http_url, protocol="http") as client, pytest.raises(InferenceError) as refused:
         client.infer("pooling", {"last_hidden_state": np.full((1, 3, 384), np.nan, np.float32),

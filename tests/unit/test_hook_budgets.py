@@ -82,7 +82,9 @@ def tiny_onnx_bert(tmp_path_factory):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, folder / "model.onnx")
-    (folder / "export.json").write_text(json.dumps({"kind": "bert", "vocab_size": 10, "type_vocab_size": 2}))
+    (folder / "export.json").write_text(json.dumps({
+        "kind": "bert", "vocab_size": 10, "type_vocab_size": 2, "max_position_embeddings": 512,
+        "inputs": [{"name": "input_ids", "dtype": "INT64", "shape": [-1, -1], "dim_names": ["batch", "sequence"]}]}))
     return folder
 
 
@@ -101,6 +103,19 @@ def test_bert_token_ids_outside_the_vocabulary_are_1301(tiny_onnx_bert, ids, bad
     for _ in range(1000):
         hook.api_entry({"input_ids": np.zeros((1, 256), np.int64)})
     assert (time.perf_counter() - started) / 1000 < 1e-3   # the check stays off the hot path's budget
+
+
+def test_bert_inputs_longer_than_its_positions_are_1303(tiny_onnx_bert):
+    from toolkit.runtime.onnx_hook import OnnxModel
+
+    hook = OnnxModel()
+    hook.init(HookContext("bert", 1, tiny_onnx_bert))
+    assert hook.api_entry({"input_ids": np.zeros((2, 512), np.int64)})  # exactly its 512 positions
+    with pytest.raises(HookError) as refused:
+        hook.api_entry({"input_ids": np.zeros((2, 513), np.int64)})
+    assert refused.value.code == 1303
+    assert refused.value.message == ("input 'input_ids' holds 513 positions, more than the model's 512: truncate "
+                                     "it (the tokenizer's max_seq_length)")
 
 
 def test_a_declared_range_must_name_an_input_and_be_lo_below_hi(tiny_onnx_bert):
@@ -128,3 +143,20 @@ def test_non_finite_float_inputs_to_an_onnx_model_are_1302(tmp_path):
     with pytest.raises(HookError) as refused:
         hook.api_entry({"x": np.array([[1, np.inf, 0]], np.float32)})
     assert refused.value.code == 1302
+
+
+@pytest.mark.parametrize(("spin", "allow", "stop"), [(None, "0", ""), ("true", "", ""), ("run", "", "1")])
+def test_onnx_threads_sleep_unless_told_to_spin(tiny_onnx_bert, spin, allow, stop):
+    from toolkit.runtime.onnx_hook import OnnxModel
+
+    hook = OnnxModel()
+    hook.init(HookContext("bert", 1, tiny_onnx_bert, parameters={"spin_threads": spin} if spin else {}))
+    options = hook.session.get_session_options()
+
+    def entry(key: str) -> str:  # "" where unset: onnxruntime's default (spinning on, never forced off)
+        try:
+            return options.get_session_config_entry(key)
+        except RuntimeError:  # "does not have configuration with key"
+            return ""
+
+    assert (entry("session.intra_op.allow_spinning"), entry("session.force_spinning_stop")) == (allow, stop)
