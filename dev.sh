@@ -141,7 +141,7 @@ run_tests() {
     lint_tools
     log "ruff"
     "$VENV/bin/ruff" check .
-    log "pytest (the whole suite takes ~8 minutes on 2 cores)"
+    log "pytest (the whole suite takes ~8-15 minutes on 2 cores)"
     TOOLKIT_CHECKOV="$PWD/$LINT_VENV/bin/checkov" "$VENV/bin/python" -m pytest "$@"
 }
 
