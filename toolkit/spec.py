@@ -107,8 +107,8 @@ class QueuePolicy(_Strict):
     @property
     def enforced(self) -> bool:
         """Whether Triton has anything to enforce. Then its batcher stops forming batches ahead and
-        hands one only to an instance that is already waiting (see ``FusedOptions.resolved``'s note
-        in project.py: with one instance that costs up to 500 ms now and then)."""
+        hands one only to an instance that is already waiting (with one instance that costs up to
+        500 ms now and then: see ``_lone_instance_notes`` in project.py)."""
         return self.default_timeout_microseconds > 0 or self.allow_timeout_override or self.max_queue_size > 0
 
 
