@@ -38,7 +38,7 @@ from toolkit.errors import RenderError
 from toolkit.project import EnsembleSource, ModelSource
 from toolkit.render import Target, batching_config, model_config, tensor_config
 from toolkit.runtime.params import API_PATH, FUSED, PAD_PREFIX
-from toolkit.spec import FusedOptions
+from toolkit.spec import FusedOptions, check_onnx_parameters
 
 FUSED_FILE = "fused.json"
 
@@ -60,6 +60,11 @@ def fused_plan(ens: EnsembleSource, models: Mapping[str, ModelSource], target: T
                               f"it has {source.versions}")
         config = model_config(source, "embedded")
         overrides = spec.fused.step_parameters.get(step.model, {}) if spec.fused else {}
+        if source.spec.kind == "onnx":
+            try:
+                check_onnx_parameters(overrides, f"fused.step_parameters.{step.model}")
+            except ValueError as e:
+                raise RenderError(f"ensemble '{spec.name}' ({ens.file}): {e}") from None
         config["parameters"].update({k: {"string_value": v} for k, v in overrides.items()})
         steps.append({"model": step.model, "version": version, "folder": f"{len(steps)}-{step.model}",
                       "inputs": dict(step.inputs), "outputs": dict(step.outputs), "config": config})

@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from toolkit.runtime.occupancy import Occupancy
+
 #: The code sent when ``api_entry`` fails with an exception that carries no code of its own.
 API_ENTRY_FAILED = 9701
 #: The code sent when ``infer`` fails with an exception that carries no code of its own.
@@ -144,6 +146,9 @@ class HookContext:
     #: pools as ``cores // instance_count`` so instances do not fight over cores.
     instance_count: int = 1
     max_batch_size: int = 0
+    #: Whether another instance of this model is executing a batch right now
+    #: (``occupancy.others_busy()``): a hook may then size a run's thread pool to its share.
+    occupancy: Occupancy = field(default_factory=Occupancy)
 
 
 class Hook:

@@ -86,7 +86,8 @@ def model_config(source: ModelSource | EnsembleSource, target: Target = "embedde
             if spec.file != "model.onnx":
                 config["default_model_filename"] = spec.file
             threads = params.pop("intra_op_threads", None)
-            if threads is not None:
+            # "adaptive" is the embedded hook's (runtime/onnx_hook.py): the backend keeps its default.
+            if threads is not None and threads.strip().lower() != "adaptive":
                 params["intra_op_thread_count"] = threads
         else:
             # The embedded server has only the python backend: the fixed adapter runs the hook,

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import IO, Literal
 
 from toolkit.errors import ModelLoadError, ServerError
+from toolkit.runtime.occupancy import remove_server_files
 from toolkit.watchdog import StubWatchdog
 
 ModelControl = Literal["none", "poll", "explicit"]
@@ -406,6 +407,7 @@ class TritonServer:
             # they share its process group (ours alone: start_new_session), so sweep the group.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.process.pid, signal.SIGKILL)
+            remove_server_files(self.process.pid)  # the hooks' occupancy locks (runtime/occupancy.py)
             if code not in (0, None) and self.stop_problem is None:
                 self.stop_problem = f"tritonserver exited with code {code}: it did not drain cleanly{self._log_hint()}"
         if self.watchdog is not None:

@@ -248,6 +248,8 @@ class ModelSpec(_ModelBase):
                 raise ValueError("a python model must declare its inputs and outputs")
         elif self.hook:
             raise ValueError("'hook' is only for kind: python (an onnx model runs its file)")
+        else:
+            check_onnx_parameters(self.parameters)
         if self.dynamic_batching and self.max_batch_size == 0:
             raise ValueError("dynamic_batching needs max_batch_size > 0")
         if self.dynamic_batching:
@@ -281,6 +283,18 @@ class ModelSpec(_ModelBase):
             if not spec.variable_axes or len(spec.variable_axes) > len(self.input(like).variable_axes):
                 raise ValueError(f"trim_outputs: output '{name}' variable dims {spec.dims} do not "
                                  f"correspond to input '{like}' variable dims {self.input(like).dims}")
+
+
+def check_onnx_parameters(params: dict[str, str], where: str = "parameter") -> None:
+    """The ONNX hook's thread settings (toolkit/runtime/onnx_hook.py), refused at gen-repo rather
+    than when the model loads."""
+    threads = params.get("intra_op_threads")
+    if threads is not None and threads.strip().lower() != "adaptive" \
+            and not (threads.strip().isdigit() and int(threads) > 0):
+        raise ValueError(f"{where} intra_op_threads: expected a positive integer or 'adaptive', got {threads!r}")
+    spin = params.get("spin_threads")
+    if spin is not None and spin.lower() not in ("false", "true", "run"):
+        raise ValueError(f"{where} spin_threads: expected false, true or run, got {spin!r}")
 
 
 class EnsembleStep(_Strict):

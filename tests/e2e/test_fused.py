@@ -111,3 +111,14 @@ def test_the_fused_model_says_what_it_runs(server):
     config = json.loads(body)
     assert status == 200 and config["backend"] == "python" and "ensemble_scheduling" not in config
     assert config["parameters"]["toolkit.fused"]["string_value"] == "fused.json"
+
+
+def test_instances_of_one_model_share_an_occupancy_lock(server):
+    """The ONNX hook's adaptive threads see their peers through one lock file per model and version
+    (toolkit/runtime/occupancy.py); models with one instance need none."""
+    from toolkit.runtime.occupancy import lock_file
+
+    pid = server.process.pid  # each instance opens the file when it starts
+    for model in ("bert", "mobilenet", "embedding_fused", "mobile_fused"):
+        assert lock_file(pid, model, 1).exists(), model
+    assert not lock_file(pid, "tokenizer", 1).exists()  # one instance: nothing to share

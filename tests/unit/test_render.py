@@ -78,6 +78,18 @@ def test_container_target_uses_triton_onnxruntime_backend(project_dir):
     assert "toolkit.hook" not in config.parameters
 
 
+@pytest.mark.parametrize(("threads", "rendered"), [("3", "3"), ("adaptive", None)])
+def test_container_target_passes_a_fixed_thread_count_and_leaves_adaptive_to_the_backend(
+        project_dir, threads, rendered):
+    model = load(project_dir).models["linear"]
+    model.spec.parameters["intra_op_threads"] = threads
+    config = parse(build_config_text(model, source_label="x", target="container"))
+    assert "intra_op_threads" not in config.parameters
+    got = config.parameters["intra_op_thread_count"].string_value if "intra_op_thread_count" in config.parameters \
+        else None
+    assert got == rendered
+
+
 def broken_env(tmp_path: Path, old: str, new: str):
     original = (Path(__file__).parents[2] / "toolkit" / "templates" / "config.pbtxt.j2").read_text()
     assert old in original

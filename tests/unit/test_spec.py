@@ -35,6 +35,22 @@ def test_load_project_reads_onnx_inputs_and_outputs_when_spec_omits_them(tmp_pat
     assert [(t.name, t.dtype, t.dims) for t in spec.outputs] == [("y", "FP32", [2])]
 
 
+@pytest.mark.parametrize(("params", "words"), [
+    ({"intra_op_threads": "all"}, "intra_op_threads: expected a positive integer or 'adaptive', got 'all'"),
+    ({"intra_op_threads": 0}, "intra_op_threads: expected a positive integer or 'adaptive', got '0'"),
+    ({"spin_threads": "yes"}, "spin_threads: expected false, true or run, got 'yes'"),
+])
+def test_load_project_refuses_onnx_thread_parameters_the_hook_cannot_take(tmp_path, params, words):
+    folder = write_model(tmp_path, "linear", {"kind": "onnx", "max_batch_size": 4, "parameters": params})
+    write_linear_onnx(folder / "1" / "model.onnx")
+    with pytest.raises(SpecError, match="models/linear/model.yaml") as info:
+        load(tmp_path)
+    assert words in str(info.value)
+    for good in ({"intra_op_threads": "adaptive"}, {"intra_op_threads": 2, "spin_threads": "run"}):
+        write_model(tmp_path, "linear", {"kind": "onnx", "max_batch_size": 4, "parameters": good})
+        assert load(tmp_path).models["linear"].spec.parameters == {k: str(v) for k, v in good.items()}
+
+
 @pytest.mark.parametrize(("change", "field", "words"), [
     ({"inputs": [{"name": "X", "dtype": "FLOAT32", "dims": [4]}]}, "inputs.0.dtype", "FLOAT32"),
     ({"inputs": [{"name": "X", "dtype": "FP32", "dims": [0]}]}, "inputs.0.dims", "positive or -1"),

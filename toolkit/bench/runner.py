@@ -259,8 +259,6 @@ def _toolkit_repository(contender: str, work: Workload, out: Path) -> Path:
         path = project_dir / "ensembles" / f"{work.model}.yaml"
         spec = yaml.safe_load(path.read_text())
         fused = {"execution": "fused"}
-        if work.model == "embedding":  # measured: see BENCHMARKS.md (2 instances x 1 thread beat 2 x 2 under load)
-            fused["fused"] = {"step_parameters": {"bert": {"intra_op_threads": 1}}}
         path.write_text(yaml.safe_dump({**spec, **fused}, sort_keys=False))
     project = load_project(project_dir / "models", project_dir / "ensembles")
     return generate_repository(project, out / f"{contender}-repository").path

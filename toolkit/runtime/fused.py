@@ -22,6 +22,7 @@ import numpy as np
 
 from toolkit.hooks import HookContext
 from toolkit.runtime.batching import Failure, Layout, Observer, Result, run_batch
+from toolkit.runtime.occupancy import Occupancy
 from toolkit.runtime.params import HOOK, config_parameters, hook_parameters
 
 _NO_OBSERVER = Observer()
@@ -43,7 +44,8 @@ class FusedPipeline:
 
     @classmethod
     def load(cls, version_dir: Path, plan_file: str, *, instance_name: str = "", instance_count: int = 1,
-             observer: Callable[[str], Observer] | None = None) -> FusedPipeline:
+             occupancy: Occupancy | None = None, observer: Callable[[str], Observer] | None = None
+             ) -> FusedPipeline:
         """Build every step's hook from ``<version_dir>/<plan_file>`` and ``init`` it with its own
         folder and parameters, as its own model would be."""
         plan = json.loads((version_dir / plan_file).read_text(encoding="utf-8"))
@@ -57,7 +59,8 @@ class FusedPipeline:
             hook.init(HookContext(
                 model_name=step["model"], model_version=int(step["version"]), model_dir=folder,
                 parameters=hook_parameters(params),
-                instance_name=instance_name, instance_count=instance_count, max_batch_size=layout.max_batch_size))
+                instance_name=instance_name, instance_count=instance_count, max_batch_size=layout.max_batch_size,
+                occupancy=occupancy or Occupancy()))
             steps.append(FusedStep(step["model"], hook, layout, step["inputs"], step["outputs"],
                                    observer(step["model"]) if observer else _NO_OBSERVER))
         return cls(steps, list(plan["outputs"]))

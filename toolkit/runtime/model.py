@@ -16,6 +16,7 @@ import triton_python_backend_utils as pb_utils
 
 from toolkit.hooks import HookContext
 from toolkit.runtime.batching import Failure, Layout, Observer, run_batch
+from toolkit.runtime.occupancy import for_instance
 from toolkit.runtime.params import FUSED, HOOK, config_parameters, hook_parameters
 
 
@@ -34,6 +35,9 @@ class TritonPythonModel:
         params = config_parameters(config)
         groups = config.get("instance_group") or [{}]
         instance_count = max(1, sum(int(g.get("count", 1)) for g in groups))
+        # Who else of this model is executing (ctx.occupancy): the ONNX hook's adaptive threads.
+        self.occupancy = for_instance(self.name, args["model_version"], args.get("model_instance_name", ""),
+                                      groups)
         self.fused = None
         if FUSED in params:  # execution: fused - the ensemble's steps in this process
             from toolkit.runtime.fused import FusedPipeline
@@ -41,7 +45,7 @@ class TritonPythonModel:
             families = {}
             self.fused = FusedPipeline.load(
                 version_dir, params[FUSED], instance_name=args.get("model_instance_name", ""),
-                instance_count=instance_count,
+                instance_count=instance_count, occupancy=self.occupancy,
                 observer=lambda step: _metrics(f"{self.name}/{step}", args["model_version"], self.logger,
                                                families) or Observer())
             self.logger.log_info(f"model '{self.name}': fused steps {[s.model for s in self.fused.steps]} "
@@ -62,6 +66,7 @@ class TritonPythonModel:
             instance_name=args.get("model_instance_name", ""),
             instance_count=instance_count,
             max_batch_size=self.layout.max_batch_size,
+            occupancy=self.occupancy,
         )
         self.hook.init(ctx)
         self.metrics = _metrics(self.name, args["model_version"], self.logger)
@@ -77,15 +82,17 @@ class TritonPythonModel:
                 if tensor is not None:  # optional inputs may be absent
                     inputs[name] = tensor.as_numpy()
             batch.append(inputs)
+        with self.occupancy.busy():  # the whole batch: a fused step's peers see it busy throughout
+            if self.fused is not None:
+                results, per_step = self.fused.run(batch, log=self.logger.log_error)
+            else:
+                results = run_batch(self.hook, batch, self.layout, log=self.logger.log_error,
+                                    observer=self.metrics or Observer())
         if self.fused is not None:
-            results, per_step = self.fused.run(batch, log=self.logger.log_error)
             for step in self.fused.steps:
                 flush = getattr(step.observer, "flush", None)  # metrics, when on
                 if flush is not None and step.model in per_step:
                     flush(per_step[step.model])
-        else:
-            results = run_batch(self.hook, batch, self.layout, log=self.logger.log_error,
-                                observer=self.metrics or Observer())
         responses = []
         for result in results:
             if isinstance(result, Failure):
@@ -98,6 +105,7 @@ class TritonPythonModel:
         return responses
 
     def finalize(self):
+        self.occupancy.close()
         if self.fused is not None:
             self.fused.finalize()
             return

@@ -1,12 +1,21 @@
 """The built-in hook that runs an ONNX file with onnxruntime: one ``run`` per dynamic batch.
 
 The embedded tritonserver has only the python backend, so on that target every ``kind: onnx`` model
-is this hook behind the fixed adapter. Threads: onnxruntime's intra-op pool is sized
-``cores // instance_count`` (parameter ``intra_op_threads`` overrides), and the inter-op pool is 1,
-so the instances Triton runs side by side do not oversubscribe the cores. The pool's threads sleep
-between ops by default; ``spin_threads: "run"`` lets them spin within a run and stop at its end (a
-lone convolutional net's batch-1 latency drops, MobileNetV2 27.8 -> 22.7 ms on a slow 2-core VM, but
-two instances then spin against each other: 56 -> 43 images/s at c=16), ``"true"`` always.
+is this hook behind the fixed adapter.
+
+Threads. The inter-op pool is 1 and the intra-op pool's threads sleep between ops. The intra-op size
+(parameter ``intra_op_threads``):
+- ``adaptive`` (the default): a run that no other instance of the model overlaps gets every core,
+  any other run its share, ``cores // instance_count``. The instances see each other through
+  ``ctx.occupancy`` (toolkit/runtime/occupancy.py); each instance holds one onnxruntime session of
+  each size (a second copy of the weights: MiniLM-L6 +121 MB per instance, MobileNetV2 +11 MB), and
+  both give the same bits. A lone request runs as fast as with every core; under load, the
+  instances share the cores without oversubscribing them, which beats both fixed choices (BENCHMARKS.md,
+  "Adaptive threads"). With one instance (or one core) there is one session of every core.
+- a positive integer: that many threads, always (one session).
+``spin_threads: "run"`` lets the threads spin within a run and stop at its end (a lone convolutional
+net's batch-1 latency drops, MobileNetV2 27.8 -> 22.7 ms on a slow 2-core VM, but two instances then
+spin against each other: 56 -> 43 images/s at c=16), ``"true"`` always.
 
 Inputs are checked per request in ``api_entry`` (microseconds), so a bad one fails alone with a
 clear code instead of onnxruntime's error (or, worse, a silently wrong answer: its Gather wraps a
@@ -33,6 +42,8 @@ INPUT_OUT_OF_RANGE = 1301
 INPUT_NOT_FINITE = 1302
 SEQUENCE_TOO_LONG = 1303
 RANGE_PREFIX = "input_range."
+#: ``intra_op_threads: adaptive``: every core for a run no other instance overlaps, the share otherwise.
+ADAPTIVE = "adaptive"
 
 
 def default_threads(instance_count: int) -> int:
@@ -47,21 +58,23 @@ class OnnxModel(Hook):
     def init(self, ctx: HookContext) -> None:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(ctx.parameters.get("intra_op_threads")
-                                           or default_threads(ctx.instance_count))
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Spinning worker threads would burn the cores the other steps' processes, Triton and the
-        # clients need between runs; in a multi-process server they must sleep instead.
-        spin = ctx.parameters.get("spin_threads", "false").lower()
-        if spin == "run":  # spin between a run's ops, stop when it ends
-            options.add_session_config_entry("session.force_spinning_stop", "1")
-        elif spin != "true":
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         path = ctx.model_dir / ctx.parameters.get("onnx_file", "model.onnx")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        spin = ctx.parameters.get("spin_threads", "false").lower()
+        if spin not in ("false", "true", "run"):
+            raise ValueError(f"parameter 'spin_threads': expected false, true or run, got {spin!r}")
+        share = default_threads(ctx.instance_count)
+        threads = str(ctx.parameters.get("intra_op_threads") or "").strip().lower()
+        self.occupancy = ctx.occupancy
+        self.solo = None  # adaptive: the session with every core, for runs no peer overlaps
+        if threads in (ADAPTIVE, ""):
+            self.session = _session(ort, path, share, spin)
+            if default_threads(1) > share and ctx.occupancy.shared:
+                self.solo = _session(ort, path, default_threads(1), spin)
+        elif threads.isdigit() and int(threads) > 0:
+            self.session = _session(ort, path, int(threads), spin)
+        else:
+            raise ValueError(f"parameter 'intra_op_threads': expected a positive integer or {ADAPTIVE!r}, "
+                             f"got {threads!r}")
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         export = _export(ctx.model_dir)
@@ -100,7 +113,25 @@ class OnnxModel(Hook):
 
     def infer(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = {name: batch[name] for name in self.input_names if name in batch}
-        return dict(zip(self.output_names, self.session.run(self.output_names, feed), strict=True))
+        session = self.session
+        if self.solo is not None and not self.occupancy.others_busy():
+            session = self.solo
+        return dict(zip(self.output_names, session.run(self.output_names, feed), strict=True))
+
+
+def _session(ort, path, threads: int, spin: str):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Spinning worker threads would burn the cores the other steps' processes, Triton and the
+    # clients need between runs; in a multi-process server they must sleep instead.
+    if spin == "run":  # spin between a run's ops, stop when it ends
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+    elif spin != "true":
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _export(model_dir) -> dict:
