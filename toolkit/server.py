@@ -29,6 +29,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -39,7 +40,7 @@ from typing import IO, Literal
 
 from toolkit.errors import ModelLoadError, ServerError
 from toolkit.runtime.occupancy import remove_server_files
-from toolkit.watchdog import StubWatchdog
+from toolkit.watchdog import StubWatchdog, remove_orphan_regions
 
 ModelControl = Literal["none", "poll", "explicit"]
 
@@ -218,6 +219,10 @@ class TritonServer:
         self.stop_problem: str | None = None
         self.process: subprocess.Popen | None = None
         self._workdir: Path | None = None
+        # stop() against the watchdog's restart of a crashed server: a restart either launches
+        # before stop() looks at the process (and stop() then stops it), or not at all.
+        self._stopping = threading.Event()
+        self._launching = threading.Lock()
         self._log: IO | None = None
 
     @property
@@ -272,6 +277,7 @@ class TritonServer:
         if not self.repository.is_dir():
             raise ServerError(f"model repository not found: {self.repository}")
         self._check_ports_free()
+        self._stopping.clear()
         bundle = bundled_server_dir()
         self._workdir = Path(tempfile.mkdtemp(prefix="toolkit-triton-"))
         prepare_backends(bundle, self._workdir / "backends")
@@ -319,7 +325,10 @@ class TritonServer:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
-        self.process = self._launch()
+        with self._launching:
+            if self._stopping.is_set():
+                raise ServerError("the server is stopping: not started again")
+            self.process = self._launch()
         self._wait_until_ready(timeout)
 
     def _event(self, message: str) -> None:
@@ -380,6 +389,8 @@ class TritonServer:
         return json.loads(body or b"[]")
 
     def _check_alive(self) -> None:
+        if self._stopping.is_set():
+            raise ServerError("the server is stopping")
         if self.process is None or self.process.poll() is not None:
             code = None if self.process is None else self.process.returncode
             raise ServerError(f"tritonserver exited with code {code}{self._log_hint()}")
@@ -395,8 +406,13 @@ class TritonServer:
                 and self._workdir is None:
             return self.process.returncode
         code, self.stop_problem = None, None
+        self._stopping.set()  # a restart in progress gives up waiting for readiness
         if self.watchdog is not None:
             self.watchdog.stop()
+        with self._launching:  # a restart that launched has set self.process; none launches after
+            pass
+        if self.watchdog is not None and self.process is not None and self.process.poll() is None:
+            self.watchdog.scan()  # the stubs of a server the watchdog has just started again
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             code = self._wait_for_exit()
@@ -415,6 +431,8 @@ class TritonServer:
             # clean exit, so only leftovers remain here.
             self.watchdog.remove_shm(list(self.watchdog.stubs.values()))
             self.watchdog = None
+            # ... and those of stubs that died before any scan saw them (a crash during a heal)
+            remove_orphan_regions()
         if self._log is not None:
             self._log.close()
             self._log = None

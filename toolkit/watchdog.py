@@ -82,6 +82,43 @@ def _children(parent: int) -> dict[int, tuple[str, list[str]]]:
     return out
 
 
+REGION_PREFIX = "triton_python_backend_shm_region_"
+
+
+def remove_orphan_regions(directory: Path = SHM_DIR, min_age: float = 10.0) -> list[str]:
+    """Remove the python backend's shared memory regions that no process maps any more: what a
+    server that died abruptly left, including regions of stubs it started so shortly before that no
+    scan saw them. Only regions of this user, older than ``min_age`` seconds (a starting server
+    creates and maps its own in one step), and mapped by no process whose maps can be read."""
+    now, uid = time.time(), os.getuid()
+    candidates = {}
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            if entry.name.startswith(REGION_PREFIX):
+                with contextlib.suppress(OSError):
+                    info = entry.stat()
+                    if info.st_uid == uid and now - info.st_mtime >= min_age:
+                        candidates[entry.path] = entry.name
+    if not candidates:
+        return []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                maps = f.read()
+        except OSError:
+            continue  # gone, or another user's (who could not map this user's 0600 region anyway)
+        for path in [p for p in candidates if p in maps]:
+            del candidates[path]
+    removed = []
+    for path, name in candidates.items():
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+            removed.append(name)
+    return removed
+
+
 @dataclass
 class Heal:
     """One recovery, for the log and for tests: what died, what was done, how long it took."""

@@ -304,3 +304,39 @@ def test_a_killed_tritonserver_is_started_again_and_serves(triton, tmp_path):
         assert any("tritonserver died" in e for e in events)
     finally:
         assert server.stop() == 0
+
+
+def test_a_stop_while_the_watchdog_starts_a_crashed_server_again_leaves_nothing_behind(triton, tmp_path):
+    """stop() during the watchdog's restart: the new server is stopped too (not orphaned), the
+    restart gives up waiting for readiness, and no stub or shared memory region of either is left."""
+    regions_before = {p.name for p in Path(SHM_DIR).glob("triton_python_backend_shm_region_*")}
+    server = TritonServer(triton.repository, **dict(zip(("http_port", "grpc_port", "metrics_port"),
+                                                        free_ports(3), strict=True)),
+                          log_file=tmp_path / "tritonserver.log").start()
+    old = server.process
+    os.kill(old.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while server.process is old and time.monotonic() < deadline:  # the watchdog has launched anew
+        time.sleep(0.01)
+    new = server.process
+    assert new is not old, "the watchdog did not start tritonserver again"
+    assert not server.watchdog.heals  # still starting: the restart has not reported yet
+    started = time.monotonic()
+    server.stop()
+    assert time.monotonic() - started < 45
+    assert new.poll() is not None
+    assert _group_gone(new.pid, within=10), "a stub of the new server outlived it"
+    left = {p.name for p in Path(SHM_DIR).glob("triton_python_backend_shm_region_*")} - regions_before
+    assert left == set()
+
+
+def _group_gone(pgid: int, within: float) -> bool:
+    """No process of the group is left (killed stubs are reaped by init a moment later)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False

@@ -43,9 +43,9 @@ def test_load_project_reads_onnx_inputs_and_outputs_when_spec_omits_them(tmp_pat
 def test_load_project_refuses_onnx_thread_parameters_the_hook_cannot_take(tmp_path, params, words):
     folder = write_model(tmp_path, "linear", {"kind": "onnx", "max_batch_size": 4, "parameters": params})
     write_linear_onnx(folder / "1" / "model.onnx")
-    with pytest.raises(SpecError, match="models/linear/model.yaml") as info:
+    with pytest.raises(SpecError) as info:
         load(tmp_path)
-    assert words in str(info.value)
+    assert "models/linear/model.yaml" in str(info.value) and words in str(info.value)
     for good in ({"intra_op_threads": "adaptive"}, {"intra_op_threads": 2, "spin_threads": "run"}):
         write_model(tmp_path, "linear", {"kind": "onnx", "max_batch_size": 4, "parameters": good})
         assert load(tmp_path).models["linear"].spec.parameters == {k: str(v) for k, v in good.items()}
