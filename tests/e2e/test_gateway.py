@@ -71,6 +71,7 @@ def gateway(example_server, tmp_path_factory):
     settings.write_text(yaml.safe_dump(example))
     (port,) = free_ports(1)
     log = root / "gateway.log"
+    semaphores = _semaphores()
     with open(log, "wb") as out:
         process = subprocess.Popen([*TOOLKIT, "gateway", "--settings", str(settings), "--triton",
                                     example_server.grpc_url, "--port", str(port)],
@@ -84,6 +85,12 @@ def gateway(example_server, tmp_path_factory):
         code = process.wait(timeout=40)
     # uvicorn drains, then re-raises SIGTERM so the exit status says how it ended
     assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in log.read_text(), log.read_text()[-3000:]
+    # its CheckWorkers pool's queues (named semaphores) go with it: five were left per gateway before
+    assert _semaphores() - semaphores == set()
+
+
+def _semaphores() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("sem.mp-*")}
 
 
 def signed(data: dict, *, sign_type: str = "SHA256", **extra) -> dict:

@@ -246,7 +246,10 @@ class Authenticator:
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            # Waiting lets the pool's queues release their named semaphores (/dev/shm/sem.mp-*);
+            # without it a clean exit left five per gateway. The exit joins the workers anyway, and
+            # cancel_futures leaves only the checks already running (bounded by MaxBodyBytes).
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
     async def authenticate(self, body: bytes) -> Authenticated:
