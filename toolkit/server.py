@@ -223,6 +223,7 @@ class TritonServer:
         # before stop() looks at the process (and stop() then stops it), or not at all.
         self._stopping = threading.Event()
         self._launching = threading.Lock()
+        self._launched_at: float | None = None  # time.time() of the first launch: stop() sweeps after it
         self._log: IO | None = None
 
     @property
@@ -298,6 +299,7 @@ class TritonServer:
         return self
 
     def _launch(self) -> subprocess.Popen:
+        self._launched_at = time.time() if self._launched_at is None else self._launched_at
         assert self._workdir is not None
         # The server dies with the process that started it. util-linux's setpriv sets that up without
         # running Python between fork and exec (a preexec_fn can crash the child of a process whose
@@ -431,8 +433,10 @@ class TritonServer:
             # clean exit, so only leftovers remain here.
             self.watchdog.remove_shm(list(self.watchdog.stubs.values()))
             self.watchdog = None
-            # ... and those of stubs that died before any scan saw them (a crash during a heal)
-            remove_orphan_regions()
+            # ... and those of stubs that died before any scan saw them (a crash during a heal, a
+            # stop while a restarted server still loads), made since this server's first launch
+            remove_orphan_regions(since=self._launched_at)
+            self._launched_at = None
         if self._log is not None:
             self._log.close()
             self._log = None

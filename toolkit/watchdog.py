@@ -85,11 +85,13 @@ def _children(parent: int) -> dict[int, tuple[str, list[str]]]:
 REGION_PREFIX = "triton_python_backend_shm_region_"
 
 
-def remove_orphan_regions(directory: Path = SHM_DIR, min_age: float = 10.0) -> list[str]:
+def remove_orphan_regions(directory: Path = SHM_DIR, min_age: float = 10.0, since: float | None = None) -> list[str]:
     """Remove the python backend's shared memory regions that no process maps any more: what a
     server that died abruptly left, including regions of stubs it started so shortly before that no
-    scan saw them. Only regions of this user, older than ``min_age`` seconds (a starting server
-    creates and maps its own in one step), and mapped by no process whose maps can be read."""
+    scan saw them. Only regions of this user that no process whose maps can be read maps, and either
+    older than ``min_age`` seconds (a starting server creates and maps its own in one step) or made
+    at or after ``since`` (the launch of a server that is gone now: a SIGTERM that arrives while
+    tritonserver still loads its models kills it before it can remove the regions it made)."""
     now, uid = time.time(), os.getuid()
     candidates = {}
     with contextlib.suppress(OSError):
@@ -97,7 +99,8 @@ def remove_orphan_regions(directory: Path = SHM_DIR, min_age: float = 10.0) -> l
             if entry.name.startswith(REGION_PREFIX):
                 with contextlib.suppress(OSError):
                     info = entry.stat()
-                    if info.st_uid == uid and now - info.st_mtime >= min_age:
+                    if info.st_uid == uid and (now - info.st_mtime >= min_age
+                                               or (since is not None and info.st_ctime >= since)):
                         candidates[entry.path] = entry.name
     if not candidates:
         return []

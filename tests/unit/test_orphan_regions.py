@@ -37,3 +37,12 @@ def test_only_old_unmapped_regions_of_the_backend_are_removed(tmp_path):
         holder.kill()
         holder.wait()
     assert remove_orphan_regions(tmp_path) == [mapped.name]  # its holder is gone now
+
+
+def test_fresh_unmapped_regions_made_since_a_gone_servers_launch_are_removed(tmp_path):
+    """A server SIGTERMed while it still loads dies before removing the regions it just made."""
+    launched = time.time() - 1
+    fresh = tmp_path / f"{REGION_PREFIX}fresh"
+    fresh.write_bytes(b"\0" * 4096)
+    assert remove_orphan_regions(tmp_path, since=time.time() + 60) == []  # made before that launch
+    assert remove_orphan_regions(tmp_path, since=launched) == [fresh.name]
