@@ -19,6 +19,7 @@ from tritonclient.grpc import model_config_pb2
 
 from toolkit.errors import RenderError
 from toolkit.project import EnsembleSource, ModelSource
+from toolkit.runtime.onnx_hook import ADAPTIVE
 from toolkit.runtime.params import API_PATH, BUCKET_COST, BUCKET_ROWS, HOOK, ONNX_HOOK, PAD_PREFIX, TRIM_PREFIX
 
 Target = Literal["embedded", "container"]
@@ -87,7 +88,7 @@ def model_config(source: ModelSource | EnsembleSource, target: Target = "embedde
                 config["default_model_filename"] = spec.file
             threads = params.pop("intra_op_threads", None)
             # "adaptive" is the embedded hook's (runtime/onnx_hook.py): the backend keeps its default.
-            if threads is not None and threads.strip().lower() != "adaptive":
+            if threads is not None and threads.strip().lower() != ADAPTIVE:
                 params["intra_op_thread_count"] = threads
         else:
             # The embedded server has only the python backend: the fixed adapter runs the hook,

@@ -30,6 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from toolkit.errors import SpecError
+from toolkit.runtime.onnx_hook import thread_parameters
 
 #: Triton's data types (``TYPE_`` prefix dropped; BYTES is proto TYPE_STRING) -> numpy dtype name.
 DTYPES: dict[str, str] = {
@@ -286,15 +287,8 @@ class ModelSpec(_ModelBase):
 
 
 def check_onnx_parameters(params: dict[str, str], where: str = "parameter") -> None:
-    """The ONNX hook's thread settings (toolkit/runtime/onnx_hook.py), refused at gen-repo rather
-    than when the model loads."""
-    threads = params.get("intra_op_threads")
-    if threads is not None and threads.strip().lower() != "adaptive" \
-            and not (threads.strip().isdigit() and int(threads) > 0):
-        raise ValueError(f"{where} intra_op_threads: expected a positive integer or 'adaptive', got {threads!r}")
-    spin = params.get("spin_threads")
-    if spin is not None and spin.lower() not in ("false", "true", "run"):
-        raise ValueError(f"{where} spin_threads: expected false, true or run, got {spin!r}")
+    """The ONNX hook's thread settings, refused at gen-repo rather than when the model loads."""
+    thread_parameters(params, where)
 
 
 class EnsembleStep(_Strict):

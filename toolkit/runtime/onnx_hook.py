@@ -59,22 +59,13 @@ class OnnxModel(Hook):
         import onnxruntime as ort
 
         path = ctx.model_dir / ctx.parameters.get("onnx_file", "model.onnx")
-        spin = ctx.parameters.get("spin_threads", "false").lower()
-        if spin not in ("false", "true", "run"):
-            raise ValueError(f"parameter 'spin_threads': expected false, true or run, got {spin!r}")
+        threads, spin = thread_parameters(ctx.parameters)
         share = default_threads(ctx.instance_count)
-        threads = str(ctx.parameters.get("intra_op_threads") or "").strip().lower()
         self.occupancy = ctx.occupancy
         self.solo = None  # adaptive: the session with every core, for runs no peer overlaps
-        if threads in (ADAPTIVE, ""):
-            self.session = _session(ort, path, share, spin)
-            if default_threads(1) > share and ctx.occupancy.shared:
-                self.solo = _session(ort, path, default_threads(1), spin)
-        elif threads.isdigit() and int(threads) > 0:
-            self.session = _session(ort, path, int(threads), spin)
-        else:
-            raise ValueError(f"parameter 'intra_op_threads': expected a positive integer or {ADAPTIVE!r}, "
-                             f"got {threads!r}")
+        self.session = _session(ort, path, threads or share, spin)
+        if threads is None and default_threads(1) > share and ctx.occupancy.shared:
+            self.solo = _session(ort, path, default_threads(1), spin)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         export = _export(ctx.model_dir)
@@ -117,6 +108,22 @@ class OnnxModel(Hook):
         if self.solo is not None and not self.occupancy.others_busy():
             session = self.solo
         return dict(zip(self.output_names, session.run(self.output_names, feed), strict=True))
+
+
+def thread_parameters(params, where: str = "parameter") -> tuple[int | None, str]:
+    """``intra_op_threads`` (None: adaptive, also when unset) and ``spin_threads``; gen-repo refuses
+    a bad value with the same check (spec.check_onnx_parameters) before the model ever loads."""
+    raw = params.get("intra_op_threads")
+    threads = None
+    if raw is not None and str(raw).strip().lower() != ADAPTIVE:
+        value = str(raw).strip()
+        if not (value.isdigit() and int(value) > 0):
+            raise ValueError(f"{where} intra_op_threads: expected a positive integer or {ADAPTIVE!r}, got {raw!r}")
+        threads = int(value)
+    spin = str(params.get("spin_threads", "false")).lower()
+    if spin not in ("false", "true", "run"):
+        raise ValueError(f"{where} spin_threads: expected false, true or run, got {spin!r}")
+    return threads, spin
 
 
 def _session(ort, path, threads: int, spin: str):
