@@ -28,3 +28,26 @@ def write_linear_onnx(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     return path
+
+
+def write_scalar_onnx(path: Path) -> Path:
+    """Per-row scalars: x FP32 [batch, 4] and offset FP32 [batch] -> score FP32 [batch]
+    (sum(x, axis 1) + offset) and doubled FP32 [batch, 4] (x * 2)."""
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x", "axes"], ["sum"], keepdims=0),
+         helper.make_node("Add", ["sum", "offset"], ["score"]),
+         helper.make_node("Mul", ["x", "two"], ["doubled"])],
+        "scalar",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
+         helper.make_tensor_value_info("offset", TensorProto.FLOAT, ["batch"])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch"]),
+         helper.make_tensor_value_info("doubled", TensorProto.FLOAT, ["batch", 4])],
+        initializer=[numpy_helper.from_array(np.array([1], dtype=np.int64), "axes"),
+                     numpy_helper.from_array(np.array(2, dtype=np.float32), "two")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path

@@ -22,8 +22,9 @@ from toolkit.spec import AnySpec, EnsembleSpec, TensorSpec
 
 
 def full_dims(owner: AnySpec, tensor: TensorSpec) -> list[int]:
-    """Dims including the batch axis when the owner batches, so any two owners compare alike."""
-    return ([-1] if owner.max_batch_size > 0 else []) + list(tensor.dims)
+    """Dims including the batch axis when the owner batches, so any two owners compare alike. A
+    per-row scalar (dims []) travels between steps as Triton serves it: [batch, 1]."""
+    return ([-1] if owner.max_batch_size > 0 else []) + tensor.api_dims
 
 
 def dims_agree(a: list[int], b: list[int]) -> bool:

@@ -219,18 +219,26 @@ def _resolve_api_paths(project: Project) -> list[SpecError]:
     return problems
 
 
-def load_model(folder: Path) -> ModelSource:
+def read_model_spec(folder: Path) -> ModelSpec:
+    """``<folder>/model.yaml`` parsed and validated on its own (nothing else of the folder is read)."""
     file = folder / MODEL_FILE
     if not file.is_file():
         raise SpecError(f"model folder has no {MODEL_FILE}", file=str(folder))
     spec = parse_spec(read_yaml(file), ModelSpec, file=file, default_name=folder.name)
     assert isinstance(spec, ModelSpec)
+    if spec.name != folder.name:
+        raise SpecError(f"name must equal its folder name '{folder.name}' (Triton requires it)", file=str(file),
+                        model=spec.name, field="name")
+    return spec
+
+
+def load_model(folder: Path) -> ModelSource:
+    file = folder / MODEL_FILE
+    spec = read_model_spec(folder)
 
     def fail(message: str, field: str | None = None) -> SpecError:
         return SpecError(message, file=str(file), model=spec.name, field=field)
 
-    if spec.name != folder.name:
-        raise fail(f"name must equal its folder name '{folder.name}' (Triton requires it)", "name")
     versions = sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
     for dst, src in spec.assets.items():
         if not (folder / src).is_file():
@@ -303,21 +311,42 @@ def _class_string_attr(node: ast.ClassDef, attr: str) -> str | None:
 def _with_onnx_io(spec: ModelSpec, path: Path, fail) -> ModelSpec:
     """Fill an ONNX model's inputs/outputs from the file, or check the declared ones against it."""
     inputs, outputs = read_onnx_io(path, spec.max_batch_size, fail)
+    problems = onnx_io_problems(spec, inputs, outputs, path.name)
+    if problems:
+        field, message = problems[0]
+        raise fail(message, field)
+    return spec.model_copy(update={"inputs": spec.inputs or inputs, "outputs": spec.outputs or outputs})
+
+
+def onnx_io_problems(spec: ModelSpec, inputs: list[TensorSpec], outputs: list[TensorSpec],
+                     label: str) -> list[tuple[str, str]]:
+    """Every way the inputs/outputs a spec declares disagree with an ONNX file's (as ``read_onnx_io``
+    reads them for the spec's max_batch_size), as ``(field, message)``; ``label`` names the file.
+    A side the spec leaves out is read from the file and cannot disagree; a declared side must name
+    every tensor of the file (the ONNX hook feeds all inputs and returns all outputs)."""
+    problems: list[tuple[str, str]] = []
     for side, found in (("inputs", inputs), ("outputs", outputs)):
         declared = getattr(spec, side)
         if not declared:
             continue
+        kind = side[:-1]
         by_name = {t.name: t for t in found}
+        names = {t.name for t in declared}
+        undeclared = [t for t in found if t.name not in names]
+        has = ", ".join(f"'{t.name}'" for t in undeclared) or f"no other {kind}"
         for i, t in enumerate(declared):
             real = by_name.get(t.name)
-            if real is None:
-                raise fail(f"'{t.name}' is not an {side[:-1]} of {path.name} (it has {sorted(by_name)})",
-                           f"{side}[{i}].name")
-            if real.dtype != t.dtype or len(real.dims) != len(t.dims) or any(
+            if real is None:  # names the file's undeclared tensors: renamed ones show up here
+                problems.append((f"{side}[{i}].name", f"declares {kind} '{t.name}' but {label} has {has}"))
+            elif real.dtype != t.dtype or len(real.dims) != len(t.dims) or any(
                     r not in (-1, d) for r, d in zip(real.dims, t.dims, strict=True)):
-                raise fail(f"declared {t.dtype} {t.dims} but {path.name} has {real.dtype} {real.dims}",
-                           f"{side}[{i}]")
-    return spec.model_copy(update={"inputs": spec.inputs or inputs, "outputs": spec.outputs or outputs})
+                problems.append((f"{side}[{i}]", f"{kind} '{t.name}' is declared {t.dtype} {t.dims} but {label} "
+                                 f"has {real.dtype} {real.dims}"))
+        if undeclared and names <= set(by_name):
+            problems.append((side, f"does not declare {kind} {has} of {label} ("
+                             f"{', '.join(f'{t.dtype} {t.dims}' for t in undeclared)}): declare all its {side} "
+                             "or none"))
+    return problems
 
 
 _ONNX_TO_DTYPE = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int8": "INT8",
@@ -327,7 +356,19 @@ _ONNX_TO_DTYPE = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int8
 assert set(_ONNX_TO_DTYPE.values()) == set(DTYPES)
 
 
-def read_onnx_io(path: Path, max_batch_size: int, fail) -> tuple[list[TensorSpec], list[TensorSpec]]:
+@dataclass(frozen=True)
+class OnnxTensor:
+    """A graph input or output of an ONNX file as the file has it: ``shape`` includes the first
+    (batch) axis; -1 is an axis without a fixed size."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+
+
+def read_onnx_shapes(path: Path, fail) -> tuple[list[OnnxTensor], list[OnnxTensor]]:
+    """An ONNX file's graph inputs (initializers left out) and outputs. Reads the graph only:
+    external data (``model.onnx.data``) is never loaded."""
     import onnx
     from onnx.helper import tensor_dtype_to_np_dtype
 
@@ -337,7 +378,7 @@ def read_onnx_io(path: Path, max_batch_size: int, fail) -> tuple[list[TensorSpec
         raise fail(f"cannot read ONNX file {path}: {e}", "file") from e
     initializers = {i.name for i in graph.initializer}
 
-    def convert(values) -> list[TensorSpec]:
+    def convert(values) -> list[OnnxTensor]:
         out = []
         for v in values:
             if v.name in initializers:
@@ -347,15 +388,38 @@ def read_onnx_io(path: Path, max_batch_size: int, fail) -> tuple[list[TensorSpec
             if dtype is None:
                 raise fail(f"tensor '{v.name}' of {path.name} has a type Triton cannot serve", "file")
             dims = [d.dim_value if d.HasField("dim_value") else -1 for d in ttype.shape.dim]
-            if max_batch_size > 0:
-                if not dims or dims[0] not in (-1,):
-                    raise fail(f"max_batch_size > 0 needs a variable first (batch) axis, but "
-                               f"'{v.name}' of {path.name} has shape {dims}", "max_batch_size")
-                dims = dims[1:]
-            if not dims:
-                raise fail(f"'{v.name}' of {path.name} has no dims besides the batch axis; give it "
-                           "shape [batch, 1] (Triton needs at least one dim)", "file")
-            out.append(TensorSpec(name=v.name, dtype=dtype, dims=dims))
+            out.append(OnnxTensor(v.name, dtype, dims))
         return out
 
     return convert(graph.input), convert(graph.output)
+
+
+def has_batch_axis(tensors: list[OnnxTensor]) -> bool:
+    """Whether every tensor has a variable first axis, which Triton can batch requests along."""
+    return bool(tensors) and all(t.shape and t.shape[0] == -1 for t in tensors)
+
+
+def read_onnx_io(path: Path, max_batch_size: int, fail) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """An ONNX file's inputs and outputs as a spec with this max_batch_size declares them."""
+    inputs, outputs = read_onnx_shapes(path, fail)
+    return (onnx_tensor_specs(inputs, max_batch_size, fail, path.name),
+            onnx_tensor_specs(outputs, max_batch_size, fail, path.name))
+
+
+def onnx_tensor_specs(tensors: list[OnnxTensor], max_batch_size: int, fail, label: str) -> list[TensorSpec]:
+    """ONNX tensors as a spec with this max_batch_size declares them: without the batch axis when
+    it batches (``[batch]`` becomes dims ``[]``, one value per row); ``label`` names the file."""
+    out = []
+    for t in tensors:
+        dims = list(t.shape)
+        if max_batch_size > 0:
+            if not dims or dims[0] != -1:
+                raise fail(f"max_batch_size > 0 needs a variable first (batch) axis, but "
+                           f"'{t.name}' of {label} has shape {dims}", "max_batch_size")
+            dims = dims[1:]  # [] is one value per row: served as dims [1] + reshape []
+        elif not dims:
+            raise fail(f"'{t.name}' of {label} is a 0-d scalar (shape []), which Triton cannot serve "
+                       "without a batch axis: give it shape [1], or a batch axis (shape [batch]) and "
+                       "max_batch_size > 0", "file")
+        out.append(TensorSpec(name=t.name, dtype=t.dtype, dims=dims))
+    return out

@@ -29,7 +29,9 @@ TEMPLATE_DIR = Path(__file__).parent / "templates"
 
 def tensor_config(t) -> dict[str, Any]:
     out = {"name": t.name, "data_type": "TYPE_STRING" if t.dtype == "BYTES" else f"TYPE_{t.dtype}",
-           "dims": list(t.dims)}
+           "dims": t.api_dims}
+    if not t.dims:  # one value per batch row: Triton needs a dim, the model sees [batch]
+        out["reshape"] = {"shape": []}
     if t.optional:
         out["optional"] = True
     return out
@@ -90,6 +92,9 @@ def model_config(source: ModelSource | EnsembleSource, target: Target = "embedde
             # "adaptive" is the embedded hook's (runtime/onnx_hook.py): the backend keeps its default.
             if threads is not None and threads.strip().lower() != ADAPTIVE:
                 params["intra_op_thread_count"] = threads
+            level = triton_graph_level(source)
+            if level is not None:  # an onnxruntime optimizer bug the export found (toolkit.export.verify)
+                config["optimization"] = {"graph": {"level": level}}
         else:
             # The embedded server has only the python backend: the fixed adapter runs the hook,
             # and an ONNX model runs in the built-in onnxruntime hook.
@@ -111,6 +116,24 @@ def model_config(source: ModelSource | EnsembleSource, target: Target = "embedde
                 params[BUCKET_ROWS] = "true"
     config["parameters"] = {k: {"string_value": v} for k, v in sorted(params.items())}
     return config
+
+
+def triton_graph_level(source: ModelSource) -> int | None:
+    """The onnxruntime backend's graph level that every served version's export check allows
+    (export.json ``onnxruntime.triton_graph_level``: -1 basic, 1 extended, 2 none); None: all."""
+    import json
+
+    strictness = {None: 0, 1: 1, -1: 2, 2: 3}
+    level = None
+    for version in source.versions:
+        try:
+            export = json.loads((source.folder / str(version) / "export.json").read_text(encoding="utf-8"))
+            found = export["onnxruntime"]["triton_graph_level"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if found in strictness and strictness[found] > strictness[level]:
+            level = found
+    return level
 
 
 def _quote(value: Any) -> str:

@@ -61,11 +61,17 @@ class _Strict(BaseModel):
 
 
 class TensorSpec(_Strict):
-    """One input or output tensor. ``dims`` exclude the batch dimension; -1 means variable."""
+    """One input or output tensor. ``dims`` exclude the batch dimension; -1 means variable.
+
+    ``dims: []`` (a model with max_batch_size > 0 only) is one value per batch row: the model sees
+    shape ``[batch]``. Triton needs at least one dim, so it is served as ``dims: [1]`` with
+    ``reshape: { shape: [] }``: clients and ensemble steps exchange ``[batch, 1]``, the model
+    ``[batch]``.
+    """
 
     name: str
     dtype: DType
-    dims: list[int] = Field(min_length=1)
+    dims: list[int]
     #: Inputs only: the request may omit it (Triton's ``optional``).
     optional: bool = False
 
@@ -95,6 +101,11 @@ class TensorSpec(_Strict):
     @property
     def variable_axes(self) -> list[int]:
         return [i for i, d in enumerate(self.dims) if d == -1]
+
+    @property
+    def api_dims(self) -> list[int]:
+        """The dims clients and ensemble steps see: ``[1]`` for a per-row scalar (``dims: []``)."""
+        return list(self.dims) or [1]
 
 
 class QueuePolicy(_Strict):
@@ -186,6 +197,10 @@ class _ModelBase(_Strict):
             dup = sorted({n for n in names if names.count(n) > 1})
             if dup:
                 raise ValueError(f"duplicate {side[:-1]} names: {dup}")
+        scalars = [t.name for t in [*self.inputs, *self.outputs] if not t.dims]
+        if scalars and self.max_batch_size == 0:
+            raise ValueError(f"{', '.join(repr(n) for n in scalars)}: dims [] (one value per batch row) needs "
+                             "max_batch_size > 0; without a batch axis give the tensor dims [1]")
         return self
 
     def input(self, name: str) -> TensorSpec | None:
@@ -343,6 +358,10 @@ class EnsembleSpec(_ModelBase):
     def _io(self) -> EnsembleSpec:
         if not self.inputs or not self.outputs:
             raise ValueError("an ensemble must declare its inputs and outputs")
+        scalars = [t.name for t in [*self.inputs, *self.outputs] if not t.dims]
+        if scalars:  # Triton checks an ensemble's reshape against its steps' dims, which are [1]
+            raise ValueError(f"{', '.join(repr(n) for n in scalars)}: an ensemble passes tensors as its steps' "
+                             "clients see them, so a step's per-row scalar (dims []) is dims [1] here")
         if self.fused is not None and self.execution != "fused":
             raise ValueError("'fused' settings need 'execution: fused'")
         if self.execution == "fused" and self.max_batch_size == 0:

@@ -242,3 +242,42 @@ def test_a_failing_row_fails_its_whole_request_and_only_it():
                                                          bucket_cost=1000, bucket_rows=True))
     assert isinstance(results[0], Failure) and "poison" in results[0].message
     np.testing.assert_array_equal(results[1]["E"], good["T"])
+
+
+class RowSum(Hook):
+    """x [n, 4] and offset [n] -> score [n] (one value per row) and doubled [n, 4], like an ONNX model."""
+
+    def infer(self, batch):
+        assert batch["offset"].shape == (batch["x"].shape[0],)
+        return {"score": batch["x"].sum(axis=1) + batch["offset"], "doubled": batch["x"] * 2}
+
+
+# As Triton hands the config of a spec with dims [] to the adapter: dims [1] + reshape { shape: [] }.
+ROW_SUM = Layout.from_config({
+    "max_batch_size": 8,
+    "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [4]},
+              {"name": "offset", "data_type": "TYPE_FP32", "dims": [1], "reshape": {"shape": []}}],
+    "output": [{"name": "score", "data_type": "TYPE_FP32", "dims": [1], "reshape": {}},  # empty shape omitted
+               {"name": "doubled", "data_type": "TYPE_FP32", "dims": [4]}]})
+
+
+def test_layout_takes_the_models_dims_from_a_reshape():
+    assert ROW_SUM.inputs["offset"].dims == () and ROW_SUM.inputs["offset"].api_dims == (1,)
+    assert ROW_SUM.outputs["score"].dims == () and ROW_SUM.outputs["score"].api_dims == (1,)
+    assert ROW_SUM.inputs["x"].dims == (4,) and ROW_SUM.inputs["x"].api_dims is None
+
+
+def test_run_batch_splits_one_value_per_row_outputs_back_per_request():
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    requests = [{"x": x[:1], "offset": np.array([10], np.float32)},  # Triton has reshaped [n, 1] to [n]
+                {"x": x[1:], "offset": np.array([20, 30], np.float32)}]
+    results = run_batch(RowSum(), requests, ROW_SUM)
+    np.testing.assert_array_equal(results[0]["score"], [16])
+    np.testing.assert_array_equal(results[1]["score"], [42, 68])
+    assert results[1]["score"].shape == (2,) and results[1]["doubled"].shape == (2, 4)
+
+
+def test_layout_converts_a_reshaped_tensor_between_the_models_and_tritons_shape():
+    assert ROW_SUM.input_from_api("offset", np.zeros((3, 1), np.float32)).shape == (3,)
+    assert ROW_SUM.output_to_api("score", np.zeros(3, np.float32)).shape == (3, 1)
+    assert ROW_SUM.output_to_api("doubled", np.zeros((3, 4), np.float32)).shape == (3, 4)  # no reshape: as is

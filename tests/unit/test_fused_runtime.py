@@ -202,6 +202,28 @@ def test_runtime_keeps_each_steps_rules_and_codes():
     assert set(results[0]) == {"OUT"}  # only the ensemble's outputs leave
 
 
+class _RowMean(Hook):
+    def infer(self, batch):
+        return {"M": batch["V"].mean(axis=1)}  # one value per row: [n]
+
+
+class _Scale(Hook):
+    def infer(self, batch):
+        assert batch["S"].ndim == 2  # dims [1]: what Triton's ensemble would pass on
+        return {"R": batch["S"] * 10}
+
+
+def test_runtime_passes_a_per_row_scalar_between_steps_as_tritons_ensemble_would():
+    mean = Layout(8, {"V": TensorLayout("V", np.dtype(np.float32), (2,))},
+                  {"M": TensorLayout("M", np.dtype(np.float32), (), api_dims=(1,))}, pad={}, trim={})
+    scale = Layout(8, {"S": TensorLayout("S", np.dtype(np.float32), (1,))},
+                   {"R": TensorLayout("R", np.dtype(np.float32), (1,))}, pad={}, trim={})
+    pipeline = FusedPipeline([FusedStep("mean", _RowMean(), mean, {"V": "IN"}, {"M": "MID"}),
+                              FusedStep("scale", _Scale(), scale, {"S": "MID"}, {"R": "OUT"})], ["OUT"])
+    results, _ = pipeline.run([{"IN": np.array([[1, 3], [5, 7]], np.float32)}, {"IN": np.ones((1, 2), np.float32)}])
+    assert results[0]["OUT"].tolist() == [[20.0], [60.0]] and results[1]["OUT"].tolist() == [[10.0]]
+
+
 def test_two_steps_may_ship_a_module_of_the_same_name(tmp_path):
     for name, text in (("a", HOOK_A), ("b", HOOK_B)):
         (tmp_path / name).mkdir()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import text_format
-from onnx_models import write_linear_onnx
+from onnx_models import write_linear_onnx, write_scalar_onnx
 from projects import python_model, write_model
 from tritonclient.grpc import model_config_pb2
 
@@ -88,6 +88,37 @@ def test_container_target_passes_a_fixed_thread_count_and_leaves_adaptive_to_the
     got = config.parameters["intra_op_thread_count"].string_value if "intra_op_thread_count" in config.parameters \
         else None
     assert got == rendered
+
+
+def _dims(tensors) -> dict[str, tuple[list[int], list[int] | None]]:
+    """name -> (dims, reshape shape or None when the config has no reshape)."""
+    return {t.name: (list(t.dims), list(t.reshape.shape) if t.HasField("reshape") else None) for t in tensors}
+
+
+@pytest.mark.parametrize("target", ["embedded", "container"])
+def test_a_per_row_scalar_renders_as_dims_1_reshaped_to_no_dims(tmp_path, target):
+    folder = write_model(tmp_path, "scalar", {"kind": "onnx", "max_batch_size": 8})
+    write_scalar_onnx(folder / "1" / "model.onnx")  # offset [batch], score [batch]
+    text = build_config_text(load(tmp_path).models["scalar"], source_label="x", target=target)
+    config = parse(text)  # build_config_text also proved it equal to the spec's ModelConfig
+    assert _dims(config.input) == {"x": ([4], None), "offset": ([1], [])}
+    assert _dims(config.output) == {"score": ([1], []), "doubled": ([4], None)}
+    assert 'name: "score"\n  data_type: TYPE_FP32\n  dims: [ 1 ]\n  reshape: { shape: [ ] }\n}' in text
+    assert config.backend == ("python" if target == "embedded" else "onnxruntime")
+
+
+def test_a_python_models_per_row_scalar_renders_reshaped_too(tmp_path):
+    write_model(tmp_path, "scale", python_model([("X", "FP32", [])], [("Y", "FP32", []), ("Z", "FP32", [2])]))
+    config = parse(build_config_text(load(tmp_path).models["scale"], source_label="x"))
+    assert _dims(config.input) == {"X": ([1], [])}
+    assert _dims(config.output) == {"Y": ([1], []), "Z": ([2], None)}
+
+
+def test_build_config_text_raises_render_error_when_template_drops_a_reshape(tmp_path):
+    write_model(tmp_path, "scale", python_model([("X", "FP32", [])], [("Y", "FP32", [2])]))
+    env = broken_env(tmp_path, "  reshape: {", "  # reshape: {")
+    with pytest.raises(RenderError, match=r"differs from the spec:(.|\n)*reshape"):
+        build_config_text(load(tmp_path).models["scale"], source_label="x", env=env)
 
 
 def broken_env(tmp_path: Path, old: str, new: str):

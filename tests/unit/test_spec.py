@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from onnx_models import write_linear_onnx
-from projects import python_model, write_model
+from onnx_models import write_linear_onnx, write_scalar_onnx
+from projects import python_model, write_ensemble, write_model
 
 from toolkit.errors import SpecError
 from toolkit.project import load_project
@@ -126,8 +126,90 @@ def test_load_project_rejects_onnx_model_when_declared_tensors_disagree_with_the
     folder = write_model(tmp_path, "linear", {"kind": "onnx", "max_batch_size": 4,
                                               "inputs": [{"name": "x", "dtype": "INT64", "dims": [4]}]})
     write_linear_onnx(folder / "1" / "model.onnx")
-    with pytest.raises(SpecError, match=r"declared INT64 \[4\] but model.onnx has FP32 \[4\]"):
+    with pytest.raises(SpecError, match=r"input 'x' is declared INT64 \[4\] but model.onnx has FP32 \[4\]"):
         load(tmp_path)
+
+
+@pytest.mark.parametrize(("outputs", "words"), [
+    ([{"name": "probs", "dtype": "FP32", "dims": [2]}], "declares output 'probs' but model.onnx has 'y'"),
+    ([{"name": "score", "dtype": "FP32", "dims": []}], None),
+])
+def test_load_project_rejects_declared_onnx_outputs_that_are_not_all_of_the_files(tmp_path, outputs, words):
+    folder = write_model(tmp_path, "m", {"kind": "onnx", "max_batch_size": 4, "outputs": outputs})
+    (write_linear_onnx if words else write_scalar_onnx)(folder / "1" / "model.onnx")
+    with pytest.raises(SpecError) as info:
+        load(tmp_path)
+    # the ONNX hook returns every output of the file: a partial list would fail every request
+    assert (words or "does not declare output 'doubled' of model.onnx (FP32 [4]): declare all its outputs "
+            "or none") in str(info.value)
+
+
+def test_load_project_reads_an_onnx_tensor_of_shape_batch_as_one_value_per_row(tmp_path):
+    folder = write_model(tmp_path, "scalar", {"kind": "onnx", "max_batch_size": 8})
+    write_scalar_onnx(folder / "1" / "model.onnx")
+    spec = load(tmp_path).models["scalar"].spec
+    assert [(t.name, t.dims) for t in spec.inputs] == [("x", [4]), ("offset", [])]
+    assert [(t.name, t.dims) for t in spec.outputs] == [("score", []), ("doubled", [4])]
+    write_model(tmp_path, "scalar", {"kind": "onnx", "max_batch_size": 0})  # no batching: an ordinary dim
+    spec = load(tmp_path).models["scalar"].spec
+    assert [(t.name, t.dims) for t in spec.outputs] == [("score", [-1]), ("doubled", [-1, 4])]
+
+
+def test_load_project_refuses_dims_empty_without_a_batch_axis(tmp_path):
+    write_model(tmp_path, "scale", python_model([("X", "FP32", [])], [("Y", "FP32", [])], max_batch_size=0))
+    with pytest.raises(SpecError) as info:
+        load(tmp_path)
+    assert "models/scale/model.yaml" in str(info.value)
+    assert "'X', 'Y': dims [] (one value per batch row) needs max_batch_size > 0; without a batch axis give " \
+           "the tensor dims [1]" in str(info.value)
+    write_model(tmp_path, "scale", python_model([("X", "FP32", [])], [("Y", "FP32", [])], max_batch_size=4))
+    assert load(tmp_path).models["scale"].spec.inputs[0].dims == []
+
+
+def _write_0d_onnx(path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "zero_d",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
+    path.parent.mkdir(parents=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+@pytest.mark.parametrize(("max_batch_size", "words"), [
+    (0, "'x' of model.onnx is a 0-d scalar (shape []), which Triton cannot serve without a batch axis"),
+    (4, "max_batch_size > 0 needs a variable first (batch) axis, but 'x' of model.onnx has shape []"),
+])
+def test_load_project_refuses_a_0d_onnx_tensor(tmp_path, max_batch_size, words):
+    folder = write_model(tmp_path, "zero", {"kind": "onnx", "max_batch_size": max_batch_size})
+    _write_0d_onnx(folder / "1" / "model.onnx")
+    with pytest.raises(SpecError) as info:
+        load(tmp_path)
+    assert words in str(info.value)
+
+
+def test_load_project_refuses_dims_empty_on_an_ensemble_and_wires_a_scalar_step_output_as_dims_1(tmp_path):
+    folder = write_model(tmp_path, "scalar", {"kind": "onnx", "max_batch_size": 8})
+    write_scalar_onnx(folder / "1" / "model.onnx")
+    write_model(tmp_path, "post", python_model([("S", "FP32", [1])], [("T", "FP32", [1])]))
+
+    def ensemble(score_dims):
+        return {"max_batch_size": 8, "inputs": [{"name": "x", "dtype": "FP32", "dims": [4]},
+                                                {"name": "offset", "dtype": "FP32", "dims": [1]}],
+                "outputs": [{"name": "t", "dtype": "FP32", "dims": score_dims}],
+                "steps": [{"model": "scalar", "inputs": {"x": "x", "offset": "offset"},
+                           "outputs": {"score": "s"}},
+                          {"model": "post", "inputs": {"S": "s"}, "outputs": {"T": "t"}}]}
+
+    write_ensemble(tmp_path, "pipe", ensemble([1]))  # Triton's ensemble sees score as [batch, 1]
+    assert load(tmp_path).ensembles["pipe"]
+    write_ensemble(tmp_path, "pipe", ensemble([]))
+    with pytest.raises(SpecError) as info:
+        load(tmp_path)
+    assert "ensembles/pipe.yaml" in str(info.value)
+    assert "'t': an ensemble passes tensors as its steps' clients see them, so a step's per-row scalar " \
+           "(dims []) is dims [1] here" in str(info.value)
 
 
 @pytest.mark.parametrize(("change", "words"), [

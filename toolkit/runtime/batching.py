@@ -39,7 +39,10 @@ _MAX_MESSAGE = 500
 class TensorLayout:
     name: str
     dtype: np.dtype
-    dims: tuple[int, ...]  # without the batch axis
+    dims: tuple[int, ...]  # without the batch axis, as the hook sees them
+    #: With a config ``reshape``: the dims Triton's clients and ensemble steps use (``dims`` is
+    #: then the reshape: ``(1,)`` and ``()`` for one value per batch row); None: the same as ``dims``.
+    api_dims: tuple[int, ...] | None = None
 
     @property
     def variable_axes(self) -> tuple[int, ...]:
@@ -65,13 +68,25 @@ class Layout:
     def batching(self) -> bool:
         return self.max_batch_size > 0
 
+    def input_from_api(self, name: str, array: np.ndarray) -> np.ndarray:
+        """An input as the hook gets it from Triton, from the shape it travels in (``api_dims``):
+        what Triton's ``reshape`` does to a request, for callers that bypass Triton (a fused step)."""
+        spec = self.inputs.get(name)
+        return array if spec is None or spec.api_dims is None else _reshape(array, spec.dims, self.batching)
+
+    def output_to_api(self, name: str, array: np.ndarray) -> np.ndarray:
+        """An output of the hook in the shape Triton sends it on (``api_dims``), as ``input_from_api``."""
+        spec = self.outputs.get(name)
+        return array if spec is None or spec.api_dims is None else _reshape(array, spec.api_dims, self.batching)
+
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Layout:
         """Build from the model config JSON that Triton hands to ``initialize``."""
 
         def tensors(key: str) -> dict[str, TensorLayout]:
             return {t["name"]: TensorLayout(t["name"], np.dtype(_NUMPY_DTYPES[t["data_type"]]),
-                                            tuple(int(d) for d in t["dims"]))
+                                            tuple(int(d) for d in _model_dims(t)),
+                                            tuple(int(d) for d in t["dims"]) if _reshaped(t) else None)
                     for t in config.get(key, [])}
 
         params = config_parameters(config)
@@ -83,6 +98,21 @@ class Layout:
             bucket_cost=float(params.get(BUCKET_COST, 0)),
             bucket_rows=params.get(BUCKET_ROWS, "false") == "true",
         )
+
+
+def _reshaped(tensor: Mapping[str, Any]) -> bool:
+    return isinstance(tensor.get("reshape"), Mapping)
+
+
+def _model_dims(tensor: Mapping[str, Any]) -> list:
+    """The dims the model sees: a config ``reshape`` (``dims: [1]`` + ``reshape: { shape: [] }`` for
+    one value per batch row) replaces the dims clients use. Triton reshapes a request's tensor to it
+    before the model gets it and the model's output back to ``dims`` before the client gets it."""
+    return list(tensor["reshape"].get("shape") or []) if _reshaped(tensor) else list(tensor["dims"])
+
+
+def _reshape(array: np.ndarray, dims: tuple[int, ...], batching: bool) -> np.ndarray:
+    return array.reshape(*array.shape[:1], *dims) if batching else array.reshape(dims)
 
 
 @dataclass(frozen=True)

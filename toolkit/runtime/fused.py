@@ -76,8 +76,10 @@ class FusedPipeline:
             live = [i for i, f in enumerate(failed) if f is None]
             if not live:
                 break
-            batch = [{name: tensors[i][source] for name, source in step.inputs.items() if source in tensors[i]}
-                     for i in live]
+            # Tensors travel between steps as Triton's ensemble would pass them (a per-row scalar
+            # output as [batch, 1]), and each step sees them as its own model would (Layout.*_api).
+            batch = [{name: step.layout.input_from_api(name, tensors[i][source])
+                      for name, source in step.inputs.items() if source in tensors[i]} for i in live]
             results = run_batch(step.hook, batch, step.layout, log=log, observer=step.observer)
             per_step[step.model] = results
             for i, result in zip(live, results, strict=True):
@@ -86,7 +88,7 @@ class FusedPipeline:
                     tensors[i] = {}  # free what it holds
                 else:
                     for name, target in step.outputs.items():
-                        tensors[i][target] = result[name]
+                        tensors[i][target] = step.layout.output_to_api(name, result[name])
         return [f if f is not None else {name: tensors[i][name] for name in self.outputs}
                 for i, f in enumerate(failed)], per_step
 
