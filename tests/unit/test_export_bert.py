@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from toolkit.cli.export import export as export_cli
+from toolkit.cli.main import cli
 from toolkit.errors import ExportError, WeightError
 from toolkit.export.bert import export_bert, resolve_bert_source, resolve_lower_case
 
@@ -109,16 +110,18 @@ def google_name(hf_name: str) -> str:
 
 
 def write_google_checkpoint(folder: Path, config: dict, hf_weights: dict[str, np.ndarray],
-                            extra: dict[str, np.ndarray] | None = None, drop: tuple[str, ...] = ()) -> Path:
-    """The layout of the official releases, written by TensorFlow itself (SaveV2 = what Saver writes)."""
+                            extra: dict[str, np.ndarray] | None = None, drop: tuple[str, ...] = (),
+                            prefix: str = "bert_model.ckpt") -> Path:
+    """The layout of the official releases, written by TensorFlow itself (SaveV2 = what Saver writes);
+    another ``prefix`` in the same folder adds a checkpoint, as training does (``model.ckpt-2000``)."""
     import tensorflow as tf
 
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     arrays = {google_name(k): (v.T if k.endswith(".weight") and "embeddings" not in k and "LayerNorm" not in k
                                else v) for k, v in hf_weights.items()}
     arrays |= extra or {}
     arrays = {k: v for k, v in arrays.items() if k not in drop}
-    tf.raw_ops.SaveV2(prefix=str(folder / "bert_model.ckpt"), tensor_names=list(arrays),
+    tf.raw_ops.SaveV2(prefix=str(folder / prefix), tensor_names=list(arrays),
                       shape_and_slices=[""] * len(arrays), tensors=[tf.constant(v) for v in arrays.values()])
     (folder / "bert_config.json").write_text(json.dumps(config))
     (folder / "vocab.txt").write_text("".join(f"tok{i}\n" for i in range(config["vocab_size"])))
@@ -299,6 +302,178 @@ def test_export_bert_refuses_existing_version_folder_when_overwrite_is_not_set(t
 
     with pytest.raises(ExportError, match="already exists"):
         export_bert(tmp_path / "does_not_matter", tmp_path / "out")
+
+
+# ---------------------------------------------------------------------------------------------
+# A training folder: several checkpoints, each with its own weights
+
+
+def write_training_folder(folder: Path, steps: tuple[int, ...] = (1000, 2000)) -> dict[str, dict[str, np.ndarray]]:
+    """``model.ckpt-<step>`` for each step, with different weights (seed = step); HF weights by prefix."""
+    weights = {}
+    for step in steps:
+        weights[f"model.ckpt-{step}"] = hf_tiny_weights(TINY, seed=step)
+        write_google_checkpoint(folder, TINY, weights[f"model.ckpt-{step}"], prefix=f"model.ckpt-{step}",
+                                extra={"global_step": np.array(step, np.int64)})
+    return weights
+
+
+def assert_onnx_computes(model: Path, hf: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> None:
+    """The ONNX model computes BERT with ``hf``, and not with ``other``."""
+    feeds = token_batch(100, [9, 4, 1])
+    onnx_out = run_onnx(model, feeds)
+    real = real_positions(feeds["attention_mask"])
+    hidden, pooled = numpy_bert(hf, TINY, **feeds)
+    other_hidden, _ = numpy_bert(other, TINY, **feeds)
+    assert np.abs(onnx_out["last_hidden_state"][real] - hidden[real]).max() < 1e-4
+    assert np.abs(onnx_out["pooler_output"] - pooled).max() < 1e-4
+    assert np.abs(onnx_out["last_hidden_state"][real] - other_hidden[real]).max() > 0.5
+
+
+def test_resolve_bert_source_lists_checkpoints_newest_first_when_folder_has_several(tmp_path: Path) -> None:
+    folder = tmp_path / "uncased_run"
+    write_training_folder(folder, steps=(900, 1000, 20000))
+
+    with pytest.raises(ExportError) as error:
+        resolve_bert_source(folder)
+
+    message = str(error.value)
+    assert "\n" not in message and "missing" not in message
+    assert "holds 3 checkpoints (newest step first: model.ckpt-20000, model.ckpt-1000, model.ckpt-900)" in message
+    assert "--checkpoint NAME" in message
+
+
+def test_export_bert_exports_named_checkpoint_when_folder_has_several(tmp_path: Path) -> None:
+    folder = tmp_path / "uncased_run"
+    weights = write_training_folder(folder)
+
+    report = export_bert(folder, tmp_path / "out", checkpoint="model.ckpt-2000")
+
+    meta = json.loads(report.metadata_path.read_text())
+    assert (meta["checkpoint"], meta["checkpoint_from"]) == ("model.ckpt-2000", "option")
+    assert meta["checkpoints_in_folder"] == ["model.ckpt-2000", "model.ckpt-1000"]
+    assert "  checkpoint     : model.ckpt-2000 (option; also in the folder: model.ckpt-1000)" in report.summary_lines()
+    assert report.ignored_weights == ["global_step"]
+    assert_onnx_computes(report.model_path, weights["model.ckpt-2000"], weights["model.ckpt-1000"])
+
+
+@pytest.mark.parametrize("name", ["model.ckpt-3000", "model.ckpt-3000.index", "bert_model.ckpt"])
+def test_resolve_bert_source_lists_found_checkpoints_when_named_checkpoint_is_absent(
+        tmp_path: Path, name: str) -> None:
+    folder = tmp_path / "uncased_run"
+    write_training_folder(folder)
+
+    with pytest.raises(ExportError) as error:
+        resolve_bert_source(folder, checkpoint=name)
+
+    prefix = name.removesuffix(".index")
+    assert str(error.value) == (f"checkpoint {name} is not in {folder} (no {prefix}.index); "
+                                "found 2: model.ckpt-2000, model.ckpt-1000")
+
+
+@pytest.mark.parametrize("name", ["model.ckpt-1000", "model.ckpt-1000.index", "model.ckpt-1000.data-00000-of-00001"])
+def test_resolve_bert_source_accepts_checkpoint_name_with_or_without_file_suffix(tmp_path: Path, name: str) -> None:
+    folder = tmp_path / "uncased_run"
+    write_training_folder(folder)
+    (folder / "checkpoint").write_text('model_checkpoint_path: "model.ckpt-2000"\n')
+
+    resolved = resolve_bert_source(folder, checkpoint=name)
+
+    assert resolved.weights_path == folder / "model.ckpt-1000"
+    assert resolved.checkpoint_metadata()["checkpoint_from"] == "option"  # the option wins over the state file
+
+
+def test_resolve_bert_source_refuses_checkpoint_path_outside_the_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "uncased_run"
+    write_training_folder(folder)
+    (tmp_path / "elsewhere").mkdir()
+
+    with pytest.raises(ExportError, match="not a path elsewhere"):
+        resolve_bert_source(folder, checkpoint=str(tmp_path / "elsewhere" / "model.ckpt-1000"))
+    assert resolve_bert_source(folder, checkpoint=str(folder / "model.ckpt-1000.index")).weights_path.name == \
+        "model.ckpt-1000"
+
+
+def test_resolve_bert_source_uses_latest_of_state_file_when_tensorflow_wrote_absolute_paths(tmp_path: Path) -> None:
+    import tensorflow as tf
+
+    trained = tmp_path / "trained_on_another_machine"
+    write_training_folder(trained)
+    tf.compat.v1.train.update_checkpoint_state(  # what Saver/Estimator write: absolute paths
+        str(trained), str(trained / "model.ckpt-1000"), [str(trained / "model.ckpt-1000")])
+    folder = trained.rename(tmp_path / "uncased_run")  # copied here: those absolute paths no longer exist
+
+    resolved = resolve_bert_source(folder)
+
+    assert resolved.weights_path == folder / "model.ckpt-1000"
+    assert resolved.checkpoint_metadata() == {
+        "checkpoint": "model.ckpt-1000", "checkpoint_from": "checkpoint state file",
+        "checkpoints_in_folder": ["model.ckpt-2000", "model.ckpt-1000"]}
+
+
+def test_resolve_bert_source_uses_latest_of_state_file_when_checkpoint_manager_wrote_it(tmp_path: Path) -> None:
+    import tensorflow as tf
+
+    folder = tmp_path / "uncased_run"
+    manager = tf.train.CheckpointManager(tf.train.Checkpoint(v=tf.Variable(1.0)), str(folder), max_to_keep=3,
+                                         checkpoint_name="ckpt")
+    manager.save(checkpoint_number=5)
+    manager.save(checkpoint_number=7)
+    for name in ("bert_config.json", "vocab.txt"):
+        (folder / name).write_text("")
+
+    resolved = resolve_bert_source(folder)
+
+    assert (resolved.weights_path.name, resolved.checkpoint_from) == ("ckpt-7", "checkpoint state file")
+    assert resolved.checkpoints == ["ckpt-7", "ckpt-5"]
+
+
+def test_resolve_bert_source_fails_listing_checkpoints_when_state_file_names_a_missing_one(tmp_path: Path) -> None:
+    folder = tmp_path / "uncased_run"
+    write_training_folder(folder)
+    (folder / "checkpoint").write_text('model_checkpoint_path: "model.ckpt-3000"\n'
+                                       'all_model_checkpoint_paths: "model.ckpt-3000"\n')
+
+    with pytest.raises(ExportError) as error:
+        resolve_bert_source(folder)
+
+    assert str(error.value) == (
+        f"{folder / 'checkpoint'} names model.ckpt-3000 as the latest checkpoint, but {folder} has no "
+        "model.ckpt-3000.index (found 2: model.ckpt-2000, model.ckpt-1000); pick one with --checkpoint NAME "
+        "(export_bert(checkpoint=NAME))")
+
+
+def test_resolve_bert_source_keeps_only_checkpoint_and_refuses_option_elsewhere(tmp_path: Path) -> None:
+    folder = tmp_path / "uncased_run"
+    write_training_folder(folder, steps=(1000,))
+    (folder / "checkpoint").write_text('model_checkpoint_path: "model.ckpt-3000"\n')  # stale: ignored
+
+    resolved = resolve_bert_source(folder)
+    assert (resolved.weights_path.name, resolved.checkpoint_from) == ("model.ckpt-1000", "only checkpoint")
+
+    hf = write_hf_folder(tmp_path / "hf", TINY, hf_tiny_weights(TINY))
+    with pytest.raises(ExportError, match="is a Hugging Face folder"):
+        resolve_bert_source(hf, checkpoint="model.ckpt-1000")
+    assert resolve_bert_source(hf).checkpoint_metadata() == {}
+
+
+def test_cli_export_bert_exports_checkpoint_option_when_folder_has_several(tmp_path: Path) -> None:
+    folder = tmp_path / "uncased_run"
+    weights = write_training_folder(folder)
+    out = tmp_path / "out"
+
+    failed = CliRunner().invoke(cli, ["export", "bert", str(folder), "--out", str(out), "--quiet"])
+    assert failed.exit_code == 1 and failed.output.startswith("Error: ") and "Traceback" not in failed.output
+    assert "holds 2 checkpoints" in failed.output and "--checkpoint NAME" in failed.output
+    assert not out.exists() or not any(out.iterdir())
+
+    result = CliRunner().invoke(cli, ["export", "bert", str(folder), "--out", str(out), "--quiet",
+                                      "--checkpoint", "model.ckpt-1000.index"])
+
+    assert result.exit_code == 0, result.output
+    assert "checkpoint     : model.ckpt-1000 (option; also in the folder: model.ckpt-2000)" in result.output
+    assert json.loads((out / "1" / "export.json").read_text())["checkpoint"] == "model.ckpt-1000"
+    assert_onnx_computes(out / "1" / "model.onnx", weights["model.ckpt-1000"], weights["model.ckpt-2000"])
 
 
 @pytest.mark.parametrize(("folder", "option", "expected"), [

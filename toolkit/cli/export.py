@@ -7,12 +7,18 @@ here, at the edge, so the group behaves the same standalone and under ``toolkit`
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shlex
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 import click
 
-from toolkit.errors import ExportError
+from toolkit.errors import ExportError, ToolkitError
 from toolkit.export.defaults import (
     BERT_OUT,
     BERT_TOLERANCE,
@@ -36,11 +42,65 @@ def resolve_version(model_dir: Path | None, version: int | None, overwrite: bool
 
 
 def _quiet_tensorflow(quiet: bool = False) -> None:
-    """TensorFlow's C++ start-up chatter (CPU features, absl) is noise on a user's terminal; an
-    explicit TF_CPP_MIN_LOG_LEVEL wins. Its import takes ~10 s: say so, or the terminal looks hung."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    """TensorFlow's import takes ~10 s: say so, or the terminal looks hung. Its C++ warnings and
+    errors still reach the export log (``_logged_to``); an explicit TF_CPP_MIN_LOG_LEVEL wins."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     if not quiet:
         click.echo("loading TensorFlow (~10 s) ...", err=True)
+
+
+def command_line(ctx: click.Context) -> str:
+    """The export command as a user would type it again (options left at their defaults omitted):
+    model.yaml's ``export:`` line."""
+    words = ctx.command_path.split()
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value == param.default or value in (None, (), {}) or param.name in ("version", "overwrite", "quiet"):
+            continue
+        if isinstance(param, click.Argument):
+            words.append(str(value))
+        elif isinstance(value, bool):
+            words.append(param.opts[0] if value else (param.secondary_opts or param.opts)[0])
+        elif isinstance(value, dict):
+            words += [w for old, new in value.items() for w in (param.opts[0], f"{old}={new}")]
+        elif isinstance(value, tuple):
+            words += [w for item in value for w in (param.opts[0], str(item))]
+        else:
+            words += [param.opts[0], str(value)]
+    return shlex.join(words)
+
+
+def export_log_path(out: Path | None, source: str) -> Path:
+    """Where TensorFlow's and tf2onnx's output goes for one export (replaced by the next one)."""
+    name = (out.name if out is not None else Path(source).stem) or "model"
+    return Path(tempfile.gettempdir()) / "toolkit-export" / f"{name}.log"
+
+
+@contextlib.contextmanager
+def _logged_to(log: Path, quiet: bool) -> Iterator[TextIO | bool]:
+    """Everything the process writes to file descriptors 1 and 2 (TensorFlow's C++ logging, absl,
+    oneDNN notices, tf2onnx's tracebacks and Python warnings) goes to ``log``, never to the terminal
+    before an ``Error:`` line; yields the terminal for the progress display. A failure names the log."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    terminal = os.fdopen(os.dup(saved[1]), "w", buffering=1)
+    with open(log, "wb") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+    try:
+        yield False if quiet else terminal
+    except ToolkitError as e:
+        raise type(e)(f"{e} (TensorFlow's and tf2onnx's output: {log})") from e
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+        terminal.close()
 
 
 def _check_keras_source(source: str, weights: Path | None) -> None:
@@ -74,16 +134,17 @@ def _parse_aliases(ctx: click.Context, param: click.Parameter, values: tuple[str
     return aliases
 
 
-def _common_options(tolerance: float):
+def _common_options(tolerance: float | None):
     def decorate(command):
         for option in reversed([
             click.option("--version", "version", type=click.IntRange(min=1), default=None,
                          help="Triton version folder to write: <out>/<version>/ [default: the next free "
                               "number, 1 for a new model]."),
             click.option("--tolerance", type=float, default=tolerance, show_default=True,
-                         help="Max abs diff allowed between onnxruntime and the source model."),
+                         help="Also bound the max abs diff between onnxruntime and the source model "
+                              "[default: no absolute bound]."),
             click.option("--rel-tolerance", type=float, default=REL_TOLERANCE, show_default=True,
-                         help="Max abs diff allowed relative to each output's peak |value|."),
+                         help="Max abs diff allowed relative to each output's peak |value| (per check case)."),
             click.option("--opset", type=click.IntRange(min=13), default=DEFAULT_OPSET, show_default=True,
                          help="ONNX opset to convert to."),
             click.option("--overwrite", is_flag=True, help="Replace an existing <out>/<version>/ folder."),
@@ -109,6 +170,10 @@ def export() -> None:
                    "('uncased', 'cased', chinese_L-12_H-768_A-12, ...).")
 @click.option("--no-pooler", is_flag=True,
               help="Export only last_hidden_state (for checkpoints without bert/pooler weights).")
+@click.option("--checkpoint", metavar="NAME", default=None,
+              help="Google folder with several checkpoints (a training folder): the one to export, e.g. "
+                   "model.ckpt-2000 (.index optional). Default: the only one, else the latest named by the "
+                   "folder's 'checkpoint' state file, else the export fails listing them.")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="Write an int8 model (MatMul weights per channel) if it passes the accuracy gate below "
                    "against the fp32 export; ~2x faster on CPU.")
@@ -119,8 +184,8 @@ def export() -> None:
 @click.option("--min-rank", type=float, default=MIN_RANK, show_default=True,
               help="--quantize gate: lowest Spearman correlation of the pairwise sentence similarities.")
 @_common_options(BERT_TOLERANCE)
-def bert(source: Path | None, out: Path, lower_case: bool | None, no_pooler: bool, quantize: str | None,
-         min_cosine: float, min_mean_cosine: float, min_rank: float, version: int | None,
+def bert(source: Path | None, out: Path, lower_case: bool | None, no_pooler: bool, checkpoint: str | None,
+         quantize: str | None, min_cosine: float, min_mean_cosine: float, min_rank: float, version: int | None,
          tolerance: float, rel_tolerance: float, opset: int, overwrite: bool, quiet: bool) -> None:
     """Export a BERT encoder to ONNX: SOURCE is a Google BERT checkpoint folder (bert_config.json,
     bert_model.ckpt.*, vocab.txt) or a Hugging Face folder (config.json, model.safetensors,
@@ -134,12 +199,13 @@ def bert(source: Path | None, out: Path, lower_case: bool | None, no_pooler: boo
         raise ExportError(f"BERT source folder {source} does not exist")
     gate = Gate(min_cosine, min_mean_cosine, min_rank)  # a bad threshold fails before TensorFlow loads
     _quiet_tensorflow(quiet)
-    from toolkit.export.bert import export_bert
+    with _logged_to(export_log_path(out, "bert"), quiet) as show:
+        from toolkit.export.bert import export_bert
 
-    report = export_bert(source, out, resolve_version(out, version, overwrite), tolerance=tolerance,
-                         rel_tolerance=rel_tolerance, opset=opset, lower_case=lower_case,
-                         with_pooler=not no_pooler, overwrite=overwrite,
-                         show_progress=not quiet, quantize=quantize, gate=gate)
+        report = export_bert(source, out, resolve_version(out, version, overwrite), tolerance=tolerance,
+                             rel_tolerance=rel_tolerance, opset=opset, lower_case=lower_case,
+                             with_pooler=not no_pooler, overwrite=overwrite,
+                             show_progress=show, quantize=quantize, gate=gate, checkpoint=checkpoint)
     click.echo("\n".join(report.summary_lines()))
 
 
@@ -173,12 +239,14 @@ def keras(source: str, out: Path | None, weights: Path | None, include_top: bool
     """
     _check_keras_source(source, weights)
     _quiet_tensorflow(quiet)
-    from toolkit.export.keras_models import export_keras
+    with _logged_to(export_log_path(out, source), quiet) as show:
+        from toolkit.export.keras_models import export_keras
 
-    report = export_keras(source, out, resolve_version(out, version, overwrite), weights=weights,
-                          include_top=include_top,
-                          pooling=None if pooling == "none" else pooling, input_size=input_size,
-                          input_name=input_name, output_name=output_name, aliases=aliases,
-                          custom_modules=custom_modules, tolerance=tolerance, rel_tolerance=rel_tolerance,
-                          opset=opset, overwrite=overwrite, show_progress=not quiet)
+        report = export_keras(source, out, resolve_version(out, version, overwrite), weights=weights,
+                              include_top=include_top,
+                              pooling=None if pooling == "none" else pooling, input_size=input_size,
+                              input_name=input_name, output_name=output_name, aliases=aliases,
+                              custom_modules=custom_modules, tolerance=tolerance, rel_tolerance=rel_tolerance,
+                              opset=opset, overwrite=overwrite, show_progress=show,
+                              export_command=command_line(click.get_current_context()))
     click.echo("\n".join(report.summary_lines()))

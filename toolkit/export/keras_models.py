@@ -9,25 +9,29 @@ The image service's model is ``MobileNetV2(include_top=False, pooling="avg", wei
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import gc
 import importlib
 import re
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import keras
 import numpy as np
+import onnx
 import tensorflow as tf
 
 from toolkit.errors import ExportError
-from toolkit.export import onnx_check
+from toolkit.export import onnx_check, probes, servable, tf_compat, verify
 from toolkit.export.defaults import DEFAULT_OPSET, KERAS_TOLERANCE, REL_TOLERANCE
-from toolkit.export.onnx_check import CheckCase
 from toolkit.export.report import ExportReport
 from toolkit.export.staging import check_version_target, staged_version_dir, write_json
 from toolkit.export.steps import Steps
+from toolkit.export.verify import CheckCase
 from toolkit.lifecycle.golden import GOLDEN_FILE, write_golden
 
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
@@ -48,6 +52,9 @@ class KerasSource:
     call: Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]
     describe_node: Callable[[str], str] = lambda name: f"node '{name}'"
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: A Keras model: traced with its weights as function inputs (``stateless_call``) so tf2onnx
+    #: never holds them, and probed layer by layer when an output cannot discriminate.
+    model: keras.Model | None = None
 
 
 def keras_applications() -> list[str]:
@@ -74,7 +81,7 @@ def load_keras_source(source: str | Path, *, weights: Path | None = None, includ
         if path.suffix.lower() not in KERAS_SUFFIXES:
             raise ExportError(f"{path}: unsupported file type '{path.suffix}' "
                               f"(expected {', '.join(KERAS_SUFFIXES)} or a SavedModel folder)")
-        return keras_model_source(_load_keras_file(path), label=str(path))
+        return keras_model_source(_load_keras_file(path, trust_code=bool(custom_modules)), label=str(path))
     name = str(source)
     if name in keras_applications():
         return _application_source(name, weights, include_top, pooling, input_size)
@@ -86,17 +93,30 @@ def load_keras_source(source: str | Path, *, weights: Path | None = None, includ
                          f"; known applications: {', '.join(keras_applications())}"))
 
 
-def _load_keras_file(path: Path) -> keras.Model:
+def _load_keras_file(path: Path, trust_code: bool = False) -> keras.Model:
+    """``trust_code`` (``--custom-module`` was given: the user runs their own code anyway) also lets
+    Keras rebuild Lambda layers, whose Python code it refuses to run from a file by default."""
     try:
-        return keras.models.load_model(path, compile=False)
+        return keras.models.load_model(path, compile=False, safe_mode=not trust_code)
     except Exception as e:  # Keras raises ValueError/TypeError with long, nested messages
-        unknown = re.search(r"(?:Unknown (?:layer|object|class)[^:']*: |Could not locate class )'([^']+)'", str(e))
+        text = str(e)
+        unknown = re.search(r"(?:Unknown (?:layer|object|class)[^:']*: |Could not locate class )'([^']+)'", text)
         if unknown:
             raise ExportError(
                 f"cannot load {path}: it uses the custom class '{unknown.group(1)}' that Keras does not know; "
                 "register it with @keras.saving.register_keras_serializable in a module and pass "
                 "--custom-module MODULE") from e
-        raise ExportError(f"cannot load {path} as a Keras model: {type(e).__name__}: {str(e)[:500]}") from e
+        if "safe_mode" in text or ("Lambda" in text and "lambda" in text):
+            raise ExportError(
+                f"cannot load {path}: it holds a Lambda layer, whose Python code Keras runs only when told to "
+                "trust the file. If you do, pass --custom-module MODULE: it imports MODULE (the one that defines "
+                "what the lambda calls; any module of yours will do) and lets Keras run the file's code") from e
+        raise ExportError(f"cannot load {path} as a Keras model: {type(e).__name__}: {_first_line(text)}") from e
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0][:300] if lines else "(no message)"
 
 
 def _application_source(name: str, weights: Path | None, include_top: bool, pooling: str | None,
@@ -139,8 +159,7 @@ def keras_model_source(model: keras.Model, label: str | None = None) -> KerasSou
         return dict(zip(output_names, tf.nest.flatten(result), strict=True))
 
     return KerasSource(label=label or f"Keras model '{model.name}'", inputs=inputs, output_names=output_names,
-                       call=call,
-                       describe_node=_layer_describer(model))
+                       call=call, describe_node=_layer_describer(model), model=model)
 
 
 def _layer_name(tensor: Any, fallback: str) -> str:
@@ -232,25 +251,28 @@ def resolve_aliases(input_names: Sequence[str], output_names: Sequence[str], inp
 
 def keras_check_cases(inputs: Sequence[tuple[str, tuple[int | None, ...], tf.DType]],
                       names: Mapping[str, str] | None = None, seed: int = 0) -> list[CheckCase]:
-    """Random inputs for two batch sizes (1 and 3 when the batch is dynamic), in each input's dtype,
-    keyed by ``names[input]`` (the ONNX names)."""
+    """Random inputs for two batch sizes (1 and 3 when the batch is dynamic; three single examples
+    when it is fixed), in each input's dtype, keyed by ``names[input]`` (the ONNX names). Examples
+    differ in level and contrast as well as in their values, so that pooled features differ too."""
     rng = np.random.default_rng(seed)
+    fixed_batch = any(shape[:1] != (None,) for _, shape, _ in inputs)
+    plan = ((1, 32), (1, 32), (1, 32)) if fixed_batch else ((1, 32), (3, 47))
     cases = []
-    for batch, free_dim in ((1, 32), (3, 47)):
+    for batch, free_dim in plan:
         arrays = {}
         for name, shape, dtype in inputs:
             dims = [(batch if i == 0 else free_dim) if d is None else d for i, d in enumerate(shape)]
             arrays[(names or {}).get(name, name)] = _random_array(rng, dims, dtype, name)
         shapes = ", ".join(f"{n}={list(a.shape)}" for n, a in arrays.items())
         cases.append(CheckCase(f"batch={batch} ({shapes})", arrays))
-        if all(d is not None for _, shape, _ in inputs for d in shape):
-            break  # a fixed-shape model has one possible input shape
     return cases
 
 
 def _random_array(rng: np.random.Generator, dims: list[int], dtype: tf.DType, name: str) -> np.ndarray:
     if dtype.is_floating:
-        return rng.uniform(-1.0, 1.0, size=dims).astype(dtype.as_numpy_dtype)
+        per_example = [len(dims[:1]) and dims[0]] + [1] * (len(dims) - 1) if dims else []
+        level, contrast = rng.uniform(-0.5, 0.5, size=per_example), rng.uniform(0.3, 1.0, size=per_example)
+        return (level + contrast * rng.uniform(-1.0, 1.0, size=dims)).astype(dtype.as_numpy_dtype)
     if dtype.is_bool:
         return rng.integers(0, 2, size=dims).astype(bool)
     if dtype.is_integer:
@@ -264,8 +286,8 @@ def export_keras(source: str | Path, out_dir: Path | None = None, version: int =
                  input_size: int = 224, input_name: str | None = None, output_name: str | None = None,
                  aliases: Mapping[str, str] | None = None, custom_modules: Sequence[str] = (),
                  tolerance: float = KERAS_TOLERANCE, rel_tolerance: float = REL_TOLERANCE,
-                 opset: int = DEFAULT_OPSET, overwrite: bool = False, show_progress: bool = False,
-                 seed: int = 0) -> ExportReport:
+                 opset: int = DEFAULT_OPSET, overwrite: bool = False, show_progress: bool | TextIO = False,
+                 seed: int = 0, export_command: str | None = None) -> ExportReport:
     """Export a Keras file / SavedModel / application to ``<out_dir>/<version>/model.onnx``.
 
     ``out_dir`` defaults to ``model_repository/<lower-cased source name>``. ``weights``,
@@ -276,11 +298,13 @@ def export_keras(source: str | Path, out_dir: Path | None = None, version: int =
     check_version_target(out_dir, version, overwrite)
     with Steps(show_progress) as steps:
         with steps.step("load", f"Loading {source}"):
-            loaded = load_keras_source(source, weights=weights, include_top=include_top, pooling=pooling,
-                                       input_size=input_size, custom_modules=custom_modules)
-        return export_keras_source(loaded, out_dir, version, input_name=input_name, output_name=output_name,
+            loaded = [load_keras_source(source, weights=weights, include_top=include_top, pooling=pooling,
+                                        input_size=input_size, custom_modules=custom_modules)]
+        # pop: the only reference is the callee's, which lets go of the model once it is converted
+        return export_keras_source(loaded.pop(), out_dir, version, input_name=input_name, output_name=output_name,
                                    aliases=aliases, tolerance=tolerance, rel_tolerance=rel_tolerance,
-                                   opset=opset, overwrite=overwrite, seed=seed, steps=steps)
+                                   opset=opset, overwrite=overwrite, seed=seed, steps=steps, release=True,
+                                   export_command=export_command)
 
 
 def export_keras_model(model: keras.Model, out_dir: Path, version: int = 1, **options: Any) -> ExportReport:
@@ -293,50 +317,168 @@ def export_keras_model(model: keras.Model, out_dir: Path, version: int = 1, **op
 
 def export_keras_source(source: KerasSource, out_dir: Path, version: int, *, steps: Steps,
                         input_name: str | None = None, output_name: str | None = None,
-                        aliases: Mapping[str, str] | None = None, tolerance: float = KERAS_TOLERANCE,
+                        aliases: Mapping[str, str] | None = None, tolerance: float | None = KERAS_TOLERANCE,
                         rel_tolerance: float = REL_TOLERANCE, opset: int = DEFAULT_OPSET,
-                        overwrite: bool = False, seed: int = 0) -> ExportReport:
-    """Convert, check and write any ``KerasSource``; the shared tail of ``export_keras*``."""
+                        overwrite: bool = False, seed: int = 0, release: bool = False,
+                        export_command: str | None = None) -> ExportReport:
+    """Convert, check and write any ``KerasSource``; the shared tail of ``export_keras*``.
+
+    ``release``: the source is ours alone (``export_keras`` loaded it): drop it once converted, so
+    its weights are not in memory while the file is written and onnxruntime checks it.
+    ``export_command``: write ``<out_dir>/model.yaml`` for it when there is none (an existing one is
+    always checked against the new ONNX, and a mismatch fails the export)."""
     input_names = [name for name, _, _ in source.inputs]
-    output_names = source.output_names
-    names = resolve_aliases(input_names, output_names, input_name, output_name, aliases)
-    specs = [tf.TensorSpec(shape, dtype, name=names[name]) for name, shape, dtype in source.inputs]
-
-    @tf.function(input_signature=specs)
-    def serve(*args: tf.Tensor) -> dict[str, tf.Tensor]:
-        outputs = source.call(dict(zip(input_names, args, strict=True)))
-        return {names[k]: v for k, v in outputs.items()}
-
-    dims = {names[n]: ["batch" if i == 0 else f"{names[n]}_dim{i}" for i in range(len(s))]
-            for n, s, _ in source.inputs}
-    dims |= {names[n]: ["batch"] for n in output_names}
-    with steps.step("convert", f"Converting with tf2onnx (opset {opset})"):
-        onnx_model = onnx_check.convert_function(serve, specs, opset=opset, dim_names=dims,
-                                                 describe_node=source.describe_node)
-    with steps.step("check", "Comparing onnxruntime with the source model on random inputs"):
+    names = resolve_aliases(input_names, source.output_names, input_name, output_name, aliases)
+    with steps.step("reference", "Running the source model on the check inputs"):
         cases = keras_check_cases(source.inputs, names, seed)
 
         def reference(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             by_natural = {n: tf.constant(arrays[names[n]]) for n in input_names}
             return {names[k]: np.asarray(v) for k, v in source.call(by_natural).items()}
 
-        check = onnx_check.compare_with_onnxruntime(onnx_model, reference, cases, tolerance, rel_tolerance)
+        expected = verify.reference_outputs(reference, cases)
+        blind = [n for n in source.output_names
+                 if not verify.discriminates([e[names[n]] for e in expected], tolerance, rel_tolerance)]
+        found = {}
+        if blind and source.model is not None and _has_symbolic_input(source.model):
+            tensors = dict(zip(source.output_names, tf.nest.flatten(source.model.output), strict=False))
+            found = probes.find_probes(source.model, {n: tensors[n] for n in blind if n in tensors}, cases,
+                                       input_names, names, tolerance, rel_tolerance)
+            for case_expected, *values in zip(expected, *(v for _, _, v in found.values()), strict=True):
+                case_expected.update(zip(found, values, strict=True))
+    probe_names = {n: description for n, (_, description, _) in found.items()}
+    with steps.step("convert", f"Converting with tf2onnx (opset {opset})"):
+        onnx_model = _convert(source, names, found, opset)
+        if release:
+            label, metadata_of_source = source.label, source.metadata
+            source = found = None  # the weights are in the ONNX model now
+            gc.collect()
+            source = KerasSource(label=label, inputs=[], output_names=[], call=None, metadata=metadata_of_source)
     inputs, outputs = onnx_check.tensor_infos(onnx_model)
-    metadata = {
-        "kind": "keras", "source": source.label, **source.metadata,
-        "aliases": {old: new for old, new in names.items() if old != new},
-        "inputs": [t.to_dict() for t in inputs], "outputs": [t.to_dict() for t in outputs],
-        "opset": opset, **check.to_dict(), "versions": onnx_check.tool_versions(),
-    }
+    outputs = [t for t in outputs if t.name not in probe_names]
+    metadata = {"kind": "keras", "source": source.label, **source.metadata,
+                "aliases": {old: new for old, new in names.items() if old != new},
+                "inputs": [t.to_dict() for t in inputs], "outputs": [t.to_dict() for t in outputs], "opset": opset}
     version_dir = Path(out_dir) / str(version)
-    with steps.step("write", f"Writing {version_dir}"), \
-            staged_version_dir(Path(out_dir), version, overwrite) as staging:
-        onnx_check.save_onnx(onnx_model, staging / "model.onnx")
-        metadata["timings_s"] = dict(steps.timings)
-        write_json(staging / "export.json", metadata)
-        write_golden(staging / GOLDEN_FILE, check.golden_inputs, check.golden_outputs, tolerance, rel_tolerance)
-    files = [version_dir / "model.onnx", version_dir / "export.json"]
-    return ExportReport(kind="keras", source=source.label, version_dir=version_dir, model_path=files[0],
-                        metadata_path=files[1], files=files, inputs=inputs, outputs=outputs, check=check,
-                        opset=opset, timings=dict(steps.timings), metadata=metadata)
+    with staged_version_dir(Path(out_dir), version, overwrite) as staging:
+        with steps.step("check", "Checking the ONNX against the source, as served and unoptimized"):
+            holder = [onnx_model]
+            del onnx_model  # _check frees it once written: only onnxruntime holds the weights from there on
+            check = _check(holder, staging, probe_names, cases, expected, tolerance, rel_tolerance)
+            servable.check_model_yaml(Path(out_dir), staging / "model.onnx")
+        with steps.step("write", f"Writing {version_dir}"):
+            metadata.update(check.to_dict())
+            metadata["versions"] = onnx_check.tool_versions()
+            metadata["timings_s"] = dict(steps.timings)
+            write_json(staging / "export.json", metadata)
+            if not check.blind_outputs:
+                write_golden(staging / GOLDEN_FILE, check.golden_inputs, check.golden_outputs, tolerance,
+                             rel_tolerance)
+            written = sorted(p.name for p in staging.iterdir())
+    files = [version_dir / name for name in written]
+    model_yaml = (servable.write_model_yaml(Path(out_dir), version_dir / "model.onnx", export_command)
+                  if export_command else None)
+    return ExportReport(kind="keras", source=source.label, version_dir=version_dir,
+                        model_path=version_dir / "model.onnx", metadata_path=version_dir / "export.json",
+                        files=files, inputs=inputs, outputs=outputs, check=check, opset=opset,
+                        timings=dict(steps.timings), metadata=metadata, model_yaml=model_yaml)
 
+
+def _convert(source: KerasSource, names: Mapping[str, str], found: Mapping[str, tuple], opset: int):
+    """Trace and convert; a Keras model with its weights as inputs (bound back as initializers),
+    anything else (a SavedModel signature) with its variables frozen by tf2onnx."""
+    input_names = [name for name, _, _ in source.inputs]
+    specs = [tf.TensorSpec(shape, dtype, name=names[name]) for name, shape, dtype in source.inputs]
+    dims = {names[n]: ["batch" if i == 0 else f"{names[n]}_dim{i}" for i in range(len(s))]
+            for n, s, _ in source.inputs}
+    dims |= {names[n]: ["batch"] for n in source.output_names} | {n: ["batch"] for n in found}
+    model = source.model
+    if found:
+        outputs = dict(zip(source.output_names, tf.nest.flatten(model.output), strict=True))
+        model = keras.Model(model.input, {**outputs, **{n: t for n, (t, _, _) in found.items()}})
+    if model is not None:
+        try:
+            return _convert_stateless(model, input_names, names, specs, dims, opset, source.describe_node)
+        except _NotStateless:
+            pass
+
+    @tf.function(input_signature=specs)
+    def serve(*args: tf.Tensor) -> dict[str, tf.Tensor]:
+        outputs = source.call(dict(zip(input_names, args, strict=True)))
+        return {names[k]: v for k, v in outputs.items()}
+
+    return onnx_check.convert_function(serve, specs, opset=opset, dim_names=dims, describe_node=source.describe_node)
+
+
+class _NotStateless(Exception):
+    """The model cannot be called with its weights as arguments (a layer makes state as it runs)."""
+
+
+def _convert_stateless(model: keras.Model, input_names, names, specs, dims, opset, describe_node):
+    trainable, non_trainable = list(model.trainable_variables), list(model.non_trainable_variables)
+    variables = trainable + non_trainable
+    weight_names = _weight_names(variables, set(names.values()))
+    weight_specs = [tf.TensorSpec(v.shape, v.dtype, name=n) for v, n in zip(variables, weight_names, strict=True)]
+    structure = model.input if _has_symbolic_input(model) else None
+    count = len(trainable)
+
+    @tf.function(input_signature=specs + weight_specs)
+    def serve(*args: tf.Tensor) -> dict[str, tf.Tensor]:
+        flat, weights = list(args[:len(specs)]), list(args[len(specs):])
+        structured = tf.nest.pack_sequence_as(structure, flat) if structure is not None else flat
+        result, _ = model.stateless_call(weights[:count], weights[count:], structured, training=False)
+        if isinstance(result, dict):
+            return {names.get(k, k): v for k, v in result.items()}
+        output_names = [n for n in names if n not in input_names]
+        return {names[k]: v for k, v in zip(output_names, tf.nest.flatten(result), strict=True)}
+
+    try:
+        with tf_compat.traceable_keras():
+            serve.get_concrete_function()
+    except Exception as e:
+        raise _NotStateless(str(e)) from e
+    lazy = {n: (lambda v=v: np.asarray(v.numpy())) for v, n in zip(variables, weight_names, strict=True)}
+    return onnx_check.convert_function(serve, specs + weight_specs, opset=opset, dim_names=dims,
+                                       describe_node=describe_node, initializers=lazy)
+
+
+def _has_symbolic_input(model: keras.Model) -> bool:
+    try:
+        return model.input is not None
+    except (AttributeError, ValueError):
+        return False
+
+
+def _weight_names(variables: Sequence[Any], taken: set[str]) -> list[str]:
+    """ONNX initializer names from the variables' Keras paths (``block1_conv1/kernel``), unique."""
+    result, seen = [], set(taken)
+    for i, variable in enumerate(variables):
+        base = re.sub(r"[^A-Za-z0-9_.\-/]", "_", str(getattr(variable, "path", "") or f"weight_{i}")).lstrip("/._-")
+        name, n = base or f"weight_{i}", 1
+        while name in seen:
+            n += 1
+            name = f"{base}_{n}"
+        seen.add(name)
+        result.append(name)
+    return result
+
+
+def _check(holder: list, staging: Path, found: Mapping[str, str], cases, expected, tolerance, rel_tolerance):
+    """Save the model (popped from ``holder``, so it is freed once written) into ``staging`` and check
+    it from the file: one copy of the weights in memory at a time. Probes are checked in a scratch
+    file, then stripped from model.onnx."""
+    target = staging / "model.onnx"
+    if not found:
+        onnx_check.save_onnx(holder.pop(), target)
+        return verify.check_onnx(target, cases, expected, tolerance, rel_tolerance)
+    scratch = staging / "probed"
+    scratch.mkdir()
+    onnx_check.save_onnx(holder.pop(), scratch / "model.onnx")
+    probed = verify.check_onnx(scratch / "model.onnx", cases, expected, tolerance, rel_tolerance, probes=found)
+    stripped = [onnx.load(str(scratch / "model.onnx"))]
+    onnx_check.strip_outputs(stripped[0], list(found))
+    onnx_check.save_onnx(stripped.pop(), target)
+    shutil.rmtree(scratch)
+    plain = [{k: v for k, v in e.items() if k not in found} for e in expected]
+    served = verify.check_onnx(target, cases, plain, tolerance, rel_tolerance)
+    return dataclasses.replace(probed, serving=probed.serving or served.serving)

@@ -1,9 +1,9 @@
-"""tf2onnx conversion and the onnxruntime-versus-source check shared by every exporter.
+"""tf2onnx conversion shared by every exporter, and writing the ONNX file.
 
-An ONNX file is only worth writing if it computes what the source computes. After converting a
-``tf.function`` with named ``tf.TensorSpec`` inputs (dynamic dims ``None``), the model is run with
-onnxruntime on generated inputs next to the source, and every output that disagrees in any case is
-reported in one ``ExportError`` (the Hugging Face optimum exporter's validation step).
+A ``tf.function`` with named ``tf.TensorSpec`` inputs (dynamic dims ``None``) becomes an ONNX
+model; ``toolkit.export.verify`` then checks it against the source the way Triton will serve it.
+Weights can be traced as inputs and bound afterwards (``initializers``): tf2onnx then never holds
+them, which is what keeps an export's memory near a few times the weights' size.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,19 +23,15 @@ import tf2onnx
 from tf2onnx import constants as tf2onnx_constants
 
 from toolkit.errors import ExportError
+from toolkit.export import tf_compat
 from toolkit.export.defaults import DEFAULT_OPSET
-from toolkit.export.report import CheckResult, TensorInfo
+from toolkit.export.report import TensorInfo
+from toolkit.export.verify import CheckCase, compare_with_onnxruntime  # noqa: F401  (the exporters' API)
 
 Arrays = dict[str, np.ndarray]
 _CATCH_ERRORS_ENV = tf2onnx_constants.ENV_TF2ONNX_CATCH_ERRORS
-
-
-@dataclass(frozen=True)
-class CheckCase:
-    """One set of generated inputs, with a label that says what it exercises ("batch=3 seq=17")."""
-
-    label: str
-    inputs: Arrays
+#: protobuf cannot serialize a message of 2 GiB or more; keep a margin for the graph itself.
+_PROTOBUF_LIMIT = 2**31 - 2**26
 
 
 def convert_function(function: tf.types.experimental.PolymorphicFunction,
@@ -52,24 +47,24 @@ def convert_function(function: tf.types.experimental.PolymorphicFunction,
     ``function`` that are really weights: they are converted as graph inputs and then bound to these
     arrays as ONNX initializers, so tf2onnx never handles the weights (see ``_from_function``).
     """
-    try:
-        model = _from_function(function, input_specs, opset, catch_optimizer_errors=False)
-    except Exception:
-        try:  # the slow, forgiving path: tf2onnx skips any graph optimizer that fails
-            model = _from_function(function, input_specs, opset, catch_optimizer_errors=True)
-        except Exception as e:  # tf2onnx raises plain ValueError/KeyError/...: give the user the context
-            raise ExportError(f"tf2onnx could not convert the model (opset {opset}): "
-                              f"{type(e).__name__}: {e}") from e
-
-    if initializers:
-        _bind_initializers(model, initializers)
+    with tf_compat.traceable_keras():
+        try:  # tracing runs the user's Python: a layer that cannot be traced fails here
+            concrete = function.get_concrete_function(*input_specs)
+        except Exception as e:
+            raise ExportError(f"TensorFlow cannot trace the model: {type(e).__name__}: {_first_line(e)}") from e
+        bound = {**tf_compat.captured_constants(concrete), **(initializers or {})}
+        try:
+            model = _from_function(function, input_specs, opset, catch_optimizer_errors=False)
+        except Exception:
+            try:  # the slow, forgiving path: tf2onnx skips any graph optimizer that fails
+                model = _from_function(function, input_specs, opset, catch_optimizer_errors=True)
+            except Exception as e:  # tf2onnx raises plain ValueError/KeyError/...: give the user the context
+                raise ExportError(f"tf2onnx could not convert the model (opset {opset}): "
+                                  f"{type(e).__name__}: {_first_line(e)}") from e
+    _bind_initializers(model, bound)
     _raise_for_unconverted_ops(model, describe_node or (lambda name: f"node '{name}'"))
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as e:
-        raise ExportError(f"tf2onnx produced an invalid ONNX model: {e}") from e
     _name_dims(model, dim_names or {})
-    return model
+    return model  # onnx.checker runs on the written file (save_onnx): in memory it would copy it twice
 
 
 def _from_function(function: tf.types.experimental.PolymorphicFunction, input_specs: Sequence[tf.TensorSpec],
@@ -103,14 +98,31 @@ def _from_function(function: tf.types.experimental.PolymorphicFunction, input_sp
             os.environ[_CATCH_ERRORS_ENV] = previous_env
 
 
-def _bind_initializers(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray]) -> None:
-    inputs = {value.name: value for value in model.graph.input}
-    unknown = sorted(set(arrays) - set(inputs))
-    if unknown:
-        raise ExportError(f"internal: weights {unknown} are not inputs of the converted graph")
-    for name, array in arrays.items():
-        model.graph.input.remove(inputs[name])
-        model.graph.initializer.append(onnx.numpy_helper.from_array(np.ascontiguousarray(array), name=name))
+def _bind_initializers(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray | Callable[[], np.ndarray]]) -> None:
+    """Graph inputs named in ``arrays`` become initializers; initializers no node reads are dropped.
+
+    A callable value is called only then, and its array is freed before the protobuf copy is made:
+    at most two copies of one weight exist outside the model at any time (VGG16's 411 MB fc1 is
+    the largest of any keras.applications model)."""
+    for value in list(model.graph.input):
+        if value.name in arrays:
+            model.graph.input.remove(value)
+            dtype, shape, raw = _raw(arrays[value.name])
+            tensor = model.graph.initializer.add()  # add(), not append(): append copies the message
+            tensor.name, tensor.data_type = value.name, onnx.helper.np_dtype_to_tensor_dtype(dtype)
+            tensor.dims.extend(shape)
+            tensor.raw_data = raw
+            del raw
+    used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+    for initializer in [i for i in model.graph.initializer if i.name not in used]:
+        model.graph.initializer.remove(initializer)
+
+
+def _raw(value: np.ndarray | Callable[[], np.ndarray]) -> tuple[np.dtype, tuple[int, ...], bytes]:
+    array = np.ascontiguousarray(value() if callable(value) else value)
+    if array.dtype.byteorder == ">" or array.dtype.kind in "OUS":
+        raise ExportError(f"internal: cannot store a weight of dtype {array.dtype} as ONNX raw data")
+    return array.dtype, array.shape, array.tobytes()
 
 
 def _inline_external_tensors(graph: onnx.GraphProto, data: Mapping[str, bytes]) -> None:
@@ -169,79 +181,97 @@ def tensor_infos(model: onnx.ModelProto) -> tuple[list[TensorInfo], list[TensorI
     return inputs, [info(v) for v in model.graph.output]
 
 
-def compare_with_onnxruntime(model: onnx.ModelProto, reference: Callable[[Arrays], Arrays],
-                             cases: Sequence[CheckCase], tolerance: float,
-                             rel_tolerance: float) -> CheckResult:
-    """Run every case through onnxruntime and ``reference``; fail listing every disagreement.
-
-    A case fails when its max abs diff exceeds ``tolerance``, or exceeds ``rel_tolerance`` times the
-    output's peak magnitude (catches real errors in models whose outputs are tiny, e.g. an untrained
-    CNN whose embeddings are ~1e-11, where any absolute tolerance passes trivially).
-    """
+def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:
+    """Write ``model`` to ``path`` and check the file with onnx.checker; a model past protobuf's 2 GB
+    limit keeps its weights in ``<path>.data`` beside it (ONNX external data: onnxruntime and Triton
+    load both). Returns the files. Pass a model nobody else holds (``holder.pop()``): it is freed
+    before the checker reads the file back."""
+    path = Path(path)
+    large = weights_bytes(model) >= _PROTOBUF_LIMIT
     try:
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-        raise ExportError(f"onnxruntime cannot load the exported model: {e}") from e
-    output_names = [o.name for o in session.get_outputs()]
-
-    per_output: dict[str, float] = dict.fromkeys(output_names, 0.0)
-    peak: dict[str, float] = dict.fromkeys(output_names, 0.0)
-    problems: list[str] = []
-    golden: dict[str, Arrays] = {}
-    # The golden samples (golden.npz) are the largest case: the one a changed model can least hide in.
-    largest = max(cases, key=lambda c: sum(np.asarray(v).size for v in c.inputs.values()), default=None)
-    for case in cases:
-        expected = reference(case.inputs)
-        if case is largest:
-            golden = {"inputs": dict(case.inputs), "outputs": dict(expected)}
-        try:
-            actual = dict(zip(output_names, session.run(output_names, case.inputs), strict=True))
-        except Exception as e:
-            raise ExportError(f"onnxruntime failed on {case.label}: {e}") from e
-        if set(expected) != set(actual):
-            raise ExportError(f"output names differ: source {sorted(expected)}, ONNX {sorted(actual)}")
-        for name in output_names:
-            problem = _compare_one(name, case.label, expected[name], actual[name], tolerance, rel_tolerance,
-                                   per_output, peak)
-            if problem:
-                problems.append(problem)
-    if problems:
-        raise ExportError(f"the ONNX model disagrees with the source in {len(problems)} place(s):\n  "
-                          + "\n  ".join(problems))
-    return CheckResult(max_abs_diff=max(per_output.values(), default=0.0), per_output=per_output,
-                       peak_abs=peak, cases=[c.label for c in cases], tolerance=tolerance,
-                       rel_tolerance=rel_tolerance, golden_inputs=golden.get("inputs", {}),
-                       golden_outputs=golden.get("outputs", {}))
-
-
-def _compare_one(name: str, label: str, expected: np.ndarray, actual: np.ndarray, tolerance: float,
-                 rel_tolerance: float, per_output: dict[str, float], peak: dict[str, float]) -> str | None:
-    if expected.shape != actual.shape:
-        return f"{name} ({label}): shape {actual.shape} from ONNX, {expected.shape} from the source"
-    if expected.dtype != actual.dtype:
-        return f"{name} ({label}): dtype {actual.dtype} from ONNX, {expected.dtype} from the source"
-    exp64, act64 = expected.astype(np.float64), actual.astype(np.float64)
-    if not np.array_equal(np.isnan(exp64), np.isnan(act64)):
-        return f"{name} ({label}): NaN in different places"
-    if expected.size == 0:
-        return None
-    diff = float(np.nanmax(np.abs(exp64 - act64)))
-    case_peak = float(np.nanmax(np.abs(exp64)))
-    per_output[name] = max(per_output[name], diff)
-    peak[name] = max(peak[name], case_peak)
-    if diff > tolerance:
-        return f"{name} ({label}): max abs diff {diff:.3g} > tolerance {tolerance:g}"
-    if case_peak > 0 and diff > rel_tolerance * case_peak:
-        return (f"{name} ({label}): max abs diff {diff:.3g} > rel_tolerance {rel_tolerance:g} "
-                f"x peak |value| {case_peak:.3g}")
-    return None
-
-
-def save_onnx(model: onnx.ModelProto, path: Path) -> None:
-    try:
-        onnx.save(model, str(path))
-    except (OSError, ValueError) as e:  # ValueError: a model past protobuf's 2 GB limit
+        if large:
+            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=f"{path.name}.data", size_threshold=1024)
+        else:
+            _write_streamed(model, path)
+        del model
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"tf2onnx produced an invalid ONNX model: {_first_line(e)}") from e
+    except (OSError, ValueError) as e:
         raise ExportError(f"cannot write {path}: {e}") from e
+    return [path, path.with_name(f"{path.name}.data")] if large else [path]
+
+
+def _write_streamed(model: onnx.ModelProto, path: Path) -> None:
+    """``onnx.save`` without its memory: serializing a whole model at once holds the weights about
+    four times over (upb grows its buffer by doubling, then copies it into Python bytes). The same
+    bytes a parser reads are written piece by piece: the model without its graph, then the graph
+    field's header, the graph without its initializers, and each initializer (protobuf fields may
+    come in any order)."""
+    graph = model.graph
+    head, rest = onnx.ModelProto(), onnx.GraphProto()
+    for holder, source, skip in ((head, model, "graph"), (rest, graph, "initializer")):
+        for field, value in source.ListFields():
+            if field.name == skip:
+                continue
+            if field.is_repeated:
+                getattr(holder, field.name).extend(value)
+            elif field.type == field.TYPE_MESSAGE:
+                getattr(holder, field.name).CopyFrom(value)
+            else:
+                setattr(holder, field.name, value)
+    rest_bytes = rest.SerializeToString()
+    sizes = [tensor.ByteSize() for tensor in graph.initializer]
+    graph_size = len(rest_bytes) + sum(1 + len(_varint(n)) + n for n in sizes)
+    with open(path, "wb") as f:
+        f.write(head.SerializeToString())
+        f.write(b"\x3a" + _varint(graph_size))  # field 7 (graph), length-delimited
+        f.write(rest_bytes)
+        for tensor, size in zip(graph.initializer, sizes, strict=True):
+            f.write(b"\x2a" + _varint(size))  # GraphProto field 5 (initializer)
+            f.write(tensor.SerializeToString())
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def weights_bytes(model: onnx.ModelProto) -> int:
+    """The initializers' size, from their dims (``ByteSize()`` would serialize the whole model)."""
+    total = 0
+    for tensor in model.graph.initializer:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        total += int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+    return total
+
+
+def strip_outputs(model: onnx.ModelProto, names: Sequence[str]) -> None:
+    """Remove graph outputs ``names`` (the check's probes) and every node and initializer that only
+    they needed."""
+    for output in [o for o in model.graph.output if o.name in set(names)]:
+        model.graph.output.remove(output)
+    needed = {o.name for o in model.graph.output}
+    keep = []
+    for node in reversed(model.graph.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(node.input)
+    keep.reverse()
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    for initializer in [i for i in model.graph.initializer if i.name not in needed]:
+        model.graph.initializer.remove(initializer)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:500] if text else type(e).__name__
 
 
 def tool_versions() -> dict[str, str]:

@@ -10,20 +10,24 @@ import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from types import TracebackType
+from typing import TextIO
 
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 
 class Steps(AbstractContextManager["Steps"]):
-    """``with Steps(show=True) as steps: with steps.step("convert", "Converting"): ...``"""
+    """``with Steps(show=True) as steps: with steps.step("convert", "Converting"): ...``
 
-    def __init__(self, show: bool = False):
+    ``show`` may be a text stream to draw on instead of stderr (the CLI passes the terminal while
+    TensorFlow's own output goes to a log file)."""
+
+    def __init__(self, show: bool | TextIO = False):
         self.timings: dict[str, float] = {}
+        console = Console(stderr=True) if show is True else Console(file=show) if show else None
         self._progress = (
-            Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                     console=Console(stderr=True))
-            if show else None
+            Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console)
+            if console is not None else None
         )
 
     def __enter__(self) -> Steps:

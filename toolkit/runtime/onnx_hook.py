@@ -42,6 +42,9 @@ INPUT_OUT_OF_RANGE = 1301
 INPUT_NOT_FINITE = 1302
 SEQUENCE_TOO_LONG = 1303
 RANGE_PREFIX = "input_range."
+#: export.json's key for what the served session needs (see ``session``), and the level it uses by default.
+SERVING_KEY = "onnxruntime"
+SERVED_LEVEL = "ORT_ENABLE_ALL"
 #: ``intra_op_threads: adaptive``: every core for a run no other instance overlaps, the share otherwise.
 ADAPTIVE = "adaptive"
 
@@ -61,14 +64,14 @@ class OnnxModel(Hook):
         path = ctx.model_dir / ctx.parameters.get("onnx_file", "model.onnx")
         threads, spin = thread_parameters(ctx.parameters)
         share = default_threads(ctx.instance_count)
+        export = _export(ctx.model_dir)
         self.occupancy = ctx.occupancy
         self.solo = None  # adaptive: the session with every core, for runs no peer overlaps
-        self.session = _session(ort, path, threads or share, spin)
+        self.session = session(ort, path, threads or share, spin, export.get(SERVING_KEY))
         if threads is None and default_threads(1) > share and ctx.occupancy.shared:
-            self.solo = _session(ort, path, default_threads(1), spin)
+            self.solo = session(ort, path, default_threads(1), spin, export.get(SERVING_KEY))
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        export = _export(ctx.model_dir)
         self.ranges: dict[str, tuple[int, int]] = {
             k: v for k, v in _export_ranges(export).items() if k in self.input_names}
         #: input -> (its sequence axis, the most positions the model has)
@@ -126,19 +129,27 @@ def thread_parameters(params, where: str = "parameter") -> tuple[int | None, str
     return threads, spin
 
 
-def _session(ort, path, threads: int, spin: str):
+def session(ort, path, threads: int = 0, spin: str = "false", serving: dict | None = None):
+    """The onnxruntime session this hook serves ``path`` with. ``serving`` is export.json's
+    ``onnxruntime`` entry: what the export's check found the served path needs when onnxruntime's
+    graph optimizer changes the model's outputs (``disabled_optimizers``: rewrite rules to skip, or
+    a lower ``graph_optimization_level``); the export check runs the model through this same function."""
+    serving = serving if isinstance(serving, dict) else {}
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
+                                               str(serving.get("graph_optimization_level", SERVED_LEVEL)))
     # Spinning worker threads would burn the cores the other steps' processes, Triton and the
     # clients need between runs; in a multi-process server they must sleep instead.
     if spin == "run":  # spin between a run's ops, stop when it ends
         options.add_session_config_entry("session.force_spinning_stop", "1")
     elif spin != "true":
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), options,
+                                providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(serving.get("disabled_optimizers") or []) or None)
 
 
 def _export(model_dir) -> dict:
