@@ -6,6 +6,10 @@
 #                     and gRPC, stop the server
 #   ./dev.sh test     set up, then ruff and the whole test suite (pytest args may follow)
 #   ./dev.sh bench    set up, export, and run BENCHMARKS.md's comparison (results in build/bench)
+#   ./dev.sh zoo      set up, export every keras.applications model through `toolkit export keras`,
+#                     compare each with Keras on the served path and rewrite export/README.md's table
+#                     (results in build/zoo/results.json; a rerun skips what is there; hours for all 40;
+#                     python -m toolkit.export.zoo --help for the options that may follow)
 #   ./dev.sh setup    only the set-up
 #
 # PORT_BASE=8100 ./dev.sh demo serves on 8100 (HTTP), 8101 (gRPC), 8102 (metrics) instead of 8000-8002.
@@ -155,10 +159,17 @@ bench() {  # BENCHMARKS.md's run: ~40 minutes on 2 cores; keep the machine other
     "$VENV/bin/toolkit" bench compare --rate 40,80 --out build/bench "$@"
 }
 
+zoo() {  # export/README.md's "Every keras.applications model" table; keep the machine otherwise idle
+    setup demo
+    "$VENV/bin/python" -m toolkit.export.zoo --table export/README.md --out build/zoo/results.json "$@"
+}
+
 case "${1:-}" in
     demo) demo ;;
     bench) shift; bench "$@" ;;
+    zoo) shift; zoo "$@" ;;
     test) shift; run_tests "$@" ;;
     setup) setup test ;;
-    *) echo "usage: ./dev.sh demo | test [pytest args] | bench [toolkit bench compare args] | setup" >&2; exit 2 ;;
+    *) echo "usage: ./dev.sh demo | test [pytest args] | bench [toolkit bench compare args] | zoo [zoo args] | setup" >&2
+       exit 2 ;;
 esac

@@ -21,6 +21,7 @@ import click
 from toolkit.errors import ExportError, ToolkitError
 from toolkit.export.defaults import (
     BERT_OUT,
+    BERT_REL_TOLERANCE,
     BERT_TOLERANCE,
     DEFAULT_OPSET,
     KERAS_APPLICATIONS,
@@ -63,8 +64,10 @@ def command_line(ctx: click.Context) -> str:
             words.append(param.opts[0] if value else (param.secondary_opts or param.opts)[0])
         elif isinstance(value, dict):
             words += [w for old, new in value.items() for w in (param.opts[0], f"{old}={new}")]
-        elif isinstance(value, tuple):
+        elif isinstance(value, tuple) and getattr(param, "multiple", False):
             words += [w for item in value for w in (param.opts[0], str(item))]
+        elif isinstance(value, tuple):
+            words += [param.opts[0], *(f"{item:g}" if isinstance(item, float) else str(item) for item in value)]
         else:
             words += [param.opts[0], str(value)]
     return shlex.join(words)
@@ -134,7 +137,7 @@ def _parse_aliases(ctx: click.Context, param: click.Parameter, values: tuple[str
     return aliases
 
 
-def _common_options(tolerance: float | None):
+def _common_options(tolerance: float | None, rel_tolerance: float):
     def decorate(command):
         for option in reversed([
             click.option("--version", "version", type=click.IntRange(min=1), default=None,
@@ -143,7 +146,7 @@ def _common_options(tolerance: float | None):
             click.option("--tolerance", type=float, default=tolerance, show_default=True,
                          help="Also bound the max abs diff between onnxruntime and the source model "
                               "[default: no absolute bound]."),
-            click.option("--rel-tolerance", type=float, default=REL_TOLERANCE, show_default=True,
+            click.option("--rel-tolerance", type=float, default=rel_tolerance, show_default=True,
                          help="Max abs diff allowed relative to each output's peak |value| (per check case)."),
             click.option("--opset", type=click.IntRange(min=13), default=DEFAULT_OPSET, show_default=True,
                          help="ONNX opset to convert to."),
@@ -183,7 +186,7 @@ def export() -> None:
               help="--quantize gate: lowest mean cosine over the calibration sentences.")
 @click.option("--min-rank", type=float, default=MIN_RANK, show_default=True,
               help="--quantize gate: lowest Spearman correlation of the pairwise sentence similarities.")
-@_common_options(BERT_TOLERANCE)
+@_common_options(BERT_TOLERANCE, BERT_REL_TOLERANCE)
 def bert(source: Path | None, out: Path, lower_case: bool | None, no_pooler: bool, checkpoint: str | None,
          quantize: str | None, min_cosine: float, min_mean_cosine: float, min_rank: float, version: int | None,
          tolerance: float, rel_tolerance: float, opset: int, overwrite: bool, quiet: bool) -> None:
@@ -225,13 +228,16 @@ def bert(source: Path | None, out: Path, lower_case: bool | None, no_pooler: boo
 @click.option("--output-name", default=None, help="ONNX name of the model's only output (e.g. embedding).")
 @click.option("--alias", "aliases", multiple=True, callback=_parse_aliases, metavar="OLD=NEW",
               help="Rename an input or output; repeatable.")
+@click.option("--input-range", type=(float, float), default=None, metavar="LO HI",
+              help="Values the model's inputs take in use (e.g. 0 255 for raw pixels): the check's inputs are "
+                   "drawn there [default: the application's own; else -1 1].")
 @click.option("--custom-module", "custom_modules", multiple=True, metavar="MODULE",
               help="Import MODULE first (registers custom Keras layers); repeatable.")
-@_common_options(KERAS_TOLERANCE)
+@_common_options(KERAS_TOLERANCE, REL_TOLERANCE)
 def keras(source: str, out: Path | None, weights: Path | None, include_top: bool, pooling: str,
           input_size: int, input_name: str | None, output_name: str | None, aliases: dict[str, str],
-          custom_modules: tuple[str, ...], version: int | None, tolerance: float, rel_tolerance: float, opset: int,
-          overwrite: bool, quiet: bool) -> None:
+          input_range: tuple[float, float] | None, custom_modules: tuple[str, ...], version: int | None,
+          tolerance: float | None, rel_tolerance: float, opset: int, overwrite: bool, quiet: bool) -> None:
     """Export a Keras model to ONNX: SOURCE is a .keras/.h5 file, a TF SavedModel folder, or a
     keras.applications name such as MobileNetV2 (built with random weights unless --weights).
 
@@ -247,6 +253,6 @@ def keras(source: str, out: Path | None, weights: Path | None, include_top: bool
                               pooling=None if pooling == "none" else pooling, input_size=input_size,
                               input_name=input_name, output_name=output_name, aliases=aliases,
                               custom_modules=custom_modules, tolerance=tolerance, rel_tolerance=rel_tolerance,
-                              opset=opset, overwrite=overwrite, show_progress=show,
+                              opset=opset, overwrite=overwrite, show_progress=show, input_range=input_range,
                               export_command=command_line(click.get_current_context()))
     click.echo("\n".join(report.summary_lines()))

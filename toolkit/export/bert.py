@@ -30,7 +30,7 @@ import numpy as np
 
 from toolkit.errors import ExportError
 from toolkit.export import servable
-from toolkit.export.defaults import BERT_OUT, BERT_TOLERANCE, DEFAULT_OPSET, REL_TOLERANCE
+from toolkit.export.defaults import BERT_OUT, BERT_REL_TOLERANCE, BERT_TOLERANCE, DEFAULT_OPSET
 from toolkit.export.quantize import SCHEMES, Gate, quantize_bert
 from toolkit.export.report import ExportReport
 from toolkit.export.staging import check_version_target, staged_version_dir, write_json
@@ -286,7 +286,7 @@ def bert_check_cases(vocab_size: int, type_vocab_size: int, max_positions: int, 
 
 
 def export_bert(source: Path | None, out_dir: Path = BERT_OUT, version: int = 1, *,
-                tolerance: float = BERT_TOLERANCE, rel_tolerance: float = REL_TOLERANCE,
+                tolerance: float | None = BERT_TOLERANCE, rel_tolerance: float = BERT_REL_TOLERANCE,
                 opset: int = DEFAULT_OPSET, lower_case: bool | None = None, with_pooler: bool = True,
                 overwrite: bool = False, show_progress: bool = False, seed: int = 0,
                 quantize: str | None = None, gate: Gate | None = None,

@@ -26,7 +26,7 @@ import onnx
 import tensorflow as tf
 
 from toolkit.errors import ExportError
-from toolkit.export import onnx_check, probes, servable, tf_compat, verify
+from toolkit.export import images, onnx_check, probes, servable, tf_compat, verify
 from toolkit.export.defaults import DEFAULT_OPSET, KERAS_TOLERANCE, REL_TOLERANCE
 from toolkit.export.report import ExportReport
 from toolkit.export.staging import check_version_target, staged_version_dir, write_json
@@ -250,11 +250,15 @@ def resolve_aliases(input_names: Sequence[str], output_names: Sequence[str], inp
 
 
 def keras_check_cases(inputs: Sequence[tuple[str, tuple[int | None, ...], tf.DType]],
-                      names: Mapping[str, str] | None = None, seed: int = 0) -> list[CheckCase]:
+                      names: Mapping[str, str] | None = None, seed: int = 0,
+                      value_range: tuple[float, float] | None = None) -> list[CheckCase]:
     """Random inputs for two batch sizes (1 and 3 when the batch is dynamic; three single examples
     when it is fixed), in each input's dtype, keyed by ``names[input]`` (the ONNX names). Examples
-    differ in level and contrast as well as in their values, so that pooled features differ too."""
+    differ in level and contrast as well as in their values, so that pooled features differ too.
+    Image-like float inputs (NHWC, 1/3/4 channels) get smooth random images in ``value_range``
+    (default [-1, 1]; ``toolkit.export.images``), other float inputs values around it."""
     rng = np.random.default_rng(seed)
+    lo, hi = value_range or images.TF_MODE
     fixed_batch = any(shape[:1] != (None,) for _, shape, _ in inputs)
     plan = ((1, 32), (1, 32), (1, 32)) if fixed_batch else ((1, 32), (3, 47))
     cases = []
@@ -262,17 +266,24 @@ def keras_check_cases(inputs: Sequence[tuple[str, tuple[int | None, ...], tf.DTy
         arrays = {}
         for name, shape, dtype in inputs:
             dims = [(batch if i == 0 else free_dim) if d is None else d for i, d in enumerate(shape)]
-            arrays[(names or {}).get(name, name)] = _random_array(rng, dims, dtype, name)
+            if dtype.is_floating and images.looks_like_images(shape):
+                array = images.smooth_images(dims[0], (dims[1], dims[2]), value_range=(lo, hi), channels=dims[3],
+                                             rng=rng).astype(dtype.as_numpy_dtype)
+            else:
+                array = _random_array(rng, dims, dtype, name, lo, hi)
+            arrays[(names or {}).get(name, name)] = array
         shapes = ", ".join(f"{n}={list(a.shape)}" for n, a in arrays.items())
         cases.append(CheckCase(f"batch={batch} ({shapes})", arrays))
     return cases
 
 
-def _random_array(rng: np.random.Generator, dims: list[int], dtype: tf.DType, name: str) -> np.ndarray:
+def _random_array(rng: np.random.Generator, dims: list[int], dtype: tf.DType, name: str, lo: float = -1.0,
+                  hi: float = 1.0) -> np.ndarray:
     if dtype.is_floating:
         per_example = [len(dims[:1]) and dims[0]] + [1] * (len(dims) - 1) if dims else []
-        level, contrast = rng.uniform(-0.5, 0.5, size=per_example), rng.uniform(0.3, 1.0, size=per_example)
-        return (level + contrast * rng.uniform(-1.0, 1.0, size=dims)).astype(dtype.as_numpy_dtype)
+        level, contrast = rng.uniform(-0.25, 0.25, size=per_example), rng.uniform(0.3, 1.0, size=per_example)
+        unit = np.clip(level + contrast * rng.uniform(-1.0, 1.0, size=dims), -1.0, 1.0)
+        return (lo + (hi - lo) * (unit + 1) / 2).astype(dtype.as_numpy_dtype)
     if dtype.is_bool:
         return rng.integers(0, 2, size=dims).astype(bool)
     if dtype.is_integer:
@@ -287,7 +298,8 @@ def export_keras(source: str | Path, out_dir: Path | None = None, version: int =
                  aliases: Mapping[str, str] | None = None, custom_modules: Sequence[str] = (),
                  tolerance: float = KERAS_TOLERANCE, rel_tolerance: float = REL_TOLERANCE,
                  opset: int = DEFAULT_OPSET, overwrite: bool = False, show_progress: bool | TextIO = False,
-                 seed: int = 0, export_command: str | None = None) -> ExportReport:
+                 seed: int = 0, export_command: str | None = None,
+                 input_range: tuple[float, float] | None = None) -> ExportReport:
     """Export a Keras file / SavedModel / application to ``<out_dir>/<version>/model.onnx``.
 
     ``out_dir`` defaults to ``model_repository/<lower-cased source name>``. ``weights``,
@@ -304,7 +316,7 @@ def export_keras(source: str | Path, out_dir: Path | None = None, version: int =
         return export_keras_source(loaded.pop(), out_dir, version, input_name=input_name, output_name=output_name,
                                    aliases=aliases, tolerance=tolerance, rel_tolerance=rel_tolerance,
                                    opset=opset, overwrite=overwrite, seed=seed, steps=steps, release=True,
-                                   export_command=export_command)
+                                   export_command=export_command, input_range=input_range)
 
 
 def export_keras_model(model: keras.Model, out_dir: Path, version: int = 1, **options: Any) -> ExportReport:
@@ -320,7 +332,8 @@ def export_keras_source(source: KerasSource, out_dir: Path, version: int, *, ste
                         aliases: Mapping[str, str] | None = None, tolerance: float | None = KERAS_TOLERANCE,
                         rel_tolerance: float = REL_TOLERANCE, opset: int = DEFAULT_OPSET,
                         overwrite: bool = False, seed: int = 0, release: bool = False,
-                        export_command: str | None = None) -> ExportReport:
+                        export_command: str | None = None,
+                        input_range: tuple[float, float] | None = None) -> ExportReport:
     """Convert, check and write any ``KerasSource``; the shared tail of ``export_keras*``.
 
     ``release``: the source is ours alone (``export_keras`` loaded it): drop it once converted, so
@@ -330,13 +343,16 @@ def export_keras_source(source: KerasSource, out_dir: Path, version: int, *, ste
     input_names = [name for name, _, _ in source.inputs]
     names = resolve_aliases(input_names, source.output_names, input_name, output_name, aliases)
     with steps.step("reference", "Running the source model on the check inputs"):
-        cases = keras_check_cases(source.inputs, names, seed)
+        application = source.metadata.get("application")
+        value_range = input_range or (images.input_range(application) if application else None)
+        cases = keras_check_cases(source.inputs, names, seed, value_range)
 
         def reference(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             by_natural = {n: tf.constant(arrays[names[n]]) for n in input_names}
             return {names[k]: np.asarray(v) for k, v in source.call(by_natural).items()}
 
         expected = verify.reference_outputs(reference, cases)
+        nudged = verify.nudged_outputs(reference, cases)  # only read if the check fails: is the source stable?
         blind = [n for n in source.output_names
                  if not verify.discriminates([e[names[n]] for e in expected], tolerance, rel_tolerance)]
         found = {}
@@ -364,7 +380,7 @@ def export_keras_source(source: KerasSource, out_dir: Path, version: int, *, ste
         with steps.step("check", "Checking the ONNX against the source, as served and unoptimized"):
             holder = [onnx_model]
             del onnx_model  # _check frees it once written: only onnxruntime holds the weights from there on
-            check = _check(holder, staging, probe_names, cases, expected, tolerance, rel_tolerance)
+            check = _check(holder, staging, probe_names, cases, expected, tolerance, rel_tolerance, nudged)
             servable.check_model_yaml(Path(out_dir), staging / "model.onnx")
         with steps.step("write", f"Writing {version_dir}"):
             metadata.update(check.to_dict())
@@ -463,18 +479,20 @@ def _weight_names(variables: Sequence[Any], taken: set[str]) -> list[str]:
     return result
 
 
-def _check(holder: list, staging: Path, found: Mapping[str, str], cases, expected, tolerance, rel_tolerance):
+def _check(holder: list, staging: Path, found: Mapping[str, str], cases, expected, tolerance, rel_tolerance,
+           nudged):
     """Save the model (popped from ``holder``, so it is freed once written) into ``staging`` and check
     it from the file: one copy of the weights in memory at a time. Probes are checked in a scratch
     file, then stripped from model.onnx."""
     target = staging / "model.onnx"
     if not found:
         onnx_check.save_onnx(holder.pop(), target)
-        return verify.check_onnx(target, cases, expected, tolerance, rel_tolerance)
+        return verify.check_onnx(target, cases, expected, tolerance, rel_tolerance, nudged=nudged)
     scratch = staging / "probed"
     scratch.mkdir()
     onnx_check.save_onnx(holder.pop(), scratch / "model.onnx")
-    probed = verify.check_onnx(scratch / "model.onnx", cases, expected, tolerance, rel_tolerance, probes=found)
+    probed = verify.check_onnx(scratch / "model.onnx", cases, expected, tolerance, rel_tolerance, probes=found,
+                               nudged=nudged)
     stripped = [onnx.load(str(scratch / "model.onnx"))]
     onnx_check.strip_outputs(stripped[0], list(found))
     onnx_check.save_onnx(stripped.pop(), target)

@@ -4,7 +4,7 @@ version it is about to serve computes what was exported before any traffic reach
 
     golden.npz   input.<name> ...   the inputs of one check case (a batch)
                  output.<name> ...  the source model's outputs for them
-                 tolerance, rel_tolerance   the export's own tolerances (scalars)
+                 tolerance, rel_tolerance   the export's own tolerances (scalars; tolerance inf: none)
 
 A python hook's version folder may ship its own ``golden.npz`` (inputs and expected outputs of the
 model as Triton serves it); ``toolkit rollout`` checks it the same way.
@@ -30,9 +30,15 @@ class Golden:
     tolerance: float
     rel_tolerance: float
 
+    def describe(self) -> str:
+        bound = f"{self.rel_tolerance:g} of each output's peak"
+        return bound if not np.isfinite(self.tolerance) else f"{bound} and {self.tolerance:g} absolute"
+
 
 def write_golden(path: Path, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray],
-                 tolerance: float, rel_tolerance: float) -> None:
+                 tolerance: float | None, rel_tolerance: float) -> None:
+    """``tolerance=None``: no absolute bound (stored as inf), only the relative one."""
+    tolerance = np.inf if tolerance is None else tolerance
     arrays = {f"input.{k}": np.asarray(v) for k, v in inputs.items()}
     arrays.update({f"output.{k}": np.asarray(v) for k, v in outputs.items()})
     with open(path, "wb") as f:
@@ -71,8 +77,7 @@ def compare_golden(golden: Golden, actual: Mapping[str, np.ndarray]) -> list[str
             diff = float(np.max(np.abs(got.astype(np.float64) - expected.astype(np.float64)), initial=0.0))
             peak = float(np.max(np.abs(expected), initial=0.0))
             if not np.isfinite(diff) or diff > golden.tolerance or diff > golden.rel_tolerance * max(peak, 1e-30):
-                problems.append(f"{name}: max abs diff {diff:.3g} (tolerance {golden.tolerance:g}, "
-                                f"{golden.rel_tolerance:g} x peak {peak:.3g})")
+                problems.append(f"{name}: max abs diff {diff:.3g} (allowed: {golden.describe()}; peak {peak:.3g})")
         elif not np.array_equal(got, expected):
             problems.append(f"{name}: values differ from the recorded ones")
     return problems

@@ -172,7 +172,7 @@ def rollout(model: str, *, version: int | None, models_dir: Path, repository: Pa
             if problems:
                 raise LifecycleError(f"version {version} of '{model}' failed its golden check; still serving "
                                      f"{', '.join(map(str, serving)) or 'nothing'}:\n  " + "\n  ".join(problems))
-            report.golden = f"passed ({len(golden.outputs)} outputs within tolerance {golden.tolerance:g})"
+            report.golden = f"passed ({len(golden.outputs)} outputs within {golden.describe()})"
         report.seconds["golden check"] = time.monotonic() - started - report.seconds["candidate load"]
         promoted = time.monotonic()
         if source_dir is not None:
