@@ -228,3 +228,38 @@ def test_cli_failure_is_one_error_line_naming_the_layer_and_the_log(tmp_path: Pa
     log = lines[0].rsplit("output: ", 1)[1].rstrip(")")
     assert Path(log).is_file()
     assert not (tmp_path / "out" / "1").exists()
+
+
+class Doubler(keras.Model):
+    """A subclassed model: no symbolic input, only the shape it was first called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(3)
+
+    def call(self, x):
+        return self.dense(x) * 2.0
+
+
+def test_subclassed_and_recurrent_models_export_with_their_weights_as_inputs(tmp_path: Path) -> None:
+    keras.utils.set_random_seed(0)
+    doubler = Doubler()
+    doubler(np.zeros((1, 4), np.float32))
+    report = export_keras_model(doubler, tmp_path / "sub")
+    assert [(t.name, t.shape) for t in report.inputs] == [("x", (-1, 4))]
+    feed = np.random.default_rng(5).normal(size=(3, 4)).astype(np.float32)
+    assert rel(served(report.version_dir, {"x": feed})["output_0"], doubler(feed).numpy()) < 1e-6
+
+    ids = keras.Input((None,), dtype="int64", name="ids")
+    h = keras.layers.Embedding(50, 8, mask_zero=True)(ids)
+    h = keras.layers.Bidirectional(keras.layers.LSTM(4), name="bilstm")(h)
+    model = keras.Model(ids, keras.layers.Dense(2, name="out")(h))
+    report = export_keras_model(model, tmp_path / "rnn")
+    tokens = np.array([[3, 9, 4, 0, 0], [7, 1, 2, 8, 5]], np.int64)  # the first row padded (mask_zero)
+    assert rel(served(report.version_dir, {"ids": tokens})["out"], model(tokens).numpy()) < 1e-5
+    names = {i.name for i in onnx.load(str(report.model_path)).graph.initializer}
+    assert any(n.startswith("bilstm/") for n in names)  # weights keep their Keras paths
+
+    unbuilt = Doubler()
+    with pytest.raises(ExportError, match="call it once on an example batch"):
+        export_keras_model(unbuilt, tmp_path / "unbuilt")

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import gc
 import importlib
+import inspect
 import re
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -140,6 +141,8 @@ def _application_source(name: str, weights: Path | None, include_top: bool, pool
 
 def keras_model_source(model: keras.Model, label: str | None = None) -> KerasSource:
     """Wrap an in-memory Keras model: names come from its input layers and output layers/dict keys."""
+    if not _has_symbolic_input(model):
+        return _subclassed_source(model, label)
     if isinstance(model.input, dict):
         names = sorted(model.input)  # tf.nest flattens dicts in sorted-key order
     else:
@@ -160,6 +163,33 @@ def keras_model_source(model: keras.Model, label: str | None = None) -> KerasSou
 
     return KerasSource(label=label or f"Keras model '{model.name}'", inputs=inputs, output_names=output_names,
                        call=call, describe_node=_layer_describer(model), model=model)
+
+
+def _subclassed_source(model: keras.Model, label: str | None) -> KerasSource:
+    """A subclassed model has no symbolic inputs: its one input's shape is the one it was built or
+    first called with (batch made dynamic), its outputs are named by a call on zeros."""
+    shapes = dict(getattr(model, "_build_shapes_dict", None) or {})
+    if len(shapes) != 1 or not model.built:
+        raise ExportError(f"Keras model '{model.name}' is subclassed and its input is not known "
+                          f"({'never built or called' if not shapes else f'{len(shapes)} build shapes'}): call it "
+                          "once on an example batch (or build it with one input shape) before saving or exporting, "
+                          "or wrap it in a functional model with keras.Input")
+    (key, shape), = shapes.items()
+    parameters = [n for n in inspect.signature(model.call).parameters if n not in ("training", "mask")]
+    name = parameters[0] if parameters and _TENSOR_NAME.match(parameters[0]) else key.removesuffix("_shape")
+    dims = (None, *tuple(shape)[1:])
+    dtype = tf.as_dtype(getattr(model, "input_dtype", None) or "float32")
+    probe = model(np.zeros([1 if d is None else d for d in dims], dtype.as_numpy_dtype), training=False)
+    output_names = sorted(probe) if isinstance(probe, dict) else [
+        f"output_{i}" for i in range(len(tf.nest.flatten(probe)))]
+
+    def call(tensors: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        result = model(tensors[name], training=False)
+        return dict(result) if isinstance(result, dict) else dict(zip(output_names, tf.nest.flatten(result),
+                                                                          strict=True))
+
+    return KerasSource(label=label or f"Keras model '{model.name}'", inputs=[(name, dims, dtype)],
+                       output_names=output_names, call=call, describe_node=_layer_describer(model), model=model)
 
 
 def _layer_name(tensor: Any, fallback: str) -> str:
@@ -441,7 +471,8 @@ def _convert_stateless(model: keras.Model, input_names, names, specs, dims, opse
     @tf.function(input_signature=specs + weight_specs)
     def serve(*args: tf.Tensor) -> dict[str, tf.Tensor]:
         flat, weights = list(args[:len(specs)]), list(args[len(specs):])
-        structured = tf.nest.pack_sequence_as(structure, flat) if structure is not None else flat
+        structured = tf.nest.pack_sequence_as(structure, flat) if structure is not None else (
+            flat[0] if len(flat) == 1 else flat)
         result, _ = model.stateless_call(weights[:count], weights[count:], structured, training=False)
         if isinstance(result, dict):
             return {names.get(k, k): v for k, v in result.items()}
