@@ -263,3 +263,24 @@ def test_subclassed_and_recurrent_models_export_with_their_weights_as_inputs(tmp
     unbuilt = Doubler()
     with pytest.raises(ExportError, match="call it once on an example batch"):
         export_keras_model(unbuilt, tmp_path / "unbuilt")
+
+
+def test_cli_writes_the_command_it_ran_into_model_yaml(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from toolkit.cli.main import cli
+    from toolkit.project import load_model
+
+    keras.utils.set_random_seed(0)
+    x = keras.Input((6,), name="x")
+    keras.Model(x, keras.layers.Dense(3, name="y")(x)).save(tmp_path / "m.keras")
+    out = tmp_path / "models" / "ranker"
+
+    result = CliRunner().invoke(cli, ["export", "keras", str(tmp_path / "m.keras"), "--out", str(out),
+                                      "--input-range", "0", "255", "--alias", "y=scores", "--quiet"])
+
+    assert result.exit_code == 0, result.output
+    assert f"model.yaml     : wrote {out / 'model.yaml'}" in result.output
+    spec = load_model(out).spec
+    assert spec.export == f"toolkit export keras {tmp_path / 'm.keras'} --alias y=scores --input-range 0 255"
+    assert [t.name for t in spec.outputs] == ["scores"]

@@ -53,7 +53,7 @@ def _quiet_tensorflow(quiet: bool = False) -> None:
 def command_line(ctx: click.Context) -> str:
     """The export command as a user would type it again (options left at their defaults omitted):
     model.yaml's ``export:`` line."""
-    words = ctx.command_path.split()
+    words = ["toolkit", *ctx.command_path.split()[1:]]  # the root is "toolkit" however it was started
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
         if value == param.default or value in (None, (), {}) or param.name in ("version", "overwrite", "quiet"):
