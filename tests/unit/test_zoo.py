@@ -133,3 +133,18 @@ def test_table_rewrites_only_its_section(tmp_path):
     (tmp_path / "plain.md").write_text("no markers\n")
     with pytest.raises(SystemExit, match="no <!-- zoo:begin -->"):
         zoo.write_table(tmp_path / "plain.md", table)
+
+
+def test_a_source_that_moves_with_rounding_is_called_unstable_not_wrong():
+    base = {"input_size": 224, "exported": True, "spread": 1.0, "export_seconds": 70.0, "peak_rss_gb": 2.7,
+            "weights_mb": 476.1, "date": "2026-12-06"}
+    entries = [
+        {**base, "name": "EfficientNetV2L", "config": "default", "rel_diff": 1.0, "rel_diff_unoptimized": 1.0,
+         "source_unstable": 0.9},
+        {**base, "name": "EfficientNetV2L", "config": "no-top avg", "rel_diff": 0.5, "rel_diff_unoptimized": 0.5,
+         "source_unstable": 1e-6},  # Keras is steady here: a wrong export
+    ]
+    table = zoo.render_table({"meta": {}, "results": entries}, 224)
+    assert "yes / **unstable** [1]" in table and "Keras itself moves by 9.0e-01" in table
+    assert "yes / **5.0e-01** [2]" in table
+    assert "of those, 0 and 0 match Keras" in table
