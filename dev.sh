@@ -145,7 +145,7 @@ run_tests() {
     lint_tools
     log "ruff"
     "$VENV/bin/ruff" check .
-    log "pytest (the whole suite takes ~8-15 minutes on 2 cores)"
+    log "pytest (the whole suite takes ~14-20 minutes on 2 cores)"
     TOOLKIT_CHECKOV="$PWD/$LINT_VENV/bin/checkov" "$VENV/bin/python" -m pytest "$@"
 }
 
