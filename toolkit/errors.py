@@ -98,3 +98,13 @@ class ExportError(ToolkitError):
 
 class WeightError(ExportError):
     """Checkpoint weights do not match the model being built."""
+
+
+def first_line(error: BaseException | str, limit: int = 500) -> str:
+    """The first non-empty line of an exception's (or a message's) text, for a one-line ``Error:``:
+    TensorFlow, tf2onnx and onnxruntime put stack traces and dumps after it."""
+    text = str(error)
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if not line:
+        return type(error).__name__ if isinstance(error, BaseException) else "(no message)"
+    return line[:limit]

@@ -19,7 +19,7 @@ from tritonclient.grpc import model_config_pb2
 
 from toolkit.errors import RenderError
 from toolkit.project import EnsembleSource, ModelSource
-from toolkit.runtime.onnx_hook import ADAPTIVE
+from toolkit.runtime.onnx_hook import ADAPTIVE, SERVING_KEY, read_export
 from toolkit.runtime.params import API_PATH, BUCKET_COST, BUCKET_ROWS, HOOK, ONNX_HOOK, PAD_PREFIX, TRIM_PREFIX
 
 Target = Literal["embedded", "container"]
@@ -121,17 +121,12 @@ def model_config(source: ModelSource | EnsembleSource, target: Target = "embedde
 def triton_graph_level(source: ModelSource) -> int | None:
     """The onnxruntime backend's graph level that every served version's export check allows
     (export.json ``onnxruntime.triton_graph_level``: -1 basic, 1 extended, 2 none); None: all."""
-    import json
-
     strictness = {None: 0, 1: 1, -1: 2, 2: 3}
     level = None
     for version in source.versions:
-        try:
-            export = json.loads((source.folder / str(version) / "export.json").read_text(encoding="utf-8"))
-            found = export["onnxruntime"]["triton_graph_level"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if found in strictness and strictness[found] > strictness[level]:
+        serving = read_export(source.folder / str(version)).get(SERVING_KEY)
+        found = serving.get("triton_graph_level") if isinstance(serving, dict) else None
+        if isinstance(found, int) and found in strictness and strictness[found] > strictness[level]:
             level = found
     return level
 

@@ -110,18 +110,18 @@ def export_keras_source(source: KerasSource, out_dir: Path, version: int, *, ste
             for case_expected, *values in zip(expected, *(v for _, _, v in found.values()), strict=True):
                 case_expected.update(zip(found, values, strict=True))
     probe_names = {n: description for n, (_, description, _) in found.items()}
+    label = source.label
+    metadata = {"kind": "keras", "source": label, **source.metadata,
+                "aliases": {old: new for old, new in names.items() if old != new}}
     with steps.step("convert", f"Converting with tf2onnx (opset {opset})"):
         onnx_model = _convert(source, names, found, opset)
         if release:
-            label, metadata_of_source = source.label, source.metadata
-            source = found = None  # the weights are in the ONNX model now
+            source = found = reference = None  # the weights are in the ONNX model now
             gc.collect()
-            source = KerasSource(label=label, inputs=[], output_names=[], call=None, metadata=metadata_of_source)
     inputs, outputs = onnx_check.tensor_infos(onnx_model)
     outputs = [t for t in outputs if t.name not in probe_names]
-    metadata = {"kind": "keras", "source": source.label, **source.metadata,
-                "aliases": {old: new for old, new in names.items() if old != new},
-                "inputs": [t.to_dict() for t in inputs], "outputs": [t.to_dict() for t in outputs], "opset": opset}
+    metadata |= {"inputs": [t.to_dict() for t in inputs], "outputs": [t.to_dict() for t in outputs],
+                 "opset": opset}
     version_dir = Path(out_dir) / str(version)
     with staged_version_dir(Path(out_dir), version, overwrite) as staging:
         with steps.step("check", "Checking the ONNX against the source, as served and unoptimized"):
@@ -141,7 +141,7 @@ def export_keras_source(source: KerasSource, out_dir: Path, version: int, *, ste
     files = [version_dir / name for name in written]
     model_yaml = (servable.write_model_yaml(Path(out_dir), version_dir / "model.onnx", export_command)
                   if export_command else None)
-    return ExportReport(kind="keras", source=source.label, version_dir=version_dir,
+    return ExportReport(kind="keras", source=label, version_dir=version_dir,
                         model_path=version_dir / "model.onnx", metadata_path=version_dir / "export.json",
                         files=files, inputs=inputs, outputs=outputs, check=check, opset=opset,
                         timings=dict(steps.timings), metadata=metadata, model_yaml=model_yaml)

@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from toolkit.errors import ExportError
+from toolkit.errors import ExportError, first_line
 from toolkit.export import images
 from toolkit.export.verify import CheckCase
 
@@ -103,12 +103,7 @@ def _load_keras_file(path: Path, trust_code: bool = False) -> keras.Model:
                 f"cannot load {path}: it holds a Lambda layer, whose Python code Keras runs only when told to "
                 "trust the file. If you do, pass --custom-module MODULE: it imports MODULE (the one that defines "
                 "what the lambda calls; any module of yours will do) and lets Keras run the file's code") from e
-        raise ExportError(f"cannot load {path} as a Keras model: {type(e).__name__}: {_first_line(text)}") from e
-
-
-def _first_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[0][:300] if lines else "(no message)"
+        raise ExportError(f"cannot load {path} as a Keras model: {type(e).__name__}: {first_line(text, 300)}") from e
 
 
 def _application_source(name: str, weights: Path | None, include_top: bool, pooling: str | None,

@@ -22,7 +22,7 @@ import tensorflow as tf
 import tf2onnx
 from tf2onnx import constants as tf2onnx_constants
 
-from toolkit.errors import ExportError
+from toolkit.errors import ExportError, first_line
 from toolkit.export import tf_compat
 from toolkit.export.defaults import DEFAULT_OPSET
 from toolkit.export.report import TensorInfo
@@ -51,7 +51,7 @@ def convert_function(function: tf.types.experimental.PolymorphicFunction,
         try:  # tracing runs the user's Python: a layer that cannot be traced fails here
             concrete = function.get_concrete_function(*input_specs)
         except Exception as e:
-            raise ExportError(f"TensorFlow cannot trace the model: {type(e).__name__}: {_first_line(e)}") from e
+            raise ExportError(f"TensorFlow cannot trace the model: {type(e).__name__}: {first_line(e)}") from e
         bound = {**tf_compat.captured_constants(concrete), **(initializers or {})}
         try:
             model = _from_function(function, input_specs, opset, catch_optimizer_errors=False)
@@ -60,7 +60,7 @@ def convert_function(function: tf.types.experimental.PolymorphicFunction,
                 model = _from_function(function, input_specs, opset, catch_optimizer_errors=True)
             except Exception as e:  # tf2onnx raises plain ValueError/KeyError/...: give the user the context
                 raise ExportError(f"tf2onnx could not convert the model (opset {opset}): "
-                                  f"{type(e).__name__}: {_first_line(e)}") from e
+                                  f"{type(e).__name__}: {first_line(e)}") from e
     _bind_initializers(model, bound)
     _raise_for_unconverted_ops(model, describe_node or (lambda name: f"node '{name}'"))
     _name_dims(model, dim_names or {})
@@ -197,7 +197,7 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:
         del model
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as e:
-        raise ExportError(f"tf2onnx produced an invalid ONNX model: {_first_line(e)}") from e
+        raise ExportError(f"tf2onnx produced an invalid ONNX model: {first_line(e)}") from e
     except (OSError, ValueError) as e:
         raise ExportError(f"cannot write {path}: {e}") from e
     return [path, path.with_name(f"{path.name}.data")] if large else [path]
@@ -267,11 +267,6 @@ def strip_outputs(model: onnx.ModelProto, names: Sequence[str]) -> None:
     model.graph.node.extend(keep)
     for initializer in [i for i in model.graph.initializer if i.name not in needed]:
         model.graph.initializer.remove(initializer)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:500] if text else type(e).__name__
 
 
 def tool_versions() -> dict[str, str]:

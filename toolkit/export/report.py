@@ -69,11 +69,6 @@ class CheckResult:
         """Outputs that do not vary enough across the check inputs to tell two models apart."""
         return [n for n in self.outputs if not self.discriminating.get(n, True)]
 
-    @property
-    def proves_nothing(self) -> bool:
-        """No output and no probe discriminates: the check could not tell this model from another."""
-        return not any(self.discriminating.get(n, True) for n in self.per_output)
-
     def to_dict(self) -> dict[str, Any]:
         data = {"max_abs_diff": self.max_abs_diff, "max_abs_diff_per_output": self.per_output,
                 "max_rel_diff_per_output": self.rel_per_output, "peak_abs_per_output": self.peak_abs,
@@ -82,7 +77,7 @@ class CheckResult:
         if self.probes:
             data["probes"] = self.probes
         if self.serving:
-            data["onnxruntime"] = self.serving
+            data["onnxruntime"] = self.serving  # onnx_hook.SERVING_KEY (not imported: it brings numpy)
         return data
 
     def summary_lines(self) -> list[str]:

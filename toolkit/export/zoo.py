@@ -237,10 +237,9 @@ def served_outputs(version_dir: Path, images: np.ndarray, optimized: bool = True
     the same with every graph optimization off."""
     import onnxruntime
 
-    from toolkit.runtime.onnx_hook import SERVING_KEY, session
+    from toolkit.runtime.onnx_hook import SERVING_KEY, read_export, session
 
-    export = json.loads((Path(version_dir) / "export.json").read_text(encoding="utf-8"))
-    serving = export.get(SERVING_KEY)
+    serving = read_export(Path(version_dir)).get(SERVING_KEY)
     if not optimized:
         serving = {**(serving if isinstance(serving, dict) else {}), "graph_optimization_level": "ORT_DISABLE_ALL"}
     sess = session(onnxruntime, Path(version_dir) / "model.onnx", 0, "false", serving)

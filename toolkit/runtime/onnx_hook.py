@@ -64,7 +64,7 @@ class OnnxModel(Hook):
         path = ctx.model_dir / ctx.parameters.get("onnx_file", "model.onnx")
         threads, spin = thread_parameters(ctx.parameters)
         share = default_threads(ctx.instance_count)
-        export = _export(ctx.model_dir)
+        export = read_export(ctx.model_dir)
         self.occupancy = ctx.occupancy
         self.solo = None  # adaptive: the session with every core, for runs no peer overlaps
         self.session = session(ort, path, threads or share, spin, export.get(SERVING_KEY))
@@ -152,7 +152,7 @@ def session(ort, path, threads: int = 0, spin: str = "false", serving: dict | No
                                 disabled_optimizers=list(serving.get("disabled_optimizers") or []) or None)
 
 
-def _export(model_dir) -> dict:
+def read_export(model_dir) -> dict:
     """The version folder's export.json (what `toolkit export` wrote), or {}."""
     import json
 
