@@ -159,7 +159,7 @@ def _convert(source: KerasSource, names: Mapping[str, str], found: Mapping[str, 
     if found:
         outputs = dict(zip(source.output_names, tf.nest.flatten(model.output), strict=True))
         model = keras.Model(model.input, {**outputs, **{n: t for n, (t, _, _) in found.items()}})
-    if model is not None:
+    if model is not None and _weight_bytes(model) >= STATELESS_MIN_BYTES:
         try:
             return _convert_stateless(model, input_names, names, specs, dims, opset, source.describe_node)
         except _NotStateless:
@@ -167,10 +167,24 @@ def _convert(source: KerasSource, names: Mapping[str, str], found: Mapping[str, 
 
     @tf.function(input_signature=specs)
     def serve(*args: tf.Tensor) -> dict[str, tf.Tensor]:
-        outputs = source.call(dict(zip(input_names, args, strict=True)))
-        return {names[k]: v for k, v in outputs.items()}
+        if model is None:  # a SavedModel signature
+            outputs = source.call(dict(zip(input_names, args, strict=True)))
+            return {names[k]: v for k, v in outputs.items()}
+        return _named_outputs(model(_structured(model, list(args)), training=False), names, input_names)
 
     return onnx_check.convert_function(serve, specs, opset=opset, dim_names=dims, describe_node=source.describe_node)
+
+
+#: Weights as function inputs keep an export's memory near a few times the weights, but tf2onnx can
+#: then neither fold BatchNorm into the convolutions nor push the NHWC transposes out: MobileNetV2's
+#: file gets 156 Transposes instead of 1 and serves 23 % slower at batch 4 (and a ReduceMean whose
+#: rounding depends on the batch size). Below this size the weights are frozen as constants, as
+#: tf2onnx expects; above it, memory is what decides.
+STATELESS_MIN_BYTES = 256 * 2**20
+
+
+def _weight_bytes(model: keras.Model) -> int:
+    return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.weights)
 
 
 class _NotStateless(Exception):
@@ -182,19 +196,13 @@ def _convert_stateless(model: keras.Model, input_names, names, specs, dims, opse
     variables = trainable + non_trainable
     weight_names = _weight_names(variables, set(names.values()))
     weight_specs = [tf.TensorSpec(v.shape, v.dtype, name=n) for v, n in zip(variables, weight_names, strict=True)]
-    structure = model.input if has_symbolic_input(model) else None
     count = len(trainable)
 
     @tf.function(input_signature=specs + weight_specs)
     def serve(*args: tf.Tensor) -> dict[str, tf.Tensor]:
         flat, weights = list(args[:len(specs)]), list(args[len(specs):])
-        structured = tf.nest.pack_sequence_as(structure, flat) if structure is not None else (
-            flat[0] if len(flat) == 1 else flat)
-        result, _ = model.stateless_call(weights[:count], weights[count:], structured, training=False)
-        if isinstance(result, dict):
-            return {names.get(k, k): v for k, v in result.items()}
-        output_names = [n for n in names if n not in input_names]
-        return {names[k]: v for k, v in zip(output_names, tf.nest.flatten(result), strict=True)}
+        result, _ = model.stateless_call(weights[:count], weights[count:], _structured(model, flat), training=False)
+        return _named_outputs(result, names, input_names)
 
     try:
         with tf_compat.traceable_keras():
@@ -204,6 +212,20 @@ def _convert_stateless(model: keras.Model, input_names, names, specs, dims, opse
     lazy = {n: (lambda v=v: np.asarray(v.numpy())) for v, n in zip(variables, weight_names, strict=True)}
     return onnx_check.convert_function(serve, specs + weight_specs, opset=opset, dim_names=dims,
                                        describe_node=describe_node, initializers=lazy)
+
+
+def _structured(model: keras.Model, flat: list) -> Any:
+    """The model's inputs as it takes them: its own structure, or the one tensor of a subclassed model."""
+    if has_symbolic_input(model):
+        return tf.nest.pack_sequence_as(model.input, flat)
+    return flat[0] if len(flat) == 1 else flat
+
+
+def _named_outputs(result: Any, names: Mapping[str, str], input_names: Sequence[str]) -> dict[str, tf.Tensor]:
+    if isinstance(result, dict):
+        return {names.get(k, k): v for k, v in result.items()}
+    output_names = [n for n in names if n not in input_names]
+    return {names[k]: v for k, v in zip(output_names, tf.nest.flatten(result), strict=True)}
 
 
 def _weight_names(variables: Sequence[Any], taken: set[str]) -> list[str]:
