@@ -241,11 +241,7 @@ class Doubler(keras.Model):
         return self.dense(x) * 2.0
 
 
-def test_subclassed_and_recurrent_models_export_with_their_weights_as_inputs(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from toolkit.export import keras_models
-
-    monkeypatch.setattr(keras_models, "STATELESS_MIN_BYTES", 0)  # the large-model path, on small models
+def test_subclassed_and_recurrent_models_export_with_their_weights_as_inputs(tmp_path: Path) -> None:
     keras.utils.set_random_seed(0)
     doubler = Doubler()
     doubler(np.zeros((1, 4), np.float32))

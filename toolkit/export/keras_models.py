@@ -1,8 +1,8 @@
 """``export_keras``: a Keras file, a TF SavedModel or a built-in Keras application -> ONNX.
 
 The source (``toolkit.export.keras_sources``) is traced with its weights as function inputs
-(Keras' ``stateless_call``) so tf2onnx never holds them, converted, written, and checked from the
-file against the source (``toolkit.export.verify``), with probes when an output cannot discriminate.
+(Keras' ``stateless_call``) so tf2onnx never holds them, converted, written, folded (``toolkit.export.fold``) and checked from
+the file against the source (``toolkit.export.verify``), with probes when an output cannot discriminate.
 The image service's model is ``MobileNetV2(include_top=False, pooling="avg", weights=None)`` with
 ``image`` float32 [batch, 224, 224, 3] -> ``embedding`` float32 [batch, 1280].
 """
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import logging
+import os
 import re
 import shutil
 from collections.abc import Mapping, Sequence
@@ -22,7 +24,8 @@ import numpy as np
 import onnx
 import tensorflow as tf
 
-from toolkit.export import images, onnx_check, probes, servable, tf_compat, verify
+from toolkit.errors import ExportError, first_line
+from toolkit.export import fold, images, onnx_check, probes, servable, tf_compat, verify
 from toolkit.export.defaults import DEFAULT_OPSET, KERAS_TOLERANCE, REL_TOLERANCE
 from toolkit.export.keras_sources import (  # noqa: F401  (keras_applications, keras_check_cases: public API)
     KerasSource,
@@ -37,6 +40,8 @@ from toolkit.export.report import ExportReport
 from toolkit.export.staging import check_version_target, staged_version_dir, write_json
 from toolkit.export.steps import Steps
 from toolkit.lifecycle.golden import GOLDEN_FILE, write_golden
+
+log = logging.getLogger(__name__)
 
 
 def export_keras(source: str | Path, out_dir: Path | None = None, version: int = 1, *,
@@ -159,7 +164,7 @@ def _convert(source: KerasSource, names: Mapping[str, str], found: Mapping[str, 
     if found:
         outputs = dict(zip(source.output_names, tf.nest.flatten(model.output), strict=True))
         model = keras.Model(model.input, {**outputs, **{n: t for n, (t, _, _) in found.items()}})
-    if model is not None and _weight_bytes(model) >= STATELESS_MIN_BYTES:
+    if model is not None:
         try:
             return _convert_stateless(model, input_names, names, specs, dims, opset, source.describe_node)
         except _NotStateless:
@@ -173,18 +178,6 @@ def _convert(source: KerasSource, names: Mapping[str, str], found: Mapping[str, 
         return _named_outputs(model(_structured(model, list(args)), training=False), names, input_names)
 
     return onnx_check.convert_function(serve, specs, opset=opset, dim_names=dims, describe_node=source.describe_node)
-
-
-#: Weights as function inputs keep an export's memory near a few times the weights, but tf2onnx can
-#: then neither fold BatchNorm into the convolutions nor push the NHWC transposes out: MobileNetV2's
-#: file gets 156 Transposes instead of 1 and serves 23 % slower at batch 4 (and a ReduceMean whose
-#: rounding depends on the batch size). Below this size the weights are frozen as constants, as
-#: tf2onnx expects; above it, memory is what decides.
-STATELESS_MIN_BYTES = 256 * 2**20
-
-
-def _weight_bytes(model: keras.Model) -> int:
-    return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.weights)
 
 
 class _NotStateless(Exception):
@@ -244,18 +237,18 @@ def _weight_names(variables: Sequence[Any], taken: set[str]) -> list[str]:
 
 def _check(holder: list, staging: Path, found: Mapping[str, str], cases, expected, tolerance, rel_tolerance,
            nudged):
-    """Save the model (popped from ``holder``, so it is freed once written) into ``staging`` and check
-    it from the file: one copy of the weights in memory at a time. Probes are checked in a scratch
-    file, then stripped from model.onnx."""
+    """Save the model (popped from ``holder``, so it is freed once written) into ``staging``, fold it
+    (fold.py) and check it from the file: one copy of the weights in memory at a time. Probes are
+    checked in a scratch file, then stripped from model.onnx."""
     target = staging / "model.onnx"
     if not found:
-        onnx_check.save_onnx(holder.pop(), target)
-        return verify.check_onnx(target, cases, expected, tolerance, rel_tolerance, nudged=nudged)
+        _save_folded(holder.pop(), target)
+        return _check_folded(target, cases, expected, tolerance, rel_tolerance, nudged=nudged)
     scratch = staging / "probed"
     scratch.mkdir()
-    onnx_check.save_onnx(holder.pop(), scratch / "model.onnx")
-    probed = verify.check_onnx(scratch / "model.onnx", cases, expected, tolerance, rel_tolerance, probes=found,
-                               nudged=nudged)
+    _save_folded(holder.pop(), scratch / "model.onnx")
+    probed = _check_folded(scratch / "model.onnx", cases, expected, tolerance, rel_tolerance, probes=found,
+                           nudged=nudged)
     stripped = [onnx.load(str(scratch / "model.onnx"))]
     onnx_check.strip_outputs(stripped[0], list(found))
     onnx_check.save_onnx(stripped.pop(), target)
@@ -263,3 +256,36 @@ def _check(holder: list, staging: Path, found: Mapping[str, str], cases, expecte
     plain = [{k: v for k, v in e.items() if k not in found} for e in expected]
     served = verify.check_onnx(target, cases, plain, tolerance, rel_tolerance)
     return dataclasses.replace(probed, serving=probed.serving or served.serving)
+
+
+def _save_folded(model: onnx.ModelProto, path: Path) -> None:
+    """Write ``model`` and fold it in place; the unfolded file stays beside it (a hard link, no copy)
+    under ``unfolded/`` until the check has passed."""
+    onnx_check.save_onnx(model, path)
+    del model
+    keep = path.parent / "unfolded"
+    keep.mkdir()
+    for file in (path, path.with_name(f"{path.name}.data")):
+        if file.exists():
+            os.link(file, keep / file.name)
+    if not fold.fold_file(path):
+        shutil.rmtree(keep)
+
+
+def _check_folded(path: Path, *args, **kwargs):
+    """``verify.check_onnx`` on the folded file; when it fails but the unfolded one passes, the
+    folding was wrong (an optimizer bug): keep the unfolded file, and say so in the log."""
+    keep = path.parent / "unfolded"
+    try:
+        result = verify.check_onnx(path, *args, **kwargs)
+    except ExportError as e:
+        if not keep.exists():
+            raise
+        log.warning("the folded graph fails the check (%s); checking the unfolded one", first_line(e))
+        path.with_name(f"{path.name}.data").unlink(missing_ok=True)
+        for file in keep.iterdir():
+            file.replace(path.parent / file.name)
+        keep.rmdir()
+        return verify.check_onnx(path, *args, **kwargs)
+    shutil.rmtree(keep, ignore_errors=True)
+    return result

@@ -13,6 +13,7 @@ import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -210,17 +211,7 @@ def _write_streamed(model: onnx.ModelProto, path: Path) -> None:
     field's header, the graph without its initializers, and each initializer (protobuf fields may
     come in any order)."""
     graph = model.graph
-    head, rest = onnx.ModelProto(), onnx.GraphProto()
-    for holder, source, skip in ((head, model, "graph"), (rest, graph, "initializer")):
-        for field, value in source.ListFields():
-            if field.name == skip:
-                continue
-            if field.is_repeated:
-                getattr(holder, field.name).extend(value)
-            elif field.type == field.TYPE_MESSAGE:
-                getattr(holder, field.name).CopyFrom(value)
-            else:
-                setattr(holder, field.name, value)
+    head, rest = copy_without(model, "graph"), copy_without(graph, "initializer")
     rest_bytes = rest.SerializeToString()
     sizes = [tensor.ByteSize() for tensor in graph.initializer]
     graph_size = len(rest_bytes) + sum(1 + len(_varint(n)) + n for n in sizes)
@@ -231,6 +222,22 @@ def _write_streamed(model: onnx.ModelProto, path: Path) -> None:
         for tensor, size in zip(graph.initializer, sizes, strict=True):
             f.write(b"\x2a" + _varint(size))  # GraphProto field 5 (initializer)
             f.write(tensor.SerializeToString())
+
+
+def copy_without(message: Any, skip: str) -> Any:
+    """A copy of a protobuf ``message`` without its field ``skip`` (a model without its graph, a graph
+    without its initializers: the small part, without copying the weights)."""
+    copy = type(message)()
+    for field, value in message.ListFields():
+        if field.name == skip:
+            continue
+        if field.is_repeated:
+            getattr(copy, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(copy, field.name).CopyFrom(value)
+        else:
+            setattr(copy, field.name, value)
+    return copy
 
 
 def _varint(value: int) -> bytes:
