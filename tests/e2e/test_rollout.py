@@ -21,7 +21,8 @@ from serving import ROOT, free_ports
 from toolkit.client import TritonClient
 from toolkit.errors import InferenceError, LifecycleError
 from toolkit.lifecycle.golden import GOLDEN_FILE, write_golden
-from toolkit.lifecycle.rollout import TritonAdmin, rollback, rollout
+from toolkit.lifecycle.lock import RepositoryLock, leftovers
+from toolkit.lifecycle.rollout import TritonAdmin, rollback, rollout, versions
 from toolkit.project import load_project
 from toolkit.repo import generate_repository
 from toolkit.server import TritonServer
@@ -185,6 +186,120 @@ def test_cli_mistakes_are_one_clear_error(project):
         done = subprocess.run([*TOOLKIT, *args, *common], capture_output=True, text=True, timeout=120)
         assert done.returncode == 1, (args, done.stderr)
         assert f"Error: {message}" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def served_state(root: Path, server) -> tuple[list[int], list[int]]:
+    found = versions("bert", repository=server.repository, admin=TritonAdmin(server.http_url),
+                     models_dir=root / "models")
+    return found.serving, found.history
+
+
+def test_rollout_and_rollback_walk_the_history_one_step_at_a_time(project):
+    """rollout, rollout, rollback, rollout, rollback, rollback, rollback: each ends in the state the
+    docstring of lifecycle/rollout.py documents, and leaves nothing half-written."""
+    root, server = project
+    admin = TritonAdmin(server.http_url)
+    shutil.copytree(root / "models" / "bert" / "2", root / "models" / "bert" / "5")  # v2's weights and golden
+    start, _ = served_state(root, server)
+    assert start == [1]
+    steps = [
+        (lambda: rollout("bert", version=2, models_dir=root / "models", repository=server.repository, admin=admin),
+         [2]),
+        (lambda: rollout("bert", version=None, models_dir=root / "models", repository=server.repository,
+                         admin=admin), [5]),
+        (lambda: rollback("bert", repository=server.repository, admin=admin), [2]),
+        # after a rollback, the version it went back from rolls out again (from the served folder)
+        (lambda: rollout("bert", version=5, models_dir=root / "models", repository=server.repository, admin=admin),
+         [5]),
+        (lambda: rollback("bert", repository=server.repository, admin=admin), [2]),
+        (lambda: rollback("bert", repository=server.repository, admin=admin), [1]),
+    ]
+    history_before = served_state(root, server)[1] or [1]
+    for step, (act, serving) in enumerate(steps):
+        report = act()
+        now, history = served_state(root, server)
+        assert now == serving and report.version == serving[0], (step, now, history)
+        assert history[-1] == serving[0] and history[:len(history_before)] == history_before, (step, history)
+        assert leftovers(server.repository) == [], step
+    with pytest.raises(LifecycleError, match=r"no earlier version to roll back to \(history: 1\)"):
+        rollback("bert", repository=server.repository, admin=admin)
+    assert served_state(root, server) == ([1], [1])
+    log = versions("bert", repository=server.repository, admin=admin).log
+    assert [(e["action"], e["version"]) for e in log[-6:]] == [
+        ("rollout", 2), ("rollout", 5), ("rollback", 2), ("rollout", 5), ("rollback", 2), ("rollback", 1)]
+    shown = subprocess.run([*TOOLKIT, "versions", "bert", "--url", server.http_url, "--repository",
+                            str(server.repository), "--models", str(root / "models")],
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert "serving    1" in shown.stdout and "rollback   no earlier version" in shown.stdout, shown.stdout
+    assert "on disk    1, 2, 5" in shown.stdout and "candidate  none" in shown.stdout, shown.stdout
+
+
+def test_a_second_operator_is_refused_at_once_while_a_rollout_runs_and_nothing_is_left(project):
+    root, server = project
+    admin = TritonAdmin(server.http_url)
+    v1 = embed(server)
+    lock = RepositoryLock(server.repository)
+    outcome: list[object] = []
+
+    def first() -> None:
+        try:
+            outcome.append(rollout("bert", version=2, models_dir=root / "models", repository=server.repository,
+                                   admin=admin))
+        except Exception as e:  # reported by the assertion below
+            outcome.append(e)
+
+    with Traffic(server, {"v1": v1}) as traffic:
+        thread = threading.Thread(target=first)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while "rollout of 'bert'" not in lock.holder() and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert thread.is_alive(), outcome
+        began = time.monotonic()
+        second = subprocess.run([*TOOLKIT, "rollout", "bert", "--version", "5", "--models", str(root / "models"),
+                                 "--url", server.http_url, "--repository", str(server.repository)],
+                                capture_output=True, text=True, timeout=120)
+        refused_in = time.monotonic() - began
+        still_running = thread.is_alive()
+        thread.join(timeout=180)
+        back = rollback("bert", repository=server.repository, admin=admin)
+        time.sleep(1)
+    assert second.returncode == 1, second.stderr
+    assert "is being changed by rollout of 'bert' (pid" in second.stderr, second.stderr
+    assert "Traceback" not in second.stderr
+    assert still_running, "the first rollout ended before the second was refused: nothing was tested"
+    assert len(outcome) == 1 and getattr(outcome[0], "version", None) == 2, outcome
+    assert back.version == 1
+    assert traffic.failures == [], traffic.failures[:3]
+    assert leftovers(server.repository) == []
+    assert "bert__candidate" not in {m["name"] for m in admin.index() if m.get("state") == "READY"}
+    print(f"\nsecond operator refused in {refused_in:.1f}s; {len(traffic.answers)} answers, 0 failed")
+
+
+def test_a_rollout_killed_half_way_is_cleaned_up_by_the_next_one(project):
+    root, server = project
+    admin = TritonAdmin(server.http_url)
+    v1 = embed(server)
+    with Traffic(server, {"v1": v1}, clients=4) as traffic:
+        killed = subprocess.Popen([*TOOLKIT, "rollout", "bert", "--version", "2", "--models", str(root / "models"),
+                                   "--url", server.http_url, "--repository", str(server.repository)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        candidate = server.repository / "bert__candidate"
+        deadline = time.monotonic() + 120
+        while not candidate.exists() and killed.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        killed.kill()
+        killed.wait(timeout=30)
+        left = leftovers(server.repository)
+        shown = versions("bert", repository=server.repository, admin=admin)
+        report = rollout("bert", version=2, models_dir=root / "models", repository=server.repository, admin=admin)
+        back = rollback("bert", repository=server.repository, admin=admin)
+    assert candidate in left, left
+    assert shown.candidate and shown.candidate.startswith("bert__candidate (held by ")
+    assert report.version == 2 and back.version == 1
+    assert leftovers(server.repository) == []
+    assert traffic.failures == [], traffic.failures[:3]
 
 
 TRIPLE_HOOK = '''

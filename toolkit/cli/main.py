@@ -15,7 +15,7 @@ import click
 from toolkit.cli.bench import bench
 from toolkit.cli.export import export
 from toolkit.cli.gateway import gateway
-from toolkit.cli.lifecycle import rollback, rollout
+from toolkit.cli.lifecycle import rollback, rollout, versions
 from toolkit.cli.package import package
 from toolkit.cli.serve import serve
 from toolkit.errors import ToolkitError
@@ -131,3 +131,4 @@ cli.add_command(serve)
 cli.add_command(package)
 cli.add_command(rollout)
 cli.add_command(rollback)
+cli.add_command(versions)

@@ -17,20 +17,29 @@ itself (Triton's own reload keeps serving the old version while the new one load
    requests finish. An ensemble over the model calls version -1 and follows. Each request runs
    wholly on one version.
 4. **Clean up.** The candidate is unloaded and removed; ``rollout.json`` in the served model folder
-   records the history that ``rollback`` walks back.
+   records the history: ``served``, the stack of versions rollouts put in place (``rollback`` pops
+   one: again, and it goes further back, down to "no earlier version"), and ``log``, every change.
 
 Any failure before step 3 leaves the served version serving, untouched, and raises ``LifecycleError``
 with the reason. Old version folders stay on disk, so a rollback needs no files from the sources.
+
+Rollout and rollback hold the repository's lock (``lifecycle/lock.py``, which the server's heals
+take too) from start to end: a second operator is refused at once, naming who holds it (or waits
+``wait`` seconds). Holding it, they first remove what an operation that died half-way left behind
+(a candidate, staging folders), so every path ends with nothing half-written.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,10 +50,10 @@ from tritonclient.grpc import model_config_pb2
 from toolkit.errors import LifecycleError, ToolkitError
 from toolkit.files import replace_dir, staging_dir
 from toolkit.lifecycle.golden import GOLDEN_FILE, check_golden, read_golden
+from toolkit.lifecycle.lock import CANDIDATE_SUFFIX, RepositoryLock, clean_leftovers, leftovers
 from toolkit.project import ModelSource, load_model
 from toolkit.render import build_config_text
 
-CANDIDATE_SUFFIX = "__candidate"
 HISTORY_FILE = "rollout.json"
 
 
@@ -125,34 +134,62 @@ class TritonAdmin:
 
 
 def rollout(model: str, *, version: int | None, models_dir: Path, repository: Path, admin: TritonAdmin,
-            golden_check: bool = True) -> RolloutReport:
-    """Serve ``version`` of ``model`` (default: the newest in ``models_dir``) instead of what it serves."""
+            golden_check: bool = True, wait: float = 0.0) -> RolloutReport:
+    """Serve ``version`` of ``model`` (default: the newest in ``models_dir``) instead of what it serves.
+    A version already in the served model folder (served before) is served from there."""
     repository = Path(repository).absolute()
-    served_dir = repository / model
-    if not (served_dir / "config.pbtxt").is_file():
-        raise LifecycleError(f"'{model}' is not a model of the served repository {repository} "
-                             f"(it has {', '.join(_models(repository)) or 'none'})")
-    states = {m["name"]: m for m in admin.index() if m.get("state") == "READY"}
-    if model not in states:
-        raise LifecycleError(f"model '{model}' is not served (READY) at {admin.url}")
-    config = _read_config(served_dir / "config.pbtxt")
-    history = _history(served_dir)
-    serving = [v for v in _versions(served_dir) if admin.ready(model, v)]
+    with _changing(repository, f"rollout of '{model}'", admin, wait):
+        served_dir = _served_dir(repository, model, admin)
+        history = _history(served_dir)
+        stack = history.served or _serving(admin, served_dir, model)
+        source = None
+        if version is None or not (served_dir / str(version)).is_dir():
+            try:
+                source = load_model(Path(models_dir) / model)
+            except ToolkitError as e:
+                raise LifecycleError(f"cannot read the spec of '{model}': {e}") from e
+            version = version or max(source.versions, default=0)
+            if version not in source.versions:
+                raise LifecycleError(f"model '{model}' has no version {version} in {models_dir}/{model} "
+                                     f"(it has {', '.join(map(str, source.versions)) or 'none'})")
+        if (served_dir / str(version)).is_dir():
+            source = None  # served before (a rollback went past it): the checked files are here
+        report = _switch(model, version, source, repository, admin, golden_check)
+        _save_history(served_dir, history, [*stack, version], "rollout", report)
+        return report
 
-    source_dir: Path | None = None
-    if version is None or not (served_dir / str(version)).is_dir():
-        try:
-            source = load_model(Path(models_dir) / model)
-        except ToolkitError as e:
-            raise LifecycleError(f"cannot read the spec of '{model}': {e}") from e
-        version = version or max(source.versions)
-        if version not in source.versions:
-            raise LifecycleError(f"model '{model}' has no version {version} in {models_dir}/{model} "
-                                 f"(it has {', '.join(map(str, source.versions)) or 'none'})")
-        source_dir = _render_version(source, version, config, repository)
+
+def rollback(model: str, *, repository: Path, admin: TritonAdmin, golden_check: bool = True,
+             wait: float = 0.0) -> RolloutReport:
+    """Serve again the version ``model`` served before its last rollout; again, and it goes one more
+    step back, until "no earlier version"."""
+    repository = Path(repository).absolute()
+    with _changing(repository, f"rollback of '{model}'", admin, wait):
+        served_dir = _served_dir(repository, model, admin)
+        history = _history(served_dir)
+        stack = history.served or _serving(admin, served_dir, model)
+        if len(stack) < 2:
+            raise LifecycleError(f"model '{model}' has no earlier version to roll back to "
+                                 f"(history: {', '.join(map(str, stack)) or 'none'})")
+        previous = stack[-2]
+        if not (served_dir / str(previous)).is_dir():
+            raise LifecycleError(f"version {previous} of '{model}' is no longer in {served_dir}; "
+                                 f"roll out a version instead")
+        report = _switch(model, previous, None, repository, admin, golden_check)
+        _save_history(served_dir, history, stack[:-1], "rollback", report)
+        return report
+
+
+def _switch(model: str, version: int, source: ModelSource | None, repository: Path, admin: TritonAdmin,
+            golden_check: bool) -> RolloutReport:
+    """Load ``version`` as the candidate, check it, promote it: steps 1-4 of the module docstring.
+    ``source``: render the version from the spec (it is not in the served folder yet)."""
+    served_dir = repository / model
+    config = _read_config(served_dir / "config.pbtxt")
+    serving = _serving(admin, served_dir, model)
     if serving == [version]:
         raise LifecycleError(f"model '{model}' already serves version {version}")
-
+    source_dir = _render_version(source, version, config, repository) if source is not None else None
     report = RolloutReport(model, version, serving, "skipped")
     candidate = model + CANDIDATE_SUFFIX
     started = time.monotonic()
@@ -190,26 +227,107 @@ def rollout(model: str, *, version: int | None, models_dir: Path, repository: Pa
                 raise LifecycleError(f"version {version} of '{model}' loaded but is not READY after 60s")
             time.sleep(0.05)
         report.seconds["switch"] = time.monotonic() - promoted
-        _save_history(served_dir, [*(history or serving), version])
     finally:
         admin.unload(candidate)
         shutil.rmtree(repository / candidate, ignore_errors=True)
         if source_dir is not None:
-            shutil.rmtree(source_dir, ignore_errors=True)
+            shutil.rmtree(source_dir.parent, ignore_errors=True)  # the staging folder it was rendered in
     return report
 
 
-def rollback(model: str, *, repository: Path, admin: TritonAdmin, golden_check: bool = True) -> RolloutReport:
-    """Serve again the version ``model`` served before its last rollout."""
-    served_dir = Path(repository).absolute() / model
+@contextlib.contextmanager
+def _changing(repository: Path, purpose: str, admin: TritonAdmin, wait: float) -> Iterator[None]:
+    """Hold the repository's lock; first remove what a change that died half-way left behind."""
+    with RepositoryLock(repository).hold(purpose, wait=wait):
+        for path in leftovers(repository):
+            if path.name.endswith(CANDIDATE_SUFFIX):
+                _retire_candidate(admin, path.name)
+        clean_leftovers(repository)
+        yield
+
+
+def _retire_candidate(admin: TritonAdmin, name: str, timeout: float = 120.0) -> None:
+    """Unload the candidate a rollout that died left in Triton, before its files go: deleting the
+    folder of a model Triton is still loading fails its stubs and can leave it LOADING for good."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = {m.get("state") for m in admin.index() if m.get("name") == name}
+        if "LOADING" not in states:
+            break
+        if time.monotonic() > deadline:
+            raise LifecycleError(f"Triton is still loading '{name}', which a rollout that died left behind, "
+                                 f"after {timeout:.0f}s; retry when it is done")
+        time.sleep(0.2)
+    if "READY" in states:
+        admin.unload(name)
+        while any(m.get("name") == name and m.get("state") in ("READY", "UNLOADING")
+                  for m in admin.index()):
+            if time.monotonic() > deadline:
+                raise LifecycleError(f"Triton did not unload '{name}' (left by a rollout that died) "
+                                     f"within {timeout:.0f}s; retry later")
+            time.sleep(0.2)
+
+
+def _served_dir(repository: Path, model: str, admin: TritonAdmin) -> Path:
+    served_dir = repository / model
+    if not (served_dir / "config.pbtxt").is_file():
+        raise LifecycleError(f"'{model}' is not a model of the served repository {repository} "
+                             f"(it has {', '.join(_models(repository)) or 'none'})")
+    if not any(m["name"] == model and m.get("state") == "READY" for m in admin.index()):
+        raise LifecycleError(f"model '{model}' is not served (READY) at {admin.url}")
+    return served_dir
+
+
+def _serving(admin: TritonAdmin, served_dir: Path, model: str) -> list[int]:
+    return [v for v in _versions(served_dir) if admin.ready(model, v)] if served_dir.is_dir() else []
+
+
+@dataclass
+class ModelVersions:
+    """What ``toolkit versions MODEL`` shows."""
+
+    model: str
+    serving: list[int]          # READY in Triton now
+    on_disk: list[int]          # version folders of the served model (a rollback can go to these)
+    in_sources: list[int]       # version folders in the model sources (a rollout can go to these)
+    history: list[int]          # the rollout stack: rollback serves history[-2]
+    candidate: str | None       # a rollout in progress (or left behind), and who holds the lock
+    log: list[dict]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def render(self) -> str:
+        def line(label: str, versions: list[int]) -> str:
+            return f"  {label:<11}{', '.join(map(str, versions)) or 'none'}"
+
+        back = f"version {self.history[-2]}" if len(self.history) >= 2 else "no earlier version"
+        lines = [f"model '{self.model}'", line("serving", self.serving), line("history", self.history),
+                 f"  {'rollback':<11}{back}", line("on disk", self.on_disk), line("sources", self.in_sources),
+                 f"  {'candidate':<11}{self.candidate or 'none'}"]
+        for event in self.log[-5:]:
+            lines.append(f"  {event.get('at', '?')}  {event.get('action')} to {event.get('version')} "
+                         f"(was {', '.join(map(str, event.get('from', []))) or 'none'})")
+        return "\n".join(lines)
+
+
+def versions(model: str, *, repository: Path, admin: TritonAdmin, models_dir: Path | None = None) -> ModelVersions:
+    """Served, candidate and available versions of ``model`` (reads only; takes no lock)."""
+    repository = Path(repository).absolute()
+    served_dir = repository / model
+    if not (served_dir / "config.pbtxt").is_file():
+        raise LifecycleError(f"'{model}' is not a model of the served repository {repository} "
+                             f"(it has {', '.join(_models(repository)) or 'none'})")
     history = _history(served_dir)
-    serving = [v for v in _versions(served_dir) if admin.ready(model, v)] if served_dir.is_dir() else []
-    previous = [v for v in history if v not in serving]
-    if not previous:
-        raise LifecycleError(f"model '{model}' has no earlier version to roll back to "
-                             f"(history: {', '.join(map(str, history)) or 'none'})")
-    return rollout(model, version=previous[-1], models_dir=Path("."), repository=repository, admin=admin,
-                   golden_check=golden_check)
+    sources = []
+    if models_dir is not None and (Path(models_dir) / model).is_dir():
+        sources = _versions(Path(models_dir) / model)
+    lock = RepositoryLock(repository)
+    candidate = None
+    if (repository / (model + CANDIDATE_SUFFIX)).exists():
+        candidate = f"{model + CANDIDATE_SUFFIX} (held by {lock.holder()})"
+    return ModelVersions(model, _serving(admin, served_dir, model), _versions(served_dir), sources,
+                         history.served, candidate, history.log)
 
 
 # --- files ------------------------------------------------------------------------------------------
@@ -238,7 +356,11 @@ def _render_version(source: ModelSource, version: int, served: model_config_pb2.
     except ToolkitError as e:
         raise LifecycleError(f"the spec of '{source.spec.name}' does not validate: {e}") from e
     staging = staging_dir(repository / f".{source.spec.name}.v{version}")
-    write_versions(source, staging, target, versions=[version])  # type: ignore[arg-type]
+    try:
+        write_versions(source, staging, target, versions=[version])  # type: ignore[arg-type]
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return staging / str(version)
 
 
@@ -274,16 +396,26 @@ def _write_policy(path: Path, config: model_config_pb2.ModelConfig, version: int
     os.replace(tmp, path)
 
 
-def _history(folder: Path) -> list[int]:
+@dataclass
+class _History:
+    served: list[int]
+    log: list[dict]
+
+
+def _history(folder: Path) -> _History:
     try:
-        return [int(v) for v in json.loads((folder / HISTORY_FILE).read_text())["served"]]
+        data = json.loads((folder / HISTORY_FILE).read_text())
+        return _History([int(v) for v in data["served"]], list(data.get("log", [])))
     except (OSError, ValueError, KeyError, TypeError):
-        return []
+        return _History([], [])
 
 
-def _save_history(folder: Path, versions: list[int]) -> None:
+def _save_history(folder: Path, history: _History, stack: list[int], action: str, report: RolloutReport) -> None:
+    event = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "action": action,
+             "version": report.version, "from": report.previous}
+    data = {"served": stack, "log": [*history.log, event][-100:]}
     tmp = folder / f".{HISTORY_FILE}.{os.getpid()}"
-    tmp.write_text(json.dumps({"served": versions}) + "\n")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
     os.replace(tmp, folder / HISTORY_FILE)
 
 
