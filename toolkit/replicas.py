@@ -2,8 +2,9 @@
 --replicas N``): go-infer's several HTTP servers behind nginx, with gRPC's own balancing in front
 (``toolkit/balancing.py``) instead of nginx.
 
-Replica i listens on ``base + 3 i`` (HTTP), ``+1`` (gRPC), ``+2`` (metrics). A replica that dies
-(killed, crashed) is started again on the same ports by a supervisor thread, so the clients' gRPC
+Replica i listens on ``base + 3 i`` (HTTP), ``+1`` (gRPC), ``+2`` (metrics). Each replica has the
+same supervisor as a single server (``toolkit/supervisor.py``): a stub that dies is healed, and a
+replica that dies (killed, crashed) is started again on the same ports, so the clients' gRPC
 channels reconnect to it by themselves. On a real deployment each replica is a pod and Kubernetes
 does this (see ``toolkit package``); on one machine the replicas share its cores (no speed-up).
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +25,7 @@ from toolkit.server import TritonServer
 @dataclass
 class Restart:
     replica: int
-    code: int | None
+    reason: str      # "exit code -9", or why a wedged server was restarted
     seconds: float   # from noticing the death until the replica was ready again
     error: str | None = None
 
@@ -40,13 +40,11 @@ class ReplicaSet:
     log_dir: Path | None = None
     server_options: dict[str, Any] = field(default_factory=dict)
     servers: list[TritonServer] = field(default_factory=list, init=False)
-    restarts: list[Restart] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         if self.count < 1:
             raise ServerError(f"--replicas must be at least 1, got {self.count}")
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def _server(self, i: int) -> TritonServer:
         base = self.http_port + 3 * i
@@ -58,7 +56,7 @@ class ReplicaSet:
                 events(f"replica {i}: {message}")
 
         return TritonServer(self.repository, host=self.host, http_port=base, grpc_port=base + 1,
-                            metrics_port=base + 2, log_file=log, on_event=event, restart_on_crash=False,
+                            metrics_port=base + 2, log_file=log, on_event=event,
                             **self.server_options)
 
     @property
@@ -78,31 +76,24 @@ class ReplicaSet:
         except BaseException:
             self.stop()
             raise
-        self._thread = threading.Thread(target=self._supervise, args=(timeout,), name="toolkit-replicas",
-                                        daemon=True)
-        self._thread.start()
         return self
 
-    def _supervise(self, timeout: float) -> None:
-        while not self._stop.wait(0.2):
-            for i, server in enumerate(self.servers):
-                if self._stop.is_set() or server.process is None or server.process.poll() is None:
-                    continue
-                code = server.process.returncode
-                self._event(f"replica {i} ({server.grpc_url}) exited with code {code}; restarting it")
-                noticed = time.monotonic()
-                server.stop()  # sweeps its stubs and shared memory
-                replacement = self._server(i)
-                try:
-                    replacement.start(timeout=timeout)
-                except Exception as e:
-                    self.restarts.append(Restart(i, code, time.monotonic() - noticed, str(e)))
-                    self._event(f"replica {i} could not be restarted: {e}; trying again")
-                    continue
-                self.servers[i] = replacement
-                took = time.monotonic() - noticed
-                self.restarts.append(Restart(i, code, took))
-                self._event(f"replica {i} serving again after {took:.1f}s")
+    @property
+    def restarts(self) -> list[Restart]:
+        """Every restart of a replica's tritonserver by its supervisor, replica by replica."""
+        out = []
+        for i, server in enumerate(self.servers):
+            supervisor = server.watchdog
+            for heal in list(supervisor.heals) if supervisor is not None else []:
+                if heal.action == "server-restart":
+                    out.append(Restart(i, heal.instances[0] if heal.instances else "", heal.serving_after or 0.0,
+                                       heal.error))
+        return out
+
+    def given_up(self) -> list[str]:
+        """The replicas whose supervisor gave up on them (dead and not started again), with why."""
+        return [f"replica {i}: {s.watchdog.gave_up}" for i, s in enumerate(self.servers)
+                if s.watchdog is not None and s.watchdog.gave_up]
 
     def _event(self, message: str) -> None:
         if self.on_event is not None:
@@ -113,16 +104,15 @@ class ReplicaSet:
         self._stop.set()
 
     def wait(self) -> None:
-        """Until ``stop`` (the supervisor keeps the replicas up meanwhile)."""
-        self._stop.wait()
+        """Until ``stop``, or until a replica's supervisor gives up on it (each supervisor keeps its
+        replica up meanwhile)."""
+        while not self._stop.wait(0.5) and not self.given_up():
+            pass
 
     def stop(self) -> list[str]:
         """Stop every replica; the problems of those that did not stop cleanly."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=240)
-            self._thread = None
-        problems = []
+        problems = self.given_up()
         for i, server in enumerate(self.servers):
             with contextlib.suppress(Exception):
                 server.stop()

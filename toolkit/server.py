@@ -7,8 +7,13 @@ What it takes to run that binary well, done once here:
   toolkit's own source on PYTHONPATH) and Debian's libpython it links against;
 - start-up that waits until Triton is live, then asks its repository index which models failed to
   load and why, so a broken model ends the start with its name and Triton's reason;
-- explicit model control by default (every model loaded at start), so that a watchdog
-  (``toolkit/watchdog.py``) can bring back a model whose python stub died;
+- explicit model control by default (every model loaded at start), so that the supervisor
+  (``toolkit/supervisor.py``) can bring back a model whose python stub died, and a tritonserver
+  that died, on its ports;
+- no auto-complete (``--disable-auto-complete-config``): gen-repo writes complete configs, and the
+  python backend's auto-complete stub, killed at the wrong moment, wedges a load for good;
+- no ``/tmp/python_env_*`` folder left behind (the python backend makes one at every start, at a
+  fixed place, and never removes it);
 - an orderly stop: SIGTERM lets Triton finish in-flight requests before it exits, the server dies
   with its parent (PR_SET_PDEATHSIG) instead of outliving a crashed CLI or test run, no stub's
   ``/dev/shm`` region outlives it, and ``stop_problem`` says when the stop was not clean.
@@ -40,7 +45,8 @@ from typing import IO, Literal
 
 from toolkit.errors import ModelLoadError, ServerError
 from toolkit.runtime.occupancy import remove_server_files
-from toolkit.watchdog import StubWatchdog, remove_orphan_regions
+from toolkit.supervisor import Supervisor, SupervisorPolicy
+from toolkit.watchdog import remove_orphan_regions
 
 ModelControl = Literal["none", "poll", "explicit"]
 
@@ -169,6 +175,57 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def _wait_group_gone(pgid: int, within: float) -> None:
+    """Until no live process of the group is left (zombies, whose maps are empty, count as gone)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        live = False
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                live = True
+                break
+        if not live:
+            return
+        time.sleep(0.05)
+
+
+def _launch_lock() -> int | None:
+    """An flock held from a tritonserver launch until its python_env folder appeared (see
+    ``TritonServer._claim_python_envs``); None when it cannot be had within 90 s."""
+    import fcntl
+
+    with contextlib.suppress(OSError):
+        fd = os.open(Path(tempfile.gettempdir()) / "toolkit-tritonserver-launch.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    return None
+                time.sleep(0.05)
+    return None
+
+
+PYTHON_ENV_GLOB = "python_env_*"
+
+
+def _python_envs() -> list[Path]:
+    """The python backend's environment folders (``/tmp/python_env_XXXXXX``: a fixed place, not $TMPDIR)."""
+    with contextlib.suppress(OSError):
+        return [p for p in Path("/tmp").glob(PYTHON_ENV_GLOB) if p.is_dir()]
+    return []
+
+
 def check_repository(repository: Path, *, model_control: ModelControl = "explicit",
                      load_models: Sequence[str] = ()) -> list[str]:
     """The models a server started this way would load; every mistake a user can make in choosing the
@@ -201,7 +258,8 @@ class TritonServer:
                  load_models: Sequence[str] = (), log_verbose: int = 0, log_file: Path | None = None,
                  exit_timeout: int = 30, extra_args: Sequence[str] = (),
                  restrict_apis: ApiRestriction | None = None, self_heal: bool = True,
-                 restart_on_crash: bool = True, on_event: Callable[[str], None] | None = None):
+                 restart_on_crash: bool = True, on_event: Callable[[str], None] | None = None,
+                 supervision: SupervisorPolicy | None = None):
         self.repository = Path(repository).absolute()
         self.host, self.http_port, self.grpc_port, self.metrics_port = host, http_port, grpc_port, metrics_port
         self.model_control, self.load_models = model_control, list(load_models)
@@ -210,11 +268,14 @@ class TritonServer:
         self.restrict_apis = restrict_apis
         #: Reload a model whose python stub died (needs explicit model control: the repository API).
         self.self_heal = self_heal and model_control == "explicit"
-        #: Start tritonserver again when it dies on its own (a ReplicaSet does that itself).
+        #: Start tritonserver again on its ports when it dies on its own.
         self.restart_on_crash = restart_on_crash and self_heal
+        self.supervision = supervision or SupervisorPolicy()
         self._output: IO | int | None = None
         self.on_event = on_event
-        self.watchdog: StubWatchdog | None = None
+        #: The supervisor of this server and its stubs while it runs (``toolkit/supervisor.py``).
+        self.watchdog: Supervisor | None = None
+        self._python_envs: set[Path] = set()   # the python backend's /tmp/python_env_* of our launches
         #: Why the last ``stop`` was not clean (Triton failed to drain, or had to be killed), or None.
         self.stop_problem: str | None = None
         self.process: subprocess.Popen | None = None
@@ -249,6 +310,7 @@ class TritonServer:
                f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
                f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
                f"--model-control-mode={self.model_control}", "--exit-on-error=false",
+               "--disable-auto-complete-config",
                f"--exit-timeout-secs={self.exit_timeout}", f"--log-verbose={self.log_verbose}"]
         if self.model_control == "explicit":
             cmd += [f"--load-model={m}" for m in self.load_models or ["*"]]
@@ -288,8 +350,9 @@ class TritonServer:
             output = self._log
         self._output = output
         self.process = self._launch()
-        self.watchdog = StubWatchdog(self, heal=self.self_heal, log=self._event,
-                                     restart_server=self.restart_on_crash)
+        self._claim_python_envs()
+        self.watchdog = Supervisor(self, policy=self.supervision, heal=self.self_heal, log=self._event,
+                                   restart_server=self.restart_on_crash)
         try:
             self._wait_until_ready(timeout)
             self.watchdog.start()
@@ -298,9 +361,15 @@ class TritonServer:
             raise
         return self
 
+    @property
+    def supervisor(self) -> Supervisor | None:
+        return self.watchdog
+
     def _launch(self) -> subprocess.Popen:
         self._launched_at = time.time() if self._launched_at is None else self._launched_at
         assert self._workdir is not None
+        self._python_env_lock = _launch_lock()
+        self._python_envs_before = set(_python_envs())
         # The server dies with the process that started it. util-linux's setpriv sets that up without
         # running Python between fork and exec (a preexec_fn can crash the child of a process whose
         # gRPC threads are busy, as a gateway's or a test's are).
@@ -311,15 +380,58 @@ class TritonServer:
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             preexec_fn=None if setpriv else _die_with_parent)
 
-    def restart_after_crash(self, timeout: float = 180.0) -> None:
-        """Start tritonserver again after it died on its own (the python backend aborts the whole
-        server when a stub dies holding a shared lock). Its stubs and their shared memory go first."""
+    def _claim_python_envs(self) -> None:
+        """Attribute the python backend's ``/tmp/python_env_*`` of the launch just made to this server.
+
+        The backend makes one at every start (at a fixed path, not $TMPDIR) and removes it itself on a
+        clean exit, aborting that exit if it is gone: so only our own may ever be removed, and only
+        once our server is dead. Launches of the toolkit's servers (any process) therefore hold a file
+        lock until their folder has appeared, which makes "the new one" exactly ours."""
+        before = getattr(self, "_python_envs_before", None)
+        lock_fd = getattr(self, "_python_env_lock", None)
+        try:
+            deadline = time.monotonic() + 60
+            while before is not None and time.monotonic() < deadline:
+                new = set(_python_envs()) - before
+                if new or self.process is None or self.process.poll() is not None:
+                    self._python_envs |= new
+                    break
+                time.sleep(0.05)
+        finally:
+            self._python_envs_before = None
+            if lock_fd is not None:
+                os.close(lock_fd)   # releases the flock
+                self._python_env_lock = None
+
+    def _remove_python_envs(self) -> None:
+        """Remove this server's python_env folder once it is dead (an unclean exit leaves it)."""
+        if self.process is not None and self.process.poll() is None:
+            return
+        for path in self._python_envs:
+            with contextlib.suppress(OSError):
+                path.rmdir()   # only ever an empty one
+        self._python_envs = set()
+
+    def _kill_group(self) -> None:
+        """SIGKILL tritonserver and its stubs (a wedged or dead server, before a restart)."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=10)
+
+    def _relaunch(self, timeout: float = 180.0) -> None:
+        """Start tritonserver again on its ports after it died or was killed (the supervisor's one
+        restart path). Its stubs go first; a stop() meanwhile wins."""
         old = self.process
-        assert old is not None and old.poll() is not None
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(old.pid, signal.SIGKILL)
+        assert old is not None
+        self._kill_group()
+        remove_server_files(old.pid)
+        self._remove_python_envs()
         deadline = time.monotonic() + 30
         while True:  # the dead server's listening sockets close with it; give the kernel a moment
+            if self._stopping.is_set():
+                raise ServerError("the server is stopping: not started again")
             try:
                 self._check_ports_free()
                 break
@@ -331,6 +443,7 @@ class TritonServer:
             if self._stopping.is_set():
                 raise ServerError("the server is stopping: not started again")
             self.process = self._launch()
+            self._claim_python_envs()
         self._wait_until_ready(timeout)
 
     def _event(self, message: str) -> None:
@@ -425,6 +538,7 @@ class TritonServer:
             # they share its process group (ours alone: start_new_session), so sweep the group.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.process.pid, signal.SIGKILL)
+            _wait_group_gone(self.process.pid, within=3.0)   # a dying stub still maps its region
             remove_server_files(self.process.pid)  # the hooks' occupancy locks (runtime/occupancy.py)
             if code not in (0, None) and self.stop_problem is None:
                 self.stop_problem = f"tritonserver exited with code {code}: it did not drain cleanly{self._log_hint()}"
@@ -443,6 +557,7 @@ class TritonServer:
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
+        self._remove_python_envs()
         return code
 
     def _wait_for_exit(self) -> int:
@@ -475,9 +590,21 @@ class TritonServer:
             self.stop_problem = f"tritonserver did not exit within {self.exit_timeout + 10}s and was killed"
         return code
 
-    def wait(self) -> int:
+    def wait(self) -> int | None:
+        """Until the server ends for good: stopped, or dead and not restarted (no restart on crash,
+        or the supervisor gave up). A crash the supervisor heals is not the end. Returns the last
+        exit code (None while stopping a live one)."""
         assert self.process is not None
-        return self.process.wait()
+        while not self._stopping.is_set():
+            supervisor = self.watchdog
+            process = self.process
+            if supervisor is None or not self.restart_on_crash:
+                if process.poll() is not None:
+                    return process.returncode
+            elif supervisor.given_up.is_set():
+                return process.poll()
+            time.sleep(0.2)
+        return self.process.poll()
 
     def __enter__(self) -> TritonServer:
         return self.start()

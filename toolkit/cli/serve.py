@@ -47,8 +47,9 @@ def serve(repository: Path, host: str, http_port: int, grpc_port: int, metrics_p
     """Serve a model repository on the tritonserver bundled with nvidia-pytriton.
 
     A python stub that dies (OOM kill, native crash) is noticed within a tenth of a second and its
-    model reloaded; readiness says "not ready" while a model cannot serve. The exit status is
-    non-zero when tritonserver could not drain and had to be killed.
+    model reloaded; readiness says "not ready" while a model cannot serve; a model that keeps
+    crashing is marked failed (unloaded). A tritonserver that dies is started again on its ports.
+    The exit status is non-zero when tritonserver could not drain and had to be killed.
     """
     from toolkit.server import ApiRestriction, TritonServer, check_repository
 
@@ -92,8 +93,10 @@ def serve(repository: Path, host: str, http_port: int, grpc_port: int, metrics_p
             if not no_self_heal else "off (--no-self-heal)"
         click.echo(f"  self-healing stubs: {healing}")
         click.echo("Press Ctrl-C to stop.")
-        code = server.wait()
-        raise ToolkitError(f"tritonserver exited unexpectedly with code {code} (see its log: {log_file})")
+        code = server.wait()   # a crash the supervisor heals is not the end
+        why = server.watchdog.gave_up if server.watchdog is not None else None
+        raise ToolkitError(f"tritonserver exited unexpectedly with code {code}"
+                           f"{f' and was not started again ({why})' if why else ''} (see its log: {log_file})")
     except KeyboardInterrupt:
         click.echo("Stopping: letting in-flight requests finish ...", err=True)
         code = server.stop()
@@ -122,7 +125,7 @@ def _serve_replicas(repository: Path, count: int, *, host: str, http_port: int, 
     with contextlib.suppress(KeyboardInterrupt):
         replicas.wait()
     click.echo("Stopping: letting in-flight requests finish ...", err=True)
-    problems = replicas.stop()
+    problems = replicas.stop()   # includes the replicas a supervisor gave up on
     if problems:
         raise ToolkitError("; ".join(problems))
     click.echo(f"{count} tritonservers stopped", err=True)

@@ -1,0 +1,304 @@
+"""The supervisor (toolkit/supervisor.py) under the faults that used to wedge or end serving, on the
+real tritonserver, with 16 client threads sending requests meanwhile; every outcome counted.
+
+- a crash loop (a stub killed, then its replacement 0.3 s after it appears, 5 times 2 s apart) ends
+  with the model serving again within 10 s of the last kill, while the other model answers every
+  request, and readiness says "ready" only while a live stub of the model exists;
+- a model that crash-loops past the limit is marked FAILED: readiness false, one log line, a counter;
+- tritonserver killed -9 under `toolkit serve` serves again within 30 s and `toolkit serve` runs on;
+- no /tmp/python_env_* folder of our servers is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from projects import python_model, write_model
+from serving import free_ports
+
+from toolkit.client import TritonClient
+from toolkit.errors import InferenceError
+from toolkit.project import load_project
+from toolkit.repo import generate_repository
+from toolkit.server import TritonServer, _python_envs
+from toolkit.supervisor import SupervisorPolicy
+from toolkit.watchdog import Stub, _children
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.reliability]
+
+CLIENTS = 16
+X = np.array([[1.5]], np.float32)
+#: Readiness may say 200 this long after the last live stub of the model died: the scan interval
+#: (0.1 s), the zombie grace (0.15 s) and the unload call, with room for a busy 2-core machine.
+DETECTION_WINDOW = 1.0
+
+SLOW_HOOK = '''
+import os
+import signal
+import time
+
+from toolkit.hooks import Hook
+
+
+class Slow(Hook):
+    """Takes a while to initialise (as bert does), so a kill 0.3 s after its stub appears lands in init."""
+
+    def init(self, ctx):
+        time.sleep(float(ctx.parameters.get("init_seconds", "0.8")))
+
+    def infer(self, batch):
+        if float(batch["X"].ravel()[0]) < 0:
+            os.kill(os.getpid(), signal.SIGKILL)   # crash on demand
+        return {"Y": batch["X"]}
+'''
+
+
+def _repository(root: Path) -> Path:
+    write_model(root, "victim", python_model([("X", "FP32", [1])], [("Y", "FP32", [1])], hook="slow:Slow"),
+                files={"slow.py": SLOW_HOOK})
+    write_model(root, "other", python_model([("X", "FP32", [1])], [("Y", "FP32", [1])],
+                                            parameters={"outputs": "Y"}))
+    return generate_repository(load_project(root / "models"), root / "repo").path
+
+
+def _server(root: Path, **kwargs) -> TritonServer:
+    http, grpc, metrics = free_ports(3)
+    events: list[str] = []
+    server = TritonServer(_repository(root), http_port=http, grpc_port=grpc, metrics_port=metrics,
+                          log_file=root / "tritonserver.log", on_event=events.append, **kwargs)
+    server.events = events  # type: ignore[attr-defined]
+    return server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = _server(tmp_path_factory.mktemp("supervisor"))
+    with server:
+        envs = set(server._python_envs)
+        yield server
+    assert envs and not any(p.exists() for p in envs), envs   # the stop removed its python_env_*
+
+
+def live_stubs(server: TritonServer, model: str) -> list[int]:
+    process = server.process
+    if process is None or process.poll() is not None:
+        return []
+    return [pid for pid, (state, argv) in _children(process.pid).items()
+            if state != "Z" and (stub := Stub.from_argv(pid, argv)) is not None and stub.model == model]
+
+
+class Traffic:
+    """16 closed-loop clients on `other` (no retries), plus a readiness probe of `victim` that
+    records, at each poll, whether a live stub of it existed."""
+
+    def __init__(self, server: TritonServer):
+        self.server = server
+        self.outcomes: Counter = Counter()
+        self.polls: list[tuple[float, int, bool]] = []   # (time, /v2/models/victim/ready, live stub)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def _client(self) -> None:
+        with TritonClient(self.server.grpc_url, protocol="grpc", timeout=10, retries=0) as client:
+            while not self._stop.is_set():
+                try:
+                    ok = client.infer("other", {"X": X})["Y"].tolist() == [[1.5]]
+                    result = "answered" if ok else "wrong"
+                except InferenceError as e:
+                    result = f"failed {e.code}: {e}"[:100]
+                with self._lock:
+                    self.outcomes[result] += 1
+
+    def _probe(self) -> None:
+        while not self._stop.is_set():
+            before = bool(live_stubs(self.server, "victim"))
+            ready = self.server.http("GET", "/v2/models/victim/ready", timeout=3)[0]
+            after = bool(live_stubs(self.server, "victim"))
+            self.polls.append((time.monotonic(), ready, before or after))
+            time.sleep(0.02)
+
+    def __enter__(self) -> Traffic:
+        self._threads = [threading.Thread(target=self._client) for _ in range(CLIENTS)]
+        self._threads.append(threading.Thread(target=self._probe))
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=30)
+
+    def violations(self) -> list[tuple[float, int, bool]]:
+        """Polls that said ready while no live stub existed for longer than the detection window."""
+        out, last_live = [], None
+        for t, ready, live in self.polls:
+            if live:
+                last_live = t
+            elif ready == 200 and (last_live is None or t - last_live > DETECTION_WINDOW):
+                out.append((t, ready, live))
+        return out
+
+
+def _wait_for(predicate, timeout: float, step: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    return predicate()
+
+
+def _serves(server: TritonServer, model: str) -> bool:
+    try:
+        with TritonClient(server.grpc_url, protocol="grpc", timeout=3, retries=0) as client:
+            return client.infer(model, {"X": X})["Y"].tolist() == [[1.5]]
+    except InferenceError:
+        return False
+
+
+def test_a_crash_loop_ends_serving_while_the_other_model_answers_everything_and_readiness_is_true(server):
+    assert _wait_for(lambda: _serves(server, "victim"), 30)
+    kills: list[float] = []
+    with Traffic(server) as traffic:
+        time.sleep(1)
+        for _ in range(5):
+            cycle = time.monotonic()
+            for pid in live_stubs(server, "victim"):
+                os.kill(pid, signal.SIGKILL)
+                kills.append(time.monotonic())
+            old = set(live_stubs(server, "victim"))
+            replacement = _wait_for(lambda old=old: set(live_stubs(server, "victim")) - old, 1.5, step=0.01)
+            if replacement:
+                time.sleep(0.3)
+                for pid in replacement:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                        kills.append(time.monotonic())
+                    except ProcessLookupError:   # it died (or was unloaded) meanwhile
+                        pass
+            time.sleep(max(0.0, 2.0 - (time.monotonic() - cycle)))
+        last_kill = kills[-1]
+        back = _wait_for(lambda: _serves(server, "victim") and time.monotonic(), 10, step=0.1)
+        time.sleep(1)
+    assert back, (server.events[-10:], traffic.outcomes)
+    took = back - last_kill
+    assert took < 10, took
+    answered = traffic.outcomes["answered"]
+    failures = {k: v for k, v in traffic.outcomes.items() if k != "answered"}
+    assert failures == {} and answered > 100, traffic.outcomes          # the other model: 0 failed
+    violations = traffic.violations()
+    assert violations == [], violations[:5]
+    assert server.http("GET", "/v2/models/victim/ready")[0] == 200
+    assert "victim" not in server.watchdog.failed
+    ready_polls = sum(1 for _, r, _ in traffic.polls if r == 200)
+    print(f"\ncrash loop: {len(kills)} kills; victim serving again {took:.1f}s after the last kill; "
+          f"other: {answered} answered, 0 failed; readiness polls {len(traffic.polls)} ({ready_polls} ready), "
+          f"0 without a live stub beyond {DETECTION_WINDOW}s; heals {len(server.watchdog.heals)}, "
+          f"counters {dict(server.watchdog.counters)}")
+
+
+def test_a_model_crash_looping_past_the_limit_is_marked_failed_once(tmp_path):
+    server = _server(tmp_path, supervision=SupervisorPolicy(crash_loop_limit=3, crash_loop_window=120))
+    with server:
+        envs = set(server._python_envs)
+        outcomes: Counter = Counter()
+        with TritonClient(server.grpc_url, protocol="grpc", timeout=5, retries=0) as client:
+            deadline = time.monotonic() + 90
+            while "victim" not in server.watchdog.failed and time.monotonic() < deadline:
+                try:   # a negative input kills the stub that runs it
+                    client.infer("victim", {"X": np.array([[-1.0]], np.float32)})
+                    outcomes["answered"] += 1
+                except InferenceError:
+                    outcomes["failed"] += 1
+                    time.sleep(0.2)
+        assert "victim" in server.watchdog.failed, (server.events, outcomes)
+        assert _wait_for(lambda: server.http("GET", "/v2/models/victim/ready")[0] != 200, 10)
+        time.sleep(2)   # no more heals: it stays failed and unloaded
+        assert server.http("GET", "/v2/models/victim/ready")[0] != 200
+        assert live_stubs(server, "victim") == []
+        assert _serves(server, "other")
+        lines = [e for e in server.events if "crash-looping" in e]
+        assert len(lines) == 1, server.events
+        assert server.watchdog.counters[("crash_loop_failures_total", "victim")] == 1
+        assert 'toolkit_supervisor_model_failed{model="victim"} 1' in server.watchdog.metrics_text()
+        print(f"\ncrash loop past the limit: {outcomes['failed']} failed requests, "
+              f"{server.watchdog.counters[('stub_deaths_total', 'victim')]} stub deaths; {lines[0]}")
+    assert envs and not any(p.exists() for p in envs)
+
+
+def test_tritonserver_killed_under_toolkit_serve_serves_again_within_30s(tmp_path):
+    repo = _repository(tmp_path)
+    http, grpc, metrics = free_ports(3)
+    envs_before = set(_python_envs())
+    process = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "serve", "--repository", str(repo),
+                                "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+                                "--log-file", str(tmp_path / "triton.log")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if "Press Ctrl-C" in line or not line:
+                break
+        pids = subprocess.run(["pgrep", "-f", f"bin/tritonserver --model-repository={repo}"],
+                              capture_output=True, text=True).stdout.split()
+        assert len(pids) == 1, pids
+        outcomes: Counter = Counter()
+        stop = threading.Event()
+        served_at: list[float] = []
+
+        def client():
+            with TritonClient(f"127.0.0.1:{grpc}", protocol="grpc", timeout=5, retries=0) as c:
+                while not stop.is_set():
+                    try:
+                        c.infer("other", {"X": X})
+                        outcomes["answered"] += 1
+                        if killed_at and not served_at:
+                            served_at.append(time.monotonic())
+                    except InferenceError:
+                        outcomes["failed"] += 1
+                        time.sleep(0.1)
+
+        killed_at: list[float] = []
+        threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
+        for t in threads:
+            t.start()
+        time.sleep(1)
+        os.kill(int(pids[0]), signal.SIGKILL)
+        killed_at.append(time.monotonic())
+        _wait_for(lambda: served_at, 30, step=0.1)
+        # every model loaded again (the supervisor's restart is complete) before the stop
+        probe = TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics)
+        assert _wait_for(lambda: probe.http("GET", "/v2/health/ready")[0] == 200, 30, step=0.1)
+        time.sleep(1)
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+        assert served_at and served_at[0] - killed_at[0] < 30, outcomes
+        assert process.poll() is None, "toolkit serve ended with its tritonserver"
+        new = subprocess.run(["pgrep", "-f", f"bin/tritonserver --model-repository={repo}"],
+                             capture_output=True, text=True).stdout.split()
+        assert len(new) == 1 and new != pids
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+    assert "tritonserver died" in err and "serving again" in err, err
+    assert process.returncode == 0, err
+    assert set(_python_envs()) - envs_before == set()
+    print(f"\ntritonserver killed -9 under toolkit serve: serving again after {served_at[0] - killed_at[0]:.1f}s; "
+          f"{outcomes['answered']} answered, {outcomes['failed']} failed meanwhile; serve still running, exit 0")
