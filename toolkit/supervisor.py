@@ -71,6 +71,12 @@ class SupervisorPolicy:
     start_timeout: float = 180.0          # a restarted tritonserver must be ready within this
 
 
+@dataclass
+class _PendingLoad:
+    done: threading.Event = field(default_factory=threading.Event)
+    error: str | None = None
+
+
 class Wedged(RuntimeError):
     """Triton cannot finish loading a model; only a restart of tritonserver clears it."""
 
@@ -449,14 +455,33 @@ class Supervisor:
                 count = self._restarts.get(model, 0) + 1
                 config.setdefault("parameters", {})[RESTARTS_PARAMETER] = {"string_value": str(count)}
                 self._restarts[model] = count
-                self._repository("load", model, {"parameters": {"config": json.dumps(config)}}, pending_ok=True)
+                load = self._load_in_background(model, {"parameters": {"config": json.dumps(config)}})
             else:
                 heal.action = "reload"
                 # Unloading first makes readiness say "not ready" while it cannot serve; the load
                 # that follows does not wait for the old version to go.
                 self._repository("unload", model, {}, timeout=3)
-                self._repository("load", model, {}, pending_ok=True)
-        self._wait_ready(model, expected, started, generation)
+                load = self._load_in_background(model, {})
+            self._wait_ready(model, expected, started, generation, load)
+
+    def _load_in_background(self, model: str, payload: dict) -> _PendingLoad:
+        """Start a load call without waiting for it: Triton answers it only once the model and the
+        ensembles over it are reloaded (the index shows the old version READY until then), while a
+        wedged load never answers; ``_wait_ready`` watches both."""
+        pending = _PendingLoad()
+
+        def call() -> None:
+            try:
+                self._repository("load", model, payload, timeout=self.policy.load_timeout + 5)
+            except RuntimeError as e:
+                pending.error = str(e)
+            except Exception as e:
+                pending.error = f"{type(e).__name__}: {e}"
+            finally:
+                pending.done.set()
+
+        threading.Thread(target=call, name=f"toolkit-load-{model}", daemon=True).start()
+        return pending
 
     def _config(self, model: str) -> dict:
         status, body = self.server.http("GET", f"/v2/models/{model}/config", timeout=3)
@@ -489,7 +514,14 @@ class Supervisor:
                 out[entry.get("name")] = entry
         return out
 
-    def _wait_ready(self, model: str, expected: set[str], started: float, generation: int) -> None:
+    def _fresh_stub(self, model: str) -> bool:
+        self.scan()
+        with self._lock:
+            stranded = set(self.stranded)
+        return any(stub.pid not in stranded for stub in self.alive(model))
+
+    def _wait_ready(self, model: str, expected: set[str], started: float, generation: int,
+                    load: _PendingLoad) -> None:
         p = self.policy
         stubless_since: float | None = None
         asked_again = False
@@ -503,7 +535,11 @@ class Supervisor:
                 index = {}
             now = time.monotonic()
             states = {name: index.get(name, {}).get("state") for name in expected}
-            if all(s == "READY" for s in states.values()):
+            # READY alone is not enough: until Triton has processed the unload, the index still shows
+            # the old version, whose stub is dead. Serving means a stub started by this heal is live.
+            if load.error is not None:
+                raise RuntimeError(f"load failed: {load.error}")
+            if load.done.is_set() and all(s == "READY" for s in states.values()) and self._fresh_stub(model):
                 return
             mine = index.get(model, {})
             if mine.get("state") == "UNAVAILABLE":
@@ -523,7 +559,6 @@ class Supervisor:
             if not asked_again and mine.get("state") == "READY" and now - started > 5:
                 asked_again = True   # a dependent ensemble still missing after 5 s: ask for it
                 for name in sorted(n for n, s in states.items() if s != "READY"):
-                    with contextlib.suppress(RuntimeError, RepositoryBusy), \
-                            self.lock.hold(f"heal of '{model}'", wait=p.lock_wait):
+                    with contextlib.suppress(RuntimeError):  # the caller holds the repository lock
                         self._repository("load", name, {}, pending_ok=True)
             time.sleep(0.05)
