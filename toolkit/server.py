@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import IO, Literal
 
 from toolkit.errors import ModelLoadError, ServerError
+from toolkit.files import RepositoryBusy, RepositoryLock, clean_leftovers
 from toolkit.runtime.occupancy import remove_server_files
 from toolkit.supervisor import Supervisor, SupervisorPolicy
 from toolkit.watchdog import remove_orphan_regions
@@ -340,6 +341,7 @@ class TritonServer:
         if not self.repository.is_dir():
             raise ServerError(f"model repository not found: {self.repository}")
         self._check_ports_free()
+        self._clean_leftovers()
         self._stopping.clear()
         bundle = bundled_server_dir()
         self._workdir = Path(tempfile.mkdtemp(prefix="toolkit-triton-"))
@@ -364,6 +366,19 @@ class TritonServer:
     @property
     def supervisor(self) -> Supervisor | None:
         return self.watchdog
+
+    def _clean_leftovers(self) -> None:
+        """Remove what a rollout or a write that died half-way left in the repository (a candidate
+        model, staging folders), which Triton would otherwise try to load. Under the repository lock:
+        a rollout in progress (on another replica's server) keeps its files, and this start skips it."""
+        try:
+            with RepositoryLock(self.repository).hold("start of tritonserver", wait=5.0):
+                removed = clean_leftovers(self.repository)
+        except RepositoryBusy as e:
+            self._event(f"server: leftovers not cleaned: {e}")
+            return
+        if removed:
+            self._event(f"server: removed what an operation that died left: {', '.join(p.name for p in removed)}")
 
     def _launch(self) -> subprocess.Popen:
         self._launched_at = time.time() if self._launched_at is None else self._launched_at

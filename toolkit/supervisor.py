@@ -21,7 +21,7 @@ on Triton:
   (see below).
 
 Every repository call has a short timeout, and every heal's repository change (unload, load) is
-made holding the repository lock (``toolkit/lifecycle/lock.py``) for at most ``lock_wait`` seconds
+made holding the repository lock (``toolkit/files.py``) for at most ``lock_wait`` seconds
 of waiting; when a rollout or rollback holds it, the heal is tried again on the next tick.
 
 The wedge, measured on the bundled tritonserver 2.51 (python backend r24.10): with auto-complete on
@@ -46,7 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from toolkit.lifecycle.lock import RepositoryBusy, RepositoryLock
+from toolkit.files import RepositoryBusy, RepositoryLock
 from toolkit.watchdog import _ZOMBIE_GRACE, RESTARTS_PARAMETER, SHM_DIR, Heal, Stub, _children
 
 if TYPE_CHECKING:

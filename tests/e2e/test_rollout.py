@@ -20,8 +20,8 @@ from serving import ROOT, free_ports
 
 from toolkit.client import TritonClient
 from toolkit.errors import InferenceError, LifecycleError
+from toolkit.files import RepositoryLock, leftovers
 from toolkit.lifecycle.golden import GOLDEN_FILE, write_golden
-from toolkit.lifecycle.lock import RepositoryLock, leftovers
 from toolkit.lifecycle.rollout import TritonAdmin, rollback, rollout, versions
 from toolkit.project import load_project
 from toolkit.repo import generate_repository

@@ -228,3 +228,27 @@ def test_serve_refuses_zero_replicas(tmp_path):
     done = subprocess.run([*TOOLKIT, "serve", "--repository", str(repo), "--replicas", "0"], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 1 and "Error: --replicas must be at least 1, got 0" in done.stderr
+
+
+def test_serve_starts_over_the_leftovers_of_a_killed_rollout_and_removes_them(tmp_path):
+    """A rollout killed half-way leaves a candidate model (whose config Triton would try to load)
+    and staging folders; the next start removes them under the repository lock and serves."""
+    import shutil
+
+    from toolkit.files import RepositoryLock, leftovers
+
+    repo = repository(tmp_path, broken=False)
+    candidate = repo / "echo__candidate"
+    shutil.copytree(repo / "echo", candidate)
+    (candidate / "config.pbtxt").write_text('name: "echo__candidate"\nbackend: "python"\nthis is not pbtxt\n')
+    (repo / ".echo.v2.partial-x1y2").mkdir()
+    (repo / "echo" / ".2.partial-abcd").mkdir()
+    assert len(leftovers(repo)) == 3
+    events: list[str] = []
+    http, grpc, metrics = free_ports(3)
+    with TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, log_file=tmp_path / "t.log",
+                      on_event=events.append) as server:
+        assert server.ready_models() == ["echo"]
+    assert leftovers(repo) == []
+    assert any("echo__candidate" in e and ".echo.v2.partial-x1y2" in e for e in events), events
+    assert not RepositoryLock(repo).path.read_text()  # released: no holder recorded

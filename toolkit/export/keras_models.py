@@ -1,8 +1,9 @@
 """``export_keras``: a Keras file, a TF SavedModel or a built-in Keras application -> ONNX.
 
 The source (``toolkit.export.keras_sources``) is traced with its weights as function inputs
-(Keras' ``stateless_call``) so tf2onnx never holds them, converted, written, folded (``toolkit.export.fold``) and checked from
-the file against the source (``toolkit.export.verify``), with probes when an output cannot discriminate.
+(Keras' ``stateless_call``) so tf2onnx never holds them, converted, written, folded
+(``toolkit.export.fold``) and checked from the file against the source (``toolkit.export.verify``),
+with probes when an output cannot discriminate.
 The image service's model is ``MobileNetV2(include_top=False, pooling="avg", weights=None)`` with
 ``image`` float32 [batch, 224, 224, 3] -> ``embedding`` float32 [batch, 1280].
 """

@@ -23,7 +23,7 @@ itself (Triton's own reload keeps serving the old version while the new one load
 Any failure before step 3 leaves the served version serving, untouched, and raises ``LifecycleError``
 with the reason. Old version folders stay on disk, so a rollback needs no files from the sources.
 
-Rollout and rollback hold the repository's lock (``lifecycle/lock.py``, which the server's heals
+Rollout and rollback hold the repository's lock (``files.py``, which the server's heals
 take too) from start to end: a second operator is refused at once, naming who holds it (or waits
 ``wait`` seconds). Holding it, they first remove what an operation that died half-way left behind
 (a candidate, staging folders), so every path ends with nothing half-written.
@@ -48,9 +48,15 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from toolkit.errors import LifecycleError, ToolkitError
-from toolkit.files import replace_dir, staging_dir
+from toolkit.files import (
+    CANDIDATE_SUFFIX,
+    RepositoryLock,
+    clean_leftovers,
+    leftovers,
+    replace_dir,
+    staging_dir,
+)
 from toolkit.lifecycle.golden import GOLDEN_FILE, check_golden, read_golden
-from toolkit.lifecycle.lock import CANDIDATE_SUFFIX, RepositoryLock, clean_leftovers, leftovers
 from toolkit.project import ModelSource, load_model
 from toolkit.render import build_config_text
 
