@@ -19,8 +19,18 @@ from tritonclient.grpc import model_config_pb2
 
 from toolkit.errors import RenderError
 from toolkit.project import EnsembleSource, ModelSource
-from toolkit.runtime.onnx_hook import ADAPTIVE, SERVING_KEY, read_export
-from toolkit.runtime.params import API_PATH, BUCKET_COST, BUCKET_ROWS, HOOK, ONNX_HOOK, PAD_PREFIX, TRIM_PREFIX
+from toolkit.runtime.params import (
+    ADAPTIVE,
+    API_PATH,
+    BUCKET_COST,
+    BUCKET_ROWS,
+    HOOK,
+    ONNX_HOOK,
+    PAD_PREFIX,
+    SERVING_KEY,
+    TRIM_PREFIX,
+    read_export,
+)
 
 Target = Literal["embedded", "container"]
 TARGETS: tuple[str, ...] = ("embedded", "container")

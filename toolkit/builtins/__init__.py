@@ -39,7 +39,7 @@ def parse_int(value: Any, name: str, minimum: int) -> int:
 
 def column_tensor(request: dict, name: str, code: int):
     """The request's ``name`` tensor, which must be shaped [n, 1] with n >= 1 (one item per row)."""
-    from toolkit.hooks import HookError
+    from toolkit.runtime.hooks import HookError
 
     tensor = request.get(name)
     if tensor is None:

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.hooks import HookContext
 from toolkit.runtime.batching import Failure, Layout, Observer, Result, run_batch
+from toolkit.runtime.hooks import HookContext
 from toolkit.runtime.occupancy import Occupancy
 from toolkit.runtime.params import HOOK, config_parameters, hook_parameters
 
