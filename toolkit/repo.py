@@ -25,7 +25,7 @@ from toolkit.fused import fused_config, fused_plan, write_fused_version
 from toolkit.project import MODEL_FILE, ModelSource, Project
 from toolkit.render import Target, build_config_text
 
-ADAPTER = Path(__file__).parent / "runtime" / "model.py"
+ADAPTER = Path(__file__).parent / "runtime" / "adapter.py"
 #: Marks a folder as ours, so gen-repo never replaces a folder it did not write.
 MARKER = ".toolkit-repository"
 

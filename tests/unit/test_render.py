@@ -146,7 +146,7 @@ def test_generate_repository_writes_a_complete_layout(project_dir, tmp_path):
     out = tmp_path / "repo"
     report = generate_repository(load(project_dir), out)
     assert report.models["pipeline"] == "ensemble" and report.models["linear"] == "onnx"
-    adapter = Path(__file__).parents[2] / "toolkit" / "runtime" / "model.py"
+    adapter = Path(__file__).parents[2] / "toolkit" / "runtime" / "adapter.py"
     assert filecmp.cmp(out / "scale" / "1" / "model.py", adapter, shallow=False)
     assert (out / "scale" / "1" / "scale.py").is_file()
     assert (out / "linear" / "1" / "model.onnx").is_file() and (out / "linear" / "1" / "model.py").is_file()

@@ -8,6 +8,9 @@ Each module documents its tensors, its config ``parameters`` and the numeric err
 ``api_entry`` sends (1000-1099 text, 1100-1199 image, 1200-1299 pooling). The submodules are not
 imported here so that a model using only one of them does not pay for the other's imports; this
 module holds only the parameter parsing they share.
+
+Stub side (``toolkit.runtime.STUB_SIDE``): imports ``toolkit.runtime`` and ``toolkit.builtins`` only,
+and stays Python 3.10 compatible (ruff.toml here checks it).
 """
 
 from __future__ import annotations
