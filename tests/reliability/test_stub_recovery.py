@@ -156,7 +156,7 @@ def test_killed_stub_serves_again_within_5s_with_bounded_retryable_failures(serv
 
 
 def test_client_retry_hides_a_killed_tokenizer_from_its_callers(server):
-    """The library client retries a 9996 (toolkit.retry): its callers see no failure at all."""
+    """The library client retries a 9996 (toolkit.client.retry): its callers see no failure at all."""
     before = len(server.watchdog.heals)
     stub = stub_of(server, "tokenizer_0_0")
     outcomes: Counter = Counter()

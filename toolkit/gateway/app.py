@@ -5,7 +5,7 @@ same limit), authenticate it off the event loop (``auth.py``: parse, go-infer's 
 replay, the app's rate limit), find the API or the endpoint variant (9709), map ``data`` to tensors
 (9801), call Triton through the one shared asyncio gRPC channel with the API's deadline (sent to
 Triton too, so it drops work whose caller gave up), retry a 9996 ("busy or restarting") with
-backoff while the deadline allows (``toolkit/retry.py``), map the outputs back.
+backoff while the deadline allows (``toolkit/client/retry.py``), map the outputs back.
 
 HTTP statuses: 200 for every envelope a client should read as go-infer's (success, bad input, a
 hook's own code, 9998); 503 + Retry-After for "busy, retry" (9996) and timeouts (9997); 429 +
@@ -38,14 +38,15 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from toolkit.client.failures import classify_triton_error
+from toolkit.client.retry import retry_pause
 from toolkit.gateway.auth import Authenticator
 from toolkit.gateway.envelope import SUCCESS, RequestError, envelope, new_request_id, render
 from toolkit.gateway.mapping import ApiRoute, variant_key
 from toolkit.gateway.metrics import GatewayMetrics
 from toolkit.gateway.settings import ErrorCodes, GatewaySettings
 from toolkit.gateway.variants import parse_endpoints
-from toolkit.hooks import API_ENTRY_FAILED, INFERENCE_FAILED, QUEUE_TIMEOUT, UNAVAILABLE, classify_triton_error
-from toolkit.retry import retry_pause
+from toolkit.runtime.codes import API_ENTRY_FAILED, INFERENCE_FAILED, QUEUE_TIMEOUT, UNAVAILABLE
 
 log = logging.getLogger("toolkit.gateway")
 
@@ -63,7 +64,7 @@ class Backend(Protocol):
 
 class TritonBackend:
     """One tritonclient asyncio gRPC channel, reused by every request; several Triton replicas in
-    ``url`` are balanced by gRPC itself (``toolkit/balancing.py``)."""
+    ``url`` are balanced by gRPC itself (``toolkit/client/balancing.py``)."""
 
     def __init__(self, url: str, compression: str | None = None):
         self.url, self.compression = url, compression
@@ -72,7 +73,7 @@ class TritonBackend:
     async def start(self) -> None:
         import tritonclient.grpc.aio as grpcaio  # the channel belongs to the running event loop
 
-        from toolkit.balancing import channel_args, grpc_target
+        from toolkit.client.balancing import channel_args, grpc_target
 
         self._client = grpcaio.InferenceServerClient(grpc_target(self.url), channel_args=channel_args(self.url))
 
