@@ -248,8 +248,8 @@ class Flaky(Hook):
 def test_a_model_that_cannot_come_back_stays_not_ready_and_is_retried_until_it_can(tmp_path):
     from projects import python_model, write_model
 
-    from toolkit.project import load_project
-    from toolkit.repo import generate_repository
+    from toolkit.repository.generate import generate_repository
+    from toolkit.repository.project import load_project
 
     write_model(tmp_path, "flaky", python_model([("X", "FP32", [1])], [("Y", "FP32", [1])], hook="flaky:Flaky",
                                                 parameters={"marker_dir": str(tmp_path)}),

@@ -235,8 +235,8 @@ def _toolkit_repository(contender: str, work: Workload, out: Path) -> Path:
     ``execution: fused`` (``toolkit-fused``), or fused with the int8 BERT (``toolkit-int8``)."""
     import yaml
 
-    from toolkit.project import load_project
-    from toolkit.repo import generate_repository
+    from toolkit.repository.generate import generate_repository
+    from toolkit.repository.project import load_project
 
     if contender == "toolkit-int8" and (work.model != "embedding" or work.int8_dir is None):
         raise BenchError("toolkit-int8 needs the embedding workload and an int8 export (--int8-dir)")

@@ -52,17 +52,13 @@ def cli() -> None:
 @click.option("--check", is_flag=True, help="Validate the specs and configs without writing anything.")
 def gen_repo(models_dir: Path, ensembles_dir: Path, out: Path, target: str, check: bool) -> None:
     """Generate a validated Triton model repository from the specs."""
-    from toolkit.project import load_project
-    from toolkit.render import build_config_text
-    from toolkit.repo import generate_repository
+    from toolkit.repository import check_repository, generate_repository, load_project
 
     project = load_project(models_dir, ensembles_dir)
     for note in project.notes:
         click.echo(f"Note: {note}", err=True)
     if check:
-        for source in [*project.models.values(), *project.ensembles.values()]:
-            build_config_text(source, source_label=str(getattr(source, "file", source.spec.name)),
-                              target=target)  # type: ignore[arg-type]
+        check_repository(project, target=target, models_label=models_dir.name)  # type: ignore[arg-type]
         click.echo(f"OK: {len(project.models)} model(s), {len(project.ensembles)} ensemble(s) valid "
                    f"for target {target}")
         return

@@ -48,8 +48,8 @@ def package(models_dir: Path, ensembles_dir: Path, out: Path, *, name: str = "to
             gateway_settings: Path | None = None) -> PackageReport:
     from toolkit.deploy.dockerfile import gateway_dockerfile, triton_dockerfile
     from toolkit.deploy.kubernetes import gateway_manifests, triton_manifests
-    from toolkit.project import load_project
-    from toolkit.repo import generate_repository
+    from toolkit.repository.project import load_project
+    from toolkit.repository.generate import generate_repository
 
     if replicas < 1:
         raise PackageError(f"--replicas must be at least 1, got {replicas}")

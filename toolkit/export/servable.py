@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from toolkit.errors import ExportError, SpecError
-from toolkit.project import (
+from toolkit.repository.project import (
     MODEL_FILE,
     OnnxTensor,
     has_batch_axis,
@@ -29,7 +29,7 @@ from toolkit.project import (
     read_onnx_io,
     read_onnx_shapes,
 )
-from toolkit.spec import TensorSpec, check_model_name
+from toolkit.repository.spec import TensorSpec, check_model_name
 
 #: max_batch_size of a default model.yaml. On CPU, onnxruntime's rows per second stop growing at
 #: small batches (MobileNetV2 gains nothing past 4 on this project's 2-core machines, see

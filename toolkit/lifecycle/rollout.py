@@ -41,8 +41,8 @@ from tritonclient.grpc import model_config_pb2
 from toolkit.errors import LifecycleError, ToolkitError
 from toolkit.files import replace_dir, staging_dir
 from toolkit.lifecycle.golden import GOLDEN_FILE, check_golden, read_golden
-from toolkit.project import ModelSource, load_model
-from toolkit.render import build_config_text
+from toolkit.repository.project import ModelSource, load_model
+from toolkit.repository.render import build_config_text
 
 CANDIDATE_SUFFIX = "__candidate"
 HISTORY_FILE = "rollout.json"
@@ -230,7 +230,7 @@ def _read_config(path: Path) -> model_config_pb2.ModelConfig:
 def _render_version(source: ModelSource, version: int, served: model_config_pb2.ModelConfig,
                     repository: Path) -> Path:
     """Version ``version`` as gen-repo writes it, in a hidden folder of the served repository."""
-    from toolkit.repo import write_versions
+    from toolkit.repository.versions import write_versions
 
     target = "container" if served.backend == "onnxruntime" else "embedded"
     try:

@@ -1,4 +1,4 @@
-"""The runtime of ``execution: fused`` (see toolkit/fused.py): an ensemble's steps in one process.
+"""The runtime of ``execution: fused``: an ensemble's steps in one process (toolkit/repository/fused_plan.py plans it).
 
 Each step keeps what it has as a model of its own: ``api_entry`` per request, its ``Layout`` (padding,
 trimming, length buckets), its error codes. Between steps the requests' tensors stay numpy arrays

@@ -18,7 +18,7 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from toolkit.errors import RenderError
-from toolkit.project import EnsembleSource, ModelSource
+from toolkit.repository.project import EnsembleSource, ModelSource
 from toolkit.runtime.params import (
     ADAPTIVE,
     API_PATH,
@@ -84,7 +84,8 @@ def model_config(source: ModelSource | EnsembleSource, target: Target = "embedde
 
     if isinstance(source, EnsembleSource):
         if spec.execution == "fused":
-            raise RenderError(f"ensemble '{spec.name}' has execution: fused: render it with toolkit.fused")
+            raise RenderError(f"ensemble '{spec.name}' has execution: fused: render it with "
+                              "toolkit.repository.fused_plan")
         config["platform"] = "ensemble"
         config["ensemble_scheduling"] = {"step": [
             {"model_name": s.model, "model_version": s.version,
