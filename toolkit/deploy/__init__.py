@@ -12,6 +12,9 @@ Dockerfiles with hadolint, the manifests against the Kubernetes schemas (kuberne
 with checkov. Not checked here: building or running the images (no Docker engine), or applying the
 manifests to a cluster. Everything is written aside and swapped in whole, so a failure leaves
 nothing half-written.
+
+Imports: ``toolkit.repository`` (gen-repo), ``toolkit.runtime.STUB_SIDE`` (what the image's stubs
+import), ``toolkit.errors`` and ``toolkit.files``; only the CLI imports deploy.
 """
 
 from __future__ import annotations
