@@ -15,7 +15,7 @@ from toolkit.hooks import Hook, HookError
 from toolkit.repository.generate import generate_repository
 from toolkit.repository.project import load_project
 from toolkit.runtime.batching import Failure, Layout, TensorLayout
-from toolkit.runtime.fused import FusedPipeline, FusedStep, load_hook
+from toolkit.runtime.fused_runner import FusedPipeline, FusedStep, load_hook
 
 HOOK_A = '''
 from toolkit.hooks import Hook, HookError

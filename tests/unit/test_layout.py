@@ -121,7 +121,7 @@ def test_the_import_reader_sees_lazy_relative_and_submodule_imports():
     assert "toolkit.client.failures" in GRAPH["toolkit.client.retry"]          # from toolkit.client.failures import
     assert "toolkit.repository" in GRAPH["toolkit.cli.repo"]                   # inside the command function
     assert "toolkit.bench.peer_envs" in GRAPH["toolkit.bench.peers"]
-    assert "toolkit.runtime.fused" in GRAPH["toolkit.runtime.adapter"]         # lazy, in initialize()
+    assert "toolkit.runtime.fused_runner" in GRAPH["toolkit.runtime.adapter"]         # lazy, in initialize()
 
 
 def test_every_import_of_toolkit_names_a_module_that_exists():

@@ -1,5 +1,8 @@
 """``execution: fused``: an ensemble served as ONE python model that runs its steps' hooks in one process.
 
+This module plans it at gen-repo time (fused.json and the config); ``toolkit.runtime.fused_runner``
+runs the plan inside the stub.
+
 An ensemble step costs a hand-off between processes (the request's tensors through shared memory
 to the step's stub and back) plus Triton's ensemble scheduling, per step and per request. A fused
 ensemble keeps the same inputs, outputs and error codes, and runs in its model's stub:

@@ -40,7 +40,7 @@ class TritonPythonModel:
                                       groups)
         self.fused = None
         if FUSED in params:  # execution: fused - the ensemble's steps in this process
-            from toolkit.runtime.fused import FusedPipeline
+            from toolkit.runtime.fused_runner import FusedPipeline
 
             families = {}
             self.fused = FusedPipeline.load(
