@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from toolkit.bench.pipelines import load_corpus, make_images  # noqa: E402
 from toolkit.client import TritonClient  # noqa: E402
-from toolkit.project import load_project  # noqa: E402
-from toolkit.repo import generate_repository  # noqa: E402
+from toolkit.repository.generate import generate_repository  # noqa: E402
+from toolkit.repository.project import load_project  # noqa: E402
 from toolkit.server import TritonServer, free_ports  # noqa: E402
 
 

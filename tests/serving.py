@@ -12,8 +12,8 @@ from onnx_models import write_linear_onnx
 
 from toolkit.client import TritonClient
 from toolkit.errors import InferenceError
-from toolkit.project import load_project
-from toolkit.repo import generate_repository
+from toolkit.repository.generate import generate_repository
+from toolkit.repository.project import load_project
 from toolkit.server import free_ports
 
 __all__ = ["build_project", "call_concurrently", "example_repository", "free_port_run", "free_ports"]

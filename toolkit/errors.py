@@ -15,8 +15,10 @@ know what the user was trying to do.
     ├── InferenceError     a request to a running server failed (carries Triton's message)
     ├── GatewayError       the REST gateway cannot start: bad settings, Triton unreachable, no API
     ├── LifecycleError     a rollout or rollback was refused; the served version keeps serving
-    └── ExportError        a model could not be exported to ONNX, or the ONNX model disagrees
-        └── WeightError    a checkpoint's weights are missing, unused or of the wrong shape
+    ├── ExportError        a model could not be exported to ONNX, or the ONNX model disagrees
+    │   └── WeightError    a checkpoint's weights are missing, unused or of the wrong shape
+    ├── BenchError         the benchmark cannot produce numbers worth trusting
+    └── PeerError          a peer server could not be installed, started, matched or kept on loopback
 
 Hook code running inside Triton uses ``toolkit.hooks.HookError`` (a request-level error with a
 numeric code); it is deliberately not part of this tree because it travels to clients as data.
@@ -108,3 +110,11 @@ def first_line(error: BaseException | str, limit: int = 500) -> str:
     if not line:
         return type(error).__name__ if isinstance(error, BaseException) else "(no message)"
     return line[:limit]
+
+
+class BenchError(ToolkitError):
+    """The benchmark cannot produce numbers worth trusting (server not ready, errors, instability)."""
+
+
+class PeerError(ToolkitError):
+    """A peer server could not be installed, started, matched against ours, or kept on loopback."""

@@ -1,6 +1,6 @@
 """Several embedded tritonservers over one repository, for local use and tests (``toolkit serve
 --replicas N``): go-infer's several HTTP servers behind nginx, with gRPC's own balancing in front
-(``toolkit/balancing.py``) instead of nginx.
+(``toolkit/client/balancing.py``) instead of nginx.
 
 Replica i listens on ``base + 3 i`` (HTTP), ``+1`` (gRPC), ``+2`` (metrics). Each replica has the
 same supervisor as a single server (``toolkit/supervisor.py``): a stub that dies is healed, and a

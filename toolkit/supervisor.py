@@ -44,13 +44,27 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
+from subprocess import Popen
+from typing import Protocol
 
 from toolkit.files import RepositoryBusy, RepositoryLock
 from toolkit.watchdog import _ZOMBIE_GRACE, RESTARTS_PARAMETER, SHM_DIR, Heal, Stub, _children
 
-if TYPE_CHECKING:
-    from toolkit.server import TritonServer
+
+class Supervised(Protocol):
+    """What the supervisor needs of a server (``TritonServer``; this module never imports it)."""
+
+    repository: Path
+    process: Popen | None
+
+    def http(self, method: str, path: str, body: bytes | None = None, *, timeout: float = 5) -> tuple[int, bytes]: ...
+
+    def ready_models(self) -> list[str]: ...
+
+    def _kill_group(self) -> None: ...
+
+    def _relaunch(self, timeout: float = 180.0) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -100,7 +114,7 @@ class Supervisor:
     watches (records stubs, removes dead stubs' shared memory at stop) for model control modes
     without a repository API; ``restart_server=False`` leaves a dead tritonserver dead."""
 
-    def __init__(self, server: TritonServer, *, policy: SupervisorPolicy | None = None, heal: bool = True,
+    def __init__(self, server: Supervised, *, policy: SupervisorPolicy | None = None, heal: bool = True,
                  restart_server: bool = True, log: Callable[[str], None] | None = None):
         self.server = server
         self.policy = policy or SupervisorPolicy()

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from serving import free_ports
 
 from toolkit.bench.compare import Plan, compare
-from toolkit.bench.runner import workload
+from toolkit.bench.workloads import workload
 from toolkit.cli.main import cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -52,7 +52,7 @@ class Baseline:
 def launch(name: str, module: str, args: list[str], tmp: Path, url: str, grpc_port: int | None = None) -> Baseline:
     log = tmp / f"{name}.log"
     with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
-        process = subprocess.Popen([sys.executable, "-m", f"toolkit.bench.baselines.{module}", *args],
+        process = subprocess.Popen([sys.executable, "-m", f"toolkit.bench.servers.{module}", *args],
                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     return Baseline(name, process, log, url, grpc_port)
 

@@ -18,8 +18,8 @@ from serving import ROOT, call_concurrently, free_ports
 from toolkit.bench.pipelines import load_corpus, make_images
 from toolkit.client import TritonClient
 from toolkit.errors import InferenceError
-from toolkit.project import load_project
-from toolkit.repo import generate_repository
+from toolkit.repository.generate import generate_repository
+from toolkit.repository.project import load_project
 from toolkit.server import TritonServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

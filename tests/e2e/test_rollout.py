@@ -23,8 +23,8 @@ from toolkit.errors import InferenceError, LifecycleError
 from toolkit.files import RepositoryLock, leftovers
 from toolkit.lifecycle.golden import GOLDEN_FILE, write_golden
 from toolkit.lifecycle.rollout import TritonAdmin, rollback, rollout, versions
-from toolkit.project import load_project
-from toolkit.repo import generate_repository
+from toolkit.repository.generate import generate_repository
+from toolkit.repository.project import load_project
 from toolkit.server import TritonServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

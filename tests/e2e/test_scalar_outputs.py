@@ -18,8 +18,8 @@ from serving import call_concurrently, free_ports
 from toolkit.client import TritonClient
 from toolkit.errors import InferenceError
 from toolkit.export.servable import write_model_yaml
-from toolkit.project import load_project
-from toolkit.repo import generate_repository
+from toolkit.repository.generate import generate_repository
+from toolkit.repository.project import load_project
 from toolkit.server import TritonServer
 
 pytestmark = pytest.mark.e2e

@@ -15,8 +15,8 @@ from projects import python_model, write_model
 from serving import free_port_run, free_ports
 
 from toolkit.errors import ModelLoadError, ServerError
-from toolkit.project import load_project
-from toolkit.repo import generate_repository
+from toolkit.repository.generate import generate_repository
+from toolkit.repository.project import load_project
 from toolkit.server import TritonServer
 
 pytestmark = pytest.mark.e2e

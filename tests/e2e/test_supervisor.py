@@ -27,8 +27,8 @@ from serving import free_ports
 
 from toolkit.client import TritonClient
 from toolkit.errors import InferenceError
-from toolkit.project import load_project
-from toolkit.repo import generate_repository
+from toolkit.repository.generate import generate_repository
+from toolkit.repository.project import load_project
 from toolkit.server import TritonServer, _python_envs
 from toolkit.supervisor import SupervisorPolicy
 from toolkit.watchdog import Stub, _children

@@ -21,8 +21,8 @@ from serving import free_ports
 from toolkit.client import TritonClient
 from toolkit.errors import InferenceError
 from toolkit.hooks import QUEUE_TIMEOUT, UNAVAILABLE
-from toolkit.project import load_project
-from toolkit.repo import generate_repository
+from toolkit.repository.generate import generate_repository
+from toolkit.repository.project import load_project
 from toolkit.server import TritonServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.reliability]

@@ -17,7 +17,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from toolkit.hooks import INFERENCE_FAILED, QUEUE_TIMEOUT, UNAVAILABLE, classify_triton_error
+from toolkit.client.failures import classify_triton_error
+from toolkit.hooks import INFERENCE_FAILED, QUEUE_TIMEOUT, UNAVAILABLE
 
 pytestmark = [pytest.mark.e2e, pytest.mark.reliability]
 

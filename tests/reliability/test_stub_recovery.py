@@ -156,7 +156,7 @@ def test_killed_stub_serves_again_within_5s_with_bounded_retryable_failures(serv
 
 
 def test_client_retry_hides_a_killed_tokenizer_from_its_callers(server):
-    """The library client retries a 9996 (toolkit.retry): its callers see no failure at all."""
+    """The library client retries a 9996 (toolkit.client.retry): its callers see no failure at all."""
     before = len(server.watchdog.heals)
     stub = stub_of(server, "tokenizer_0_0")
     outcomes: Counter = Counter()
@@ -248,8 +248,8 @@ class Flaky(Hook):
 def test_a_model_that_cannot_come_back_stays_not_ready_and_is_retried_until_it_can(tmp_path):
     from projects import python_model, write_model
 
-    from toolkit.project import load_project
-    from toolkit.repo import generate_repository
+    from toolkit.repository.generate import generate_repository
+    from toolkit.repository.project import load_project
 
     write_model(tmp_path, "flaky", python_model([("X", "FP32", [1])], [("Y", "FP32", [1])], hook="flaky:Flaky",
                                                 parameters={"marker_dir": str(tmp_path)}),

@@ -61,6 +61,20 @@ def test_gen_repo_check_validates_without_writing(project):
     assert not (project / "out").exists()
 
 
+def test_gen_repo_check_passes_when_an_ensemble_has_execution_fused(project):
+    """--check runs gen-repo's own render loop, so a fused ensemble gen-repo writes also checks (it
+    used to fail with "render it with toolkit.fused")."""
+    spec = project / "ensembles" / "pipeline.yaml"
+    spec.write_text(spec.read_text() + "\nexecution: fused\n")
+    result = CliRunner().invoke(cli, ["gen-repo", "--models", "models", "--out", "out", "--check"])
+    assert result.exit_code == 0, result.output
+    assert "OK: 6 model(s), 1 ensemble(s) valid for target embedded" in result.output
+    assert not (project / "out").exists()
+    written = CliRunner().invoke(cli, ["gen-repo", "--models", "models", "--out", "out"])
+    assert written.exit_code == 0, written.output
+    assert (project / "out" / "pipeline" / "1" / "fused.json").is_file()
+
+
 def test_gen_repo_reports_spec_error_without_traceback_and_writes_nothing(project):
     spec = project / "models" / "scale" / "model.yaml"
     spec.write_text(spec.read_text().replace("dtype: FP32, dims: [4]}", "dtype: FP32, dims: [four]}", 1))

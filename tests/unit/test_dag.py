@@ -6,7 +6,7 @@ import pytest
 from projects import python_model, write_ensemble, write_model
 
 from toolkit.errors import SpecError
-from toolkit.project import load_project
+from toolkit.repository.project import load_project
 
 
 @pytest.fixture

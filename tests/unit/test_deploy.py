@@ -52,8 +52,9 @@ def test_triton_image_installs_only_the_hooks_runtime_runs_unprivileged_and_take
     assert "USER 1000:1000" in text and "--model-control-mode=explicit" in text
     assert "${TOOLKIT_RESTRICT_APIS" in text and "REPLACE-ME" not in text
     runtime = packaged / "triton" / "runtime" / "toolkit"
-    assert (runtime / "hooks.py").is_file() and (runtime / "runtime" / "model.py").is_file()
+    assert (runtime / "hooks.py").is_file() and (runtime / "runtime" / "adapter.py").is_file()
     assert (runtime / "builtins" / "text.py").is_file() and not (runtime / "cli").exists()
+    assert not (runtime / "runtime" / "ruff.toml").exists()
     config = (packaged / "triton" / "model_repository" / "linear" / "config.pbtxt").read_text()
     assert 'backend: "onnxruntime"' in config   # the container target
 

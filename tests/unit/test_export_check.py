@@ -102,8 +102,8 @@ def test_an_optimizer_bug_is_found_recorded_and_served_around(tmp_path: Path) ->
 
 
 def test_container_config_lowers_the_graph_level_the_export_recorded(tmp_path: Path) -> None:
-    from toolkit.project import load_model
-    from toolkit.render import model_config
+    from toolkit.repository.project import load_model
+    from toolkit.repository.render import model_config
 
     export_keras_model(pad_pool_model(), tmp_path / "pp")
     (tmp_path / "pp" / "model.yaml").write_text("kind: onnx\nmax_batch_size: 4\n")
@@ -184,7 +184,7 @@ def test_save_onnx_streams_the_same_model_and_uses_external_data_past_the_limit(
 
 
 def test_export_writes_model_yaml_and_refuses_a_new_version_with_other_tensors(tmp_path: Path) -> None:
-    from toolkit.project import load_model
+    from toolkit.repository.project import load_model
 
     keras.utils.set_random_seed(0)
     x = keras.Input((6,), name="x")
@@ -269,7 +269,7 @@ def test_cli_writes_the_command_it_ran_into_model_yaml(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
     from toolkit.cli.main import cli
-    from toolkit.project import load_model
+    from toolkit.repository.project import load_model
 
     keras.utils.set_random_seed(0)
     x = keras.Input((6,), name="x")

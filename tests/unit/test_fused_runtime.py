@@ -12,10 +12,10 @@ from projects import python_model, write_ensemble, write_model
 
 from toolkit.errors import EnsembleError, RenderError, SpecError
 from toolkit.hooks import Hook, HookError
-from toolkit.project import load_project
-from toolkit.repo import generate_repository
+from toolkit.repository.generate import generate_repository
+from toolkit.repository.project import load_project
 from toolkit.runtime.batching import Failure, Layout, TensorLayout
-from toolkit.runtime.fused import FusedPipeline, FusedStep, load_hook
+from toolkit.runtime.fused_runner import FusedPipeline, FusedStep, load_hook
 
 HOOK_A = '''
 from toolkit.hooks import Hook, HookError
@@ -124,8 +124,8 @@ def test_a_step_that_is_an_ensemble_or_does_not_batch_is_refused_by_name(tmp_pat
                                          "outputs": [{"name": "B", "dtype": "FP32", "dims": [-1]}],
                                          "steps": [{"model": "flat", "inputs": {"X": "A"}, "outputs": {"Y": "B"}}]})
     load_project(tmp_path / "models", tmp_path / "ensembles")  # fine as an ensemble
-    from toolkit.dag import check_fusable
-    from toolkit.spec import EnsembleSpec
+    from toolkit.repository.dag import check_fusable
+    from toolkit.repository.spec import EnsembleSpec
 
     specs = load_project(tmp_path / "models", tmp_path / "ensembles").specs()
     fused = EnsembleSpec.model_validate({**specs["flatten"].model_dump(), "max_batch_size": 8,

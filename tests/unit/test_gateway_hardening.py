@@ -26,8 +26,9 @@ from test_gateway_app import (
     signed,
 )
 
-from toolkit.gateway.app import create_app, printable
+from toolkit.gateway.app import create_app
 from toolkit.gateway.auth import RateLimiter
+from toolkit.gateway.body import printable
 from toolkit.gateway.mapping import build_route, variant_key
 from toolkit.gateway.settings import parse_settings
 from toolkit.gateway.signing import canonical_string, sm2_sign

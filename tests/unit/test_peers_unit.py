@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
+from toolkit.bench import peer_envs as envs
 from toolkit.bench import peers
-from toolkit.bench.peers import envs
 from toolkit.errors import ToolkitError
 
 ME = os.getpid()
@@ -174,7 +174,7 @@ def test_the_cli_runs_every_peer_and_every_toolkit_form_by_default():
 def test_infinity_is_refused_for_images_before_anything_is_installed(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from toolkit.bench.runner import workload
+    from toolkit.bench.workloads import workload
 
     monkeypatch.setattr(peers, "ensure_venv", lambda name: pytest.fail("installed"))
     with pytest.raises(peers.PeerError, match="infinity: n/a for mobile"), \

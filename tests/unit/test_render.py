@@ -13,9 +13,9 @@ from projects import python_model, write_model
 from tritonclient.grpc import model_config_pb2
 
 from toolkit.errors import RenderError, RepositoryError, SpecError
-from toolkit.project import load_project
-from toolkit.render import build_config_text, make_environment
-from toolkit.repo import MARKER, generate_repository
+from toolkit.repository.generate import MARKER, generate_repository
+from toolkit.repository.project import load_project
+from toolkit.repository.render import build_config_text, make_environment
 
 E2E_PROJECT = Path(__file__).parent.parent / "e2e" / "project"
 GOLDEN = Path(__file__).parent / "golden"
@@ -122,7 +122,7 @@ def test_build_config_text_raises_render_error_when_template_drops_a_reshape(tmp
 
 
 def broken_env(tmp_path: Path, old: str, new: str):
-    original = (Path(__file__).parents[2] / "toolkit" / "templates" / "config.pbtxt.j2").read_text()
+    original = (Path(__file__).parents[2] / "toolkit" / "repository" / "templates" / "config.pbtxt.j2").read_text()
     assert old in original
     (tmp_path / "tpl").mkdir(exist_ok=True)
     (tmp_path / "tpl" / "config.pbtxt.j2").write_text(original.replace(old, new))
@@ -146,7 +146,7 @@ def test_generate_repository_writes_a_complete_layout(project_dir, tmp_path):
     out = tmp_path / "repo"
     report = generate_repository(load(project_dir), out)
     assert report.models["pipeline"] == "ensemble" and report.models["linear"] == "onnx"
-    adapter = Path(__file__).parents[2] / "toolkit" / "runtime" / "model.py"
+    adapter = Path(__file__).parents[2] / "toolkit" / "runtime" / "adapter.py"
     assert filecmp.cmp(out / "scale" / "1" / "model.py", adapter, shallow=False)
     assert (out / "scale" / "1" / "scale.py").is_file()
     assert (out / "linear" / "1" / "model.onnx").is_file() and (out / "linear" / "1" / "model.py").is_file()

@@ -21,8 +21,8 @@ from toolkit.export.servable import (
     default_model_yaml,
     write_model_yaml,
 )
-from toolkit.project import load_model, load_project
-from toolkit.repo import generate_repository
+from toolkit.repository.generate import generate_repository
+from toolkit.repository.project import load_model, load_project
 
 ROOT = Path(__file__).parents[2]
 COMMAND = "toolkit export keras MobileNetV2 --no-include-top --pooling avg"

@@ -7,7 +7,7 @@ from onnx_models import write_linear_onnx, write_scalar_onnx
 from projects import python_model, write_ensemble, write_model
 
 from toolkit.errors import SpecError
-from toolkit.project import load_project
+from toolkit.repository.project import load_project
 
 X_TO_Y = python_model([("X", "FP32", [4])], [("Y", "FP32", [4])])
 

@@ -1,1 +1,12 @@
-"""`toolkit bench`: load generation, baselines and reports for the served pipelines."""
+"""`toolkit bench`: load generation, the servers we compare against, and reports for the served pipelines.
+
+    loadgen.py     the load generator (its own process), TargetSpec, PointSpec
+    workloads.py   what is sent; processes.py  a server process and its readiness
+    runner.py      the contenders: the in-process limit, serve(), measure_point
+    peers.py       peer servers (mosec, infinity, ray): start, check, stop; peer_envs.py their venvs
+    servers/       every server we compare against, each run as its own process
+    pipelines.py, compare.py, report.py, data/
+
+Imports: everything below the CLI (the client, the repository, the server); nothing imports it but
+the CLI.
+"""

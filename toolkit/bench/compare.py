@@ -15,8 +15,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from toolkit.bench.loadgen import PointSpec, run_point
 from toolkit.bench.peers import WORKLOADS as PEER_WORKLOADS
 from toolkit.bench.report import evaluate_targets, write_markdown, write_plot
-from toolkit.bench.runner import CONTENDERS, BenchError, Workload, best_limits, measure_limit, measure_point, serve
-from toolkit.errors import ToolkitError
+from toolkit.bench.runner import CONTENDERS, best_limits, measure_limit, measure_point, serve
+from toolkit.bench.workloads import Workload
+from toolkit.errors import BenchError, ToolkitError
 
 
 @dataclass(frozen=True)

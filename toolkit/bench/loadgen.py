@@ -109,7 +109,7 @@ class _Client:
             raise ValueError(f"unknown target kind {kind!r}")
         self.module = module
         if kind == "triton-grpc":  # one replica, or several balanced by gRPC itself
-            from toolkit.balancing import channel_args, grpc_target
+            from toolkit.client.balancing import channel_args, grpc_target
 
             self.client = module.InferenceServerClient(grpc_target(self.spec.url),
                                                        channel_args=channel_args(self.spec.url))

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 import urllib.request
@@ -29,57 +26,17 @@ import numpy as np
 
 from toolkit.bench.loadgen import PointResult, PointSpec, TargetSpec, run_point
 from toolkit.bench.peers import PEERS, serve_peer
-from toolkit.errors import ToolkitError
+from toolkit.bench.processes import process_group, wait_http
+from toolkit.bench.workloads import Workload
+from toolkit.errors import BenchError
 from toolkit.server import TritonServer, free_ports
 
 #: The toolkit in its forms: the Triton ensemble, ``execution: fused``, and fused with the int8 BERT.
 TOOLKIT_FORMS = ("toolkit", "toolkit-fused", "toolkit-int8")
 CONTENDERS = ("inprocess", "naive", "pytriton", *TOOLKIT_FORMS)
-#: Every contender --contenders accepts: the default ones and the peer servers (toolkit/bench/peers).
+#: Every contender --contenders accepts: the default ones and the peer servers (toolkit/bench/peers.py).
 KNOWN_CONTENDERS = CONTENDERS + PEERS
 ROOT = Path(__file__).resolve().parents[2]
-
-
-class BenchError(ToolkitError):
-    """The benchmark cannot produce numbers worth trusting (server not ready, errors, instability)."""
-
-
-@dataclass(frozen=True)
-class Workload:
-    name: str  # embedding | short | mobile
-    model: str  # embedding | mobile: the model / route name every server uses
-    model_dir: Path  # version folder of the ONNX model (bert/1 or mobilenet/1)
-    input_name: str
-    json_field: str
-    steps: tuple[str, ...]  # the toolkit's models behind the ensemble, for the server-side split
-    int8_dir: Path | None = None  # `toolkit export bert --quantize int8`: the toolkit-int8 contender
-
-    @property
-    def max_items(self) -> int:
-        """Items one request may hold: the served ensemble's max_batch_size (embedding 64, mobile 32)."""
-        return 32 if self.model == "mobile" else 64
-
-    def payloads(self) -> list[bytes]:
-        from toolkit.bench.pipelines import load_corpus, make_images
-
-        if self.model == "mobile":
-            return make_images(64)
-        texts = load_corpus()
-        if self.name == "short":  # one short sentence per request, as a chat or search box sends
-            texts = [t for t in texts if SHORT_WORDS[0] <= len(t.split()) <= SHORT_WORDS[1]]
-        return [t.encode("utf-8") for t in texts]
-
-
-SHORT_WORDS = (8, 16)
-WORKLOADS = ("embedding", "short", "mobile")
-
-
-def workload(name: str, model_dir: Path, int8_dir: Path | None = None) -> Workload:
-    if name in ("embedding", "short"):
-        return Workload(name, "embedding", model_dir, "TEXT", "texts", ("tokenizer", "bert", "pooling"), int8_dir)
-    if name == "mobile":
-        return Workload(name, "mobile", model_dir, "IMAGE", "images", ("preprocess", "mobilenet"))
-    raise BenchError(f"unknown workload {name!r}: use {', '.join(WORKLOADS)}")
 
 
 @dataclass
@@ -169,38 +126,6 @@ def best_limits(first: dict[str, Any], again: dict[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- servers
-def _wait_http(url: str, process: subprocess.Popen | None, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise BenchError(f"{what} exited with code {process.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise BenchError(f"{what} was not ready at {url} within {timeout:.0f}s")
-
-
-@contextmanager
-def _subprocess(cmd: list[str], log: Path) -> Iterator[subprocess.Popen]:
-    with open(log, "wb") as out:
-        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        try:
-            yield process
-        finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
-
-
 @contextmanager
 def serve(contender: str, work: Workload, out: Path) -> Iterator[tuple[TargetSpec, str | None]]:
     """Start one contender; yield its load target and its Triton HTTP address (for statistics)."""
@@ -211,17 +136,17 @@ def serve(contender: str, work: Workload, out: Path) -> Iterator[tuple[TargetSpe
                           log_file=out / f"{contender}-tritonserver.log"):
             yield TargetSpec("triton-grpc", f"127.0.0.1:{grpc}", work.model, work.input_name), f"127.0.0.1:{http}"
     elif contender == "pytriton":
-        cmd = [sys.executable, "-m", "toolkit.bench.baselines.pytriton_server", "--workload", work.model,
+        cmd = [sys.executable, "-m", "toolkit.bench.servers.pytriton_server", "--workload", work.model,
                "--model-dir", str(work.model_dir), "--http-port", str(http), "--grpc-port", str(grpc),
                "--metrics-port", str(metrics)]
-        with _subprocess(cmd, out / "pytriton.log") as process:
-            _wait_http(f"http://127.0.0.1:{http}/v2/models/{work.model}/ready", process, 180, "PyTriton")
+        with process_group(cmd, out / "pytriton.log") as process:
+            wait_http(f"http://127.0.0.1:{http}/v2/models/{work.model}/ready", process, 180, "PyTriton")
             yield TargetSpec("triton-grpc", f"127.0.0.1:{grpc}", work.model, work.input_name), f"127.0.0.1:{http}"
     elif contender == "naive":
-        cmd = [sys.executable, "-m", "toolkit.bench.baselines.naive", "--workload", work.model,
+        cmd = [sys.executable, "-m", "toolkit.bench.servers.naive", "--workload", work.model,
                "--model-dir", str(work.model_dir), "--host", "127.0.0.1", "--port", str(http)]
-        with _subprocess(cmd, out / "naive.log") as process:
-            _wait_http(f"http://127.0.0.1:{http}/health", process, 120, "the FastAPI server")
+        with process_group(cmd, out / "naive.log") as process:
+            wait_http(f"http://127.0.0.1:{http}/health", process, 120, "the FastAPI server")
             yield TargetSpec("json-http", f"127.0.0.1:{http}", work.model, json_field=work.json_field), None
     elif contender in PEERS:
         with serve_peer(contender, work, out) as t:
@@ -235,8 +160,8 @@ def _toolkit_repository(contender: str, work: Workload, out: Path) -> Path:
     ``execution: fused`` (``toolkit-fused``), or fused with the int8 BERT (``toolkit-int8``)."""
     import yaml
 
-    from toolkit.project import load_project
-    from toolkit.repo import generate_repository
+    from toolkit.repository.generate import generate_repository
+    from toolkit.repository.project import load_project
 
     if contender == "toolkit-int8" and (work.model != "embedding" or work.int8_dir is None):
         raise BenchError("toolkit-int8 needs the embedding workload and an int8 export (--int8-dir)")

@@ -8,6 +8,9 @@ Each module documents its tensors, its config ``parameters`` and the numeric err
 ``api_entry`` sends (1000-1099 text, 1100-1199 image, 1200-1299 pooling). The submodules are not
 imported here so that a model using only one of them does not pay for the other's imports; this
 module holds only the parameter parsing they share.
+
+Stub side (``toolkit.runtime.STUB_SIDE``): imports ``toolkit.runtime`` and ``toolkit.builtins`` only,
+and stays Python 3.10 compatible (ruff.toml here checks it).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def parse_int(value: Any, name: str, minimum: int) -> int:
 
 def column_tensor(request: dict, name: str, code: int):
     """The request's ``name`` tensor, which must be shaped [n, 1] with n >= 1 (one item per row)."""
-    from toolkit.hooks import HookError
+    from toolkit.runtime.hooks import HookError
 
     tensor = request.get(name)
     if tensor is None:

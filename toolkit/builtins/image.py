@@ -52,7 +52,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from toolkit.builtins import column_tensor, parse_bool, parse_int
-from toolkit.hooks import Hook, HookContext, HookError
+from toolkit.runtime.hooks import Hook, HookContext, HookError
 
 NOT_AN_IMAGE = 1101
 EMPTY_IMAGE = 1102

@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 
 from toolkit.builtins import column_tensor, parse_bool, parse_int
-from toolkit.hooks import Hook, HookContext, HookError
+from toolkit.runtime.hooks import Hook, HookContext, HookError
 
 EMPTY_TEXT = 1001
 TEXT_NOT_UTF8 = 1002

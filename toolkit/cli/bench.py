@@ -45,9 +45,9 @@ def load(url: str, model: str | None, kind: str, workload: str, concurrency: tup
          seconds: float, warmup: float) -> None:
     """Drive a running server and print one line per load point."""
     from toolkit.bench.loadgen import PointSpec, TargetSpec, run_point
-    from toolkit.bench.runner import BenchError
-    from toolkit.bench.runner import workload as make_workload
+    from toolkit.bench.workloads import workload as make_workload
     from toolkit.client import normalize_url
+    from toolkit.errors import BenchError
 
     work = make_workload(workload, Path("."))
     url, model = normalize_url(url), model or work.model
@@ -68,7 +68,7 @@ def load(url: str, model: str | None, kind: str, workload: str, concurrency: tup
 
 
 def _check_reachable(kind: str, url: str, model: str) -> None:
-    from toolkit.bench.runner import BenchError
+    from toolkit.errors import BenchError
 
     if kind == "json-http":
         import urllib.error
@@ -113,7 +113,9 @@ def compare_command(workloads, bert_dir, int8_dir, mobilenet_dir, contenders, co
                     warmup, out, allow_unstable) -> None:
     """The in-process limits, the toolkit's forms and every peer on the same inputs, in one run."""
     from toolkit.bench.compare import Plan, compare
-    from toolkit.bench.runner import KNOWN_CONTENDERS, BenchError, workload
+    from toolkit.bench.runner import KNOWN_CONTENDERS
+    from toolkit.bench.workloads import workload
+    from toolkit.errors import BenchError
 
     unknown = set(contenders) - set(KNOWN_CONTENDERS)
     if unknown:

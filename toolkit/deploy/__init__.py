@@ -2,7 +2,7 @@
 
     <out>/triton/Dockerfile            FROM nvcr.io/nvidia/tritonserver:24.10-py3, the hooks' runtime only
     <out>/triton/model_repository/     gen-repo --target container (ONNX on Triton's onnxruntime backend)
-    <out>/triton/runtime/toolkit/      hooks.py, runtime/, builtins/: what the python stubs import
+    <out>/triton/runtime/toolkit/      toolkit.runtime.STUB_SIDE (hooks.py, runtime/, builtins/): what the stubs import
     <out>/gateway/Dockerfile           the REST gateway (build it from the project root)
     <out>/kubernetes/triton.yaml       Deployment, headless + HTTP Services, PDB, HPA, adapter rule, Secret
     <out>/kubernetes/gateway.yaml      the gateway's Deployment, Service, ConfigMap, Secret
@@ -12,6 +12,9 @@ Dockerfiles with hadolint, the manifests against the Kubernetes schemas (kuberne
 with checkov. Not checked here: building or running the images (no Docker engine), or applying the
 manifests to a cluster. Everything is written aside and swapped in whole, so a failure leaves
 nothing half-written.
+
+Imports: ``toolkit.repository`` (gen-repo), ``toolkit.runtime.STUB_SIDE`` (what the image's stubs
+import), ``toolkit.errors`` and ``toolkit.files``; only the CLI imports deploy.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import yaml
 
 from toolkit.errors import ToolkitError
 from toolkit.files import replace_dir, staging_dir
+from toolkit.runtime import STUB_SIDE
 
 MARKER = ".toolkit-package"
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,40}[a-z0-9])?$")
@@ -47,8 +51,8 @@ def package(models_dir: Path, ensembles_dir: Path, out: Path, *, name: str = "to
             gateway_settings: Path | None = None) -> PackageReport:
     from toolkit.deploy.dockerfile import gateway_dockerfile, triton_dockerfile
     from toolkit.deploy.kubernetes import gateway_manifests, triton_manifests
-    from toolkit.project import load_project
-    from toolkit.repo import generate_repository
+    from toolkit.repository.project import load_project
+    from toolkit.repository.generate import generate_repository
 
     if replicas < 1:
         raise PackageError(f"--replicas must be at least 1, got {replicas}")
@@ -66,10 +70,12 @@ def package(models_dir: Path, ensembles_dir: Path, out: Path, *, name: str = "to
         source = Path(__file__).resolve().parent.parent
         runtime.mkdir(parents=True)
         (runtime / "__init__.py").write_text("")
-        shutil.copyfile(source / "hooks.py", runtime / "hooks.py")
-        for package_dir in ("runtime", "builtins"):
-            shutil.copytree(source / package_dir, runtime / package_dir,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        for entry in STUB_SIDE:  # what the python stubs import, and nothing else of the toolkit
+            if (source / entry).is_dir():
+                shutil.copytree(source / entry, runtime / entry,
+                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "ruff.toml", ".ruff_cache"))
+            else:
+                shutil.copyfile(source / entry, runtime / entry)
         (staging / "triton" / "Dockerfile").write_text(triton_dockerfile(RUNTIME_PINS))
         (staging / "gateway").mkdir()
         (staging / "gateway" / "Dockerfile").write_text(gateway_dockerfile())

@@ -7,7 +7,7 @@ none (``write_model_yaml``) and, when it has one, checks that it still fits the 
 export time rather than at gen-repo or in Triton's log.
 
 The spec is read and the ONNX file's inputs/outputs are compared by the same code gen-repo uses
-(``toolkit.project``); only the ONNX graph is read, never its external data. No TensorFlow here.
+(``toolkit.repository.project``); only the ONNX graph is read, never its external data. No TensorFlow here.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from toolkit.errors import ExportError, SpecError
-from toolkit.project import (
+from toolkit.repository.project import (
     MODEL_FILE,
     OnnxTensor,
     has_batch_axis,
@@ -29,7 +29,7 @@ from toolkit.project import (
     read_onnx_io,
     read_onnx_shapes,
 )
-from toolkit.spec import TensorSpec, check_model_name
+from toolkit.repository.spec import TensorSpec, check_model_name
 
 #: max_batch_size of a default model.yaml. On CPU, onnxruntime's rows per second stop growing at
 #: small batches (MobileNetV2 gains nothing past 4 on this project's 2-core machines, see
@@ -104,7 +104,7 @@ def default_model_yaml(model_dir: Path, onnx_path: Path, export_command: str) ->
         f"# Model '{model_dir.name}': serves <version>/{onnx_path.name} of this folder, which `toolkit export` writes.",
         "# The first export wrote this file and no export overwrites it; each one checks that it still fits",
         "# the new ONNX. Edit it, then run `toolkit gen-repo`. Worth tuning: max_batch_size, dynamic_batching,",
-        "# instance_count (every field: toolkit/spec.py; examples: model_repository/*/model.yaml). Inputs",
+        "# instance_count (every field: toolkit/repository/spec.py; examples: model_repository/*/model.yaml). Inputs",
         "# and outputs are read from the ONNX file: declare inputs:/outputs: only to pin them.",
         "kind: onnx",
     ]

@@ -10,11 +10,15 @@ while the models run in Triton:
     variants.py   endpoints split between weighted variants (canaries), sticky by a request field
     metrics.py    the gateway's own Prometheus metrics (GET /metrics)
     envelope.py   response envelope, request ids, codes
+    body.py       a request's body: read, inflate, parse as Go does; printable log values
     mapping.py    API discovery from Triton; JSON data <-> tensors
     app.py        the Starlette app and its asyncio gRPC connection to Triton
 
     settings = load_settings(Path("gateway.yaml"))
     run_gateway(settings)                       # discovers the APIs, then serves with uvicorn
+
+Imports: ``toolkit.client`` (failures, retry, balancing), the stub side's codes
+(``toolkit.runtime.codes``) and ``toolkit.errors``; only the CLI imports the gateway.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ same limit), authenticate it off the event loop (``auth.py``: parse, go-infer's 
 replay, the app's rate limit), find the API or the endpoint variant (9709), map ``data`` to tensors
 (9801), call Triton through the one shared asyncio gRPC channel with the API's deadline (sent to
 Triton too, so it drops work whose caller gave up), retry a 9996 ("busy or restarting") with
-backoff while the deadline allows (``toolkit/retry.py``), map the outputs back.
+backoff while the deadline allows (``toolkit/client/retry.py``), map the outputs back.
 
 HTTP statuses: 200 for every envelope a client should read as go-infer's (success, bad input, a
 hook's own code, 9998); 503 + Retry-After for "busy, retry" (9996) and timeouts (9997); 429 +
@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import math
 import time
-import zlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,18 +31,20 @@ import numpy as np
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.gzip import GZipMiddleware
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from toolkit.client.failures import classify_triton_error
+from toolkit.client.retry import retry_pause
 from toolkit.gateway.auth import Authenticator
+from toolkit.gateway.body import ClientGone, printable, read_body
 from toolkit.gateway.envelope import SUCCESS, RequestError, envelope, new_request_id, render
 from toolkit.gateway.mapping import ApiRoute, variant_key
 from toolkit.gateway.metrics import GatewayMetrics
 from toolkit.gateway.settings import ErrorCodes, GatewaySettings
 from toolkit.gateway.variants import parse_endpoints
-from toolkit.hooks import API_ENTRY_FAILED, INFERENCE_FAILED, QUEUE_TIMEOUT, UNAVAILABLE, classify_triton_error
-from toolkit.retry import retry_pause
+from toolkit.runtime.codes import API_ENTRY_FAILED, INFERENCE_FAILED, QUEUE_TIMEOUT, UNAVAILABLE
 
 log = logging.getLogger("toolkit.gateway")
 
@@ -63,7 +62,7 @@ class Backend(Protocol):
 
 class TritonBackend:
     """One tritonclient asyncio gRPC channel, reused by every request; several Triton replicas in
-    ``url`` are balanced by gRPC itself (``toolkit/balancing.py``)."""
+    ``url`` are balanced by gRPC itself (``toolkit/client/balancing.py``)."""
 
     def __init__(self, url: str, compression: str | None = None):
         self.url, self.compression = url, compression
@@ -72,7 +71,7 @@ class TritonBackend:
     async def start(self) -> None:
         import tritonclient.grpc.aio as grpcaio  # the channel belongs to the running event loop
 
-        from toolkit.balancing import channel_args, grpc_target
+        from toolkit.client.balancing import channel_args, grpc_target
 
         self._client = grpcaio.InferenceServerClient(grpc_target(self.url), channel_args=channel_args(self.url))
 
@@ -119,98 +118,6 @@ def triton_error(error: Exception, codes: ErrorCodes, timeout: float, request_id
     if code == API_ENTRY_FAILED:
         return RequestError(codes.api_entry_failed, f"the request could not be prepared (request {request_id})")
     return RequestError(code, text)  # the hook's own code: its message is meant for the client
-
-
-class ClientGone(Exception):
-    """The client disconnected before its body arrived: nobody is left to answer."""
-
-
-async def read_body(request: Request, limit: int, codes: ErrorCodes, read_timeout: float) -> bytes:
-    """The body, whole, within ``read_timeout`` seconds and ``limit`` bytes (after gzip decoding)."""
-    too_large = RequestError(codes.missing_parameter, f"request body is larger than {limit} bytes", status=413)
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("identity", "gzip"):
-        raise RequestError(codes.missing_parameter, "unsupported Content-Encoding (use gzip or none)", status=415)
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large
-    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if encoding == "gzip" else None
-    chunks, size = [], 0
-    try:
-        async with asyncio.timeout(read_timeout):
-            async for chunk in request.stream():
-                if inflate is not None:
-                    try:  # never inflate more than the limit allows: a gzip bomb stops here
-                        chunk = inflate.decompress(chunk, limit + 1 - size)
-                    except zlib.error:
-                        raise RequestError(codes.missing_parameter, "request body is not valid gzip") from None
-                    if inflate.unconsumed_tail:
-                        raise too_large
-                size += len(chunk)
-                if size > limit:
-                    raise too_large
-                chunks.append(chunk)
-    except TimeoutError:
-        raise RequestError(codes.missing_parameter, f"request body not received within {read_timeout:g}s",
-                           status=408) from None
-    except ClientDisconnect:
-        raise ClientGone from None
-    if inflate is not None and not inflate.eof:
-        raise RequestError(codes.missing_parameter, "request body is not valid gzip (truncated)")
-    return b"".join(chunks)
-
-
-def printable(value: Any, limit: int = 200) -> str:
-    """A request-supplied value as it may appear in a log line: control characters and non-ASCII
-    escaped, never a forged line break, length-capped."""
-    text = value if isinstance(value, str) else str(value)
-    escaped = text.encode("unicode_escape", "backslashreplace").decode("ascii", "backslashreplace")
-    return escaped if len(escaped) <= limit else escaped[:limit] + "..."
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):
-        raise ValueError("number out of range")
-    return value
-
-
-def _int_as_go_would(text: str) -> int | float:
-    value = int(text)
-    float(value)  # OverflowError beyond float64, as Go's decoder refuses it
-    return -0.0 if text == "-0" else value
-
-
-def parse_body(body: bytes, max_depth: int, codes: ErrorCodes) -> dict[str, Any]:
-    """The request's JSON object, refusing what Go's decoder refuses (NaN, overflow) and nesting
-    deeper than ``max_depth``."""
-    try:
-        fields = json.loads(body.decode("utf-8"), parse_constant=_reject_constant,
-                            parse_float=_finite_float, parse_int=_int_as_go_would)
-    except RecursionError:  # the C decoder stops at Python's recursion limit, not by crashing
-        raise RequestError(codes.missing_parameter, f"request JSON is nested deeper than {max_depth} levels") from None
-    except (UnicodeDecodeError, ValueError, OverflowError):
-        raise RequestError(codes.missing_parameter, "request body is not valid JSON") from None
-    if not isinstance(fields, dict):
-        raise RequestError(codes.missing_parameter, "request body must be a JSON object")
-    if _depth(fields) > max_depth:
-        raise RequestError(codes.missing_parameter, f"request JSON is nested deeper than {max_depth} levels")
-    return fields
-
-
-def _depth(value: Any) -> int:
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict | list):
-            deepest = max(deepest, depth)
-            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item)
-                         if isinstance(child, dict | list))
-    return deepest
 
 
 @dataclass

@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from toolkit.gateway.body import parse_body
 from toolkit.gateway.envelope import RequestError
 from toolkit.gateway.settings import GatewaySettings
 from toolkit.gateway.signing import Sm2Verifier, canonical_string, decode_signature, sha256_matches
@@ -132,8 +133,6 @@ class Checker:
                      if private or self.api.sm2_public_key else None)
 
     def check(self, body: bytes, *, return_fields: bool = True) -> Verdict:
-        from toolkit.gateway.app import parse_body
-
         app_id = ""
         try:
             fields = parse_body(body, self.api.max_json_depth, self.codes)
@@ -278,7 +277,5 @@ class Authenticator:
                                status=429)
         fields = verdict.fields
         if fields is None:  # a large body: parsed again here, now that it is authenticated
-            from toolkit.gateway.app import parse_body
-
-            fields = await asyncio.to_thread(parse_body, body, self.api.max_json_depth, self.codes)
+                fields = await asyncio.to_thread(parse_body, body, self.api.max_json_depth, self.codes)
         return Authenticated(verdict.app_id, fields["data"], fields)

@@ -269,7 +269,7 @@ def _report_unreachable_replicas(url: str, timeout: float) -> None:
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
-    from toolkit.balancing import split_addresses
+    from toolkit.client.balancing import split_addresses
 
     addresses = split_addresses(url)
     if len(addresses) < 2:
@@ -310,7 +310,7 @@ def discover_routes(settings: GatewaySettings, url: str | None = None, *, timeou
 
     url = url or settings.triton.url
     headers = admin_headers(settings)
-    from toolkit.balancing import channel_args, grpc_target
+    from toolkit.client.balancing import channel_args, grpc_target
     from toolkit.errors import ToolkitError
 
     try:

@@ -105,7 +105,7 @@ class ApiSection(_Section):
 
 class TritonSection(_Section):
     #: Triton's gRPC address: host:port, several separated by commas, or dns:///name:port; several
-    #: replicas are balanced by gRPC itself (toolkit/balancing.py).
+    #: replicas are balanced by gRPC itself (toolkit/client/balancing.py).
     url: str = Field("127.0.0.1:8001", alias="Url", description="Triton's gRPC address(es)")
     #: gzip the gateway's calls to Triton (worth it only on a slow link; see BENCHMARKS.md).
     compression: Literal["gzip"] | None = Field(None, alias="Compression")

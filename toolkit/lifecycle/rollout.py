@@ -57,8 +57,8 @@ from toolkit.files import (
     staging_dir,
 )
 from toolkit.lifecycle.golden import GOLDEN_FILE, check_golden, read_golden
-from toolkit.project import ModelSource, load_model
-from toolkit.render import build_config_text
+from toolkit.repository.project import ModelSource, load_model
+from toolkit.repository.render import build_config_text
 
 HISTORY_FILE = "rollout.json"
 
@@ -354,7 +354,7 @@ def _read_config(path: Path) -> model_config_pb2.ModelConfig:
 def _render_version(source: ModelSource, version: int, served: model_config_pb2.ModelConfig,
                     repository: Path) -> Path:
     """Version ``version`` as gen-repo writes it, in a hidden folder of the served repository."""
-    from toolkit.repo import write_versions
+    from toolkit.repository.versions import write_versions
 
     target = "container" if served.backend == "onnxruntime" else "embedded"
     try:

@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.hooks import API_ENTRY_FAILED, INFERENCE_FAILED, HookError, format_coded_message
+from toolkit.runtime.codes import API_ENTRY_FAILED, INFERENCE_FAILED, format_coded_message
+from toolkit.runtime.hooks import HookError
 from toolkit.runtime.params import BUCKET_COST, BUCKET_ROWS, PAD_PREFIX, TRIM_PREFIX, config_parameters
 
 _NUMPY_DTYPES = {

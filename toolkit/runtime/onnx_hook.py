@@ -36,17 +36,15 @@ import os
 
 import numpy as np
 
-from toolkit.hooks import Hook, HookContext, HookError
+from toolkit.runtime.hooks import Hook, HookContext, HookError
+from toolkit.runtime.params import SERVING_KEY, read_export, thread_parameters
 
 INPUT_OUT_OF_RANGE = 1301
 INPUT_NOT_FINITE = 1302
 SEQUENCE_TOO_LONG = 1303
 RANGE_PREFIX = "input_range."
-#: export.json's key for what the served session needs (see ``session``), and the level it uses by default.
-SERVING_KEY = "onnxruntime"
+#: The level the served session uses unless export.json's serving entry (params.SERVING_KEY) says otherwise.
 SERVED_LEVEL = "ORT_ENABLE_ALL"
-#: ``intra_op_threads: adaptive``: every core for a run no other instance overlaps, the share otherwise.
-ADAPTIVE = "adaptive"
 
 
 def default_threads(instance_count: int) -> int:
@@ -113,22 +111,6 @@ class OnnxModel(Hook):
         return dict(zip(self.output_names, session.run(self.output_names, feed), strict=True))
 
 
-def thread_parameters(params, where: str = "parameter") -> tuple[int | None, str]:
-    """``intra_op_threads`` (None: adaptive, also when unset) and ``spin_threads``; gen-repo refuses
-    a bad value with the same check (spec.check_onnx_parameters) before the model ever loads."""
-    raw = params.get("intra_op_threads")
-    threads = None
-    if raw is not None and str(raw).strip().lower() != ADAPTIVE:
-        value = str(raw).strip()
-        if not (value.isdigit() and int(value) > 0):
-            raise ValueError(f"{where} intra_op_threads: expected a positive integer or {ADAPTIVE!r}, got {raw!r}")
-        threads = int(value)
-    spin = str(params.get("spin_threads", "false")).lower()
-    if spin not in ("false", "true", "run"):
-        raise ValueError(f"{where} spin_threads: expected false, true or run, got {spin!r}")
-    return threads, spin
-
-
 def session(ort, path, threads: int = 0, spin: str = "false", serving: dict | None = None):
     """The onnxruntime session this hook serves ``path`` with. ``serving`` is export.json's
     ``onnxruntime`` entry: what the export's check found the served path needs when onnxruntime's
@@ -150,17 +132,6 @@ def session(ort, path, threads: int = 0, spin: str = "false", serving: dict | No
     return ort.InferenceSession(path if isinstance(path, bytes) else str(path), options,
                                 providers=["CPUExecutionProvider"],
                                 disabled_optimizers=list(serving.get("disabled_optimizers") or []) or None)
-
-
-def read_export(model_dir) -> dict:
-    """The version folder's export.json (what `toolkit export` wrote), or {}."""
-    import json
-
-    try:
-        export = json.loads((model_dir / "export.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return export if isinstance(export, dict) else {}
 
 
 def _export_ranges(export: dict) -> dict[str, tuple[int, int]]:

@@ -1,4 +1,8 @@
-"""Config ``parameters`` keys the toolkit reserves for itself; written by gen-repo, read by the adapter."""
+"""The gen-repo <-> stub contract: the config ``parameters`` keys the toolkit reserves for itself
+(written by gen-repo, read by the adapter), the ONNX hook's thread parameters (checked by gen-repo
+with the same function the hook uses), and export.json's serving entry.
+
+numpy-free, so gen-repo and the spec checks import it without importing a hook."""
 
 from __future__ import annotations
 
@@ -17,6 +21,10 @@ BUCKET_COST = "toolkit.bucket_cost"
 BUCKET_ROWS = "toolkit.bucket_rows"
 #: ``execution: fused``: the version folder's file that lists the steps the adapter runs in one process.
 FUSED = "toolkit.fused"
+#: ``intra_op_threads: adaptive``: every core for a run no other instance overlaps, the share otherwise.
+ADAPTIVE = "adaptive"
+#: export.json's key for what the served ONNX session needs (see ``onnx_hook.session``).
+SERVING_KEY = "onnxruntime"
 
 
 def config_parameters(config: Mapping[str, Any]) -> dict[str, str]:
@@ -27,3 +35,30 @@ def config_parameters(config: Mapping[str, Any]) -> dict[str, str]:
 def hook_parameters(params: Mapping[str, str]) -> dict[str, str]:
     """What a hook's ``init`` sees: every parameter except the toolkit's own."""
     return {k: v for k, v in params.items() if not k.startswith(RESERVED)}
+
+
+def thread_parameters(params, where: str = "parameter") -> tuple[int | None, str]:
+    """``intra_op_threads`` (None: adaptive, also when unset) and ``spin_threads``; gen-repo refuses
+    a bad value with the same check (spec.check_onnx_parameters) before the model ever loads."""
+    raw = params.get("intra_op_threads")
+    threads = None
+    if raw is not None and str(raw).strip().lower() != ADAPTIVE:
+        value = str(raw).strip()
+        if not (value.isdigit() and int(value) > 0):
+            raise ValueError(f"{where} intra_op_threads: expected a positive integer or {ADAPTIVE!r}, got {raw!r}")
+        threads = int(value)
+    spin = str(params.get("spin_threads", "false")).lower()
+    if spin not in ("false", "true", "run"):
+        raise ValueError(f"{where} spin_threads: expected false, true or run, got {spin!r}")
+    return threads, spin
+
+
+def read_export(model_dir) -> dict:
+    """The version folder's export.json (what `toolkit export` wrote), or {}."""
+    import json
+
+    try:
+        export = json.loads((model_dir / "export.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return export if isinstance(export, dict) else {}

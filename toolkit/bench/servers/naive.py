@@ -1,6 +1,6 @@
 """Baseline (b): the server a user writes instead of Triton. FastAPI + uvicorn, one request -> one run.
 
-    python -m toolkit.bench.baselines.naive --workload embedding --model-dir model_repository/bert/1 \\
+    python -m toolkit.bench.servers.naive --workload embedding --model-dir model_repository/bert/1 \\
         --host 127.0.0.1 --port 8080 [--workers 1]
 
     POST /embedding {"texts": ["...", ...]}        -> {"embeddings": [[384 floats], ...]}
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     # shutdown into exit 0, which the benchmark runner (like a service manager) reads as a clean stop.
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, lambda *_: sys.exit(0))
-    uvicorn.run("toolkit.bench.baselines.naive:create_app", factory=True, host=args.host, port=args.port,
+    uvicorn.run("toolkit.bench.servers.naive:create_app", factory=True, host=args.host, port=args.port,
                 workers=args.workers, access_log=False)
 
 

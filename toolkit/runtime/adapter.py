@@ -14,8 +14,8 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from toolkit.hooks import HookContext
 from toolkit.runtime.batching import Failure, Layout, Observer, run_batch
+from toolkit.runtime.hooks import HookContext
 from toolkit.runtime.occupancy import for_instance
 from toolkit.runtime.params import FUSED, HOOK, config_parameters, hook_parameters
 
@@ -40,7 +40,7 @@ class TritonPythonModel:
                                       groups)
         self.fused = None
         if FUSED in params:  # execution: fused - the ensemble's steps in this process
-            from toolkit.runtime.fused import FusedPipeline
+            from toolkit.runtime.fused_runner import FusedPipeline
 
             families = {}
             self.fused = FusedPipeline.load(

@@ -1,4 +1,4 @@
-"""The runtime of ``execution: fused`` (see toolkit/fused.py): an ensemble's steps in one process.
+"""The runtime of ``execution: fused``: an ensemble's steps in one process (toolkit/repository/fused_plan.py plans it).
 
 Each step keeps what it has as a model of its own: ``api_entry`` per request, its ``Layout`` (padding,
 trimming, length buckets), its error codes. Between steps the requests' tensors stay numpy arrays
@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.hooks import HookContext
 from toolkit.runtime.batching import Failure, Layout, Observer, Result, run_batch
+from toolkit.runtime.hooks import HookContext
 from toolkit.runtime.occupancy import Occupancy
 from toolkit.runtime.params import HOOK, config_parameters, hook_parameters
 

@@ -30,7 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from toolkit.errors import SpecError
-from toolkit.runtime.onnx_hook import thread_parameters
+from toolkit.runtime.params import thread_parameters
 
 #: Triton's data types (``TYPE_`` prefix dropped; BYTES is proto TYPE_STRING) -> numpy dtype name.
 DTYPES: dict[str, str] = {

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 
-from toolkit.hooks import is_retryable
+from toolkit.client.failures import is_retryable
 
 #: Retries after the first attempt (bounded by the deadline long before: ~10 s of pauses).
 RETRIES = 12

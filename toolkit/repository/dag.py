@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from toolkit.errors import EnsembleError
-from toolkit.spec import AnySpec, EnsembleSpec, TensorSpec
+from toolkit.repository.spec import AnySpec, EnsembleSpec, TensorSpec
 
 
 def full_dims(owner: AnySpec, tensor: TensorSpec) -> list[int]:

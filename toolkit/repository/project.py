@@ -18,9 +18,9 @@ import importlib.util
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from toolkit.dag import check_ensemble, check_fusable, check_nesting, step_order
 from toolkit.errors import SpecError
-from toolkit.spec import (
+from toolkit.repository.dag import check_ensemble, check_fusable, check_nesting, step_order
+from toolkit.repository.spec import (
     DTYPES,
     AnySpec,
     DynamicBatching,

