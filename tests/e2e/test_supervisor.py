@@ -1,4 +1,4 @@
-"""The supervisor (toolkit/supervisor.py) under the faults that used to wedge or end serving, on the
+"""The supervisor (toolkit/server/supervisor.py) under the faults that used to wedge or end serving, on the
 real tritonserver, with 16 client threads sending requests meanwhile; every outcome counted.
 
 - a crash loop (a stub killed, then its replacement 0.3 s after it appears, 5 times 2 s apart) ends
@@ -29,9 +29,10 @@ from toolkit.client import TritonClient
 from toolkit.errors import InferenceError
 from toolkit.repository.generate import generate_repository
 from toolkit.repository.project import load_project
-from toolkit.server import TritonServer, _python_envs
-from toolkit.supervisor import SupervisorPolicy
-from toolkit.watchdog import Stub, _children
+from toolkit.server import TritonServer
+from toolkit.server.process import _python_envs
+from toolkit.server.stubs import Stub, _children
+from toolkit.server.supervisor import SupervisorPolicy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.reliability]
 

@@ -17,9 +17,9 @@ from serving import free_port_run, free_ports
 
 from toolkit.client import TritonClient
 from toolkit.errors import InferenceError, ServerError
-from toolkit.replicas import ReplicaSet
 from toolkit.repository.generate import generate_repository
 from toolkit.repository.project import load_project
+from toolkit.server.replicas import ReplicaSet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.reliability]
 

@@ -24,7 +24,7 @@ from toolkit.client import TritonClient
 from toolkit.errors import InferenceError
 from toolkit.hooks import UNAVAILABLE
 from toolkit.server import TritonServer
-from toolkit.watchdog import SHM_DIR
+from toolkit.server.stubs import SHM_DIR
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.reliability]
 

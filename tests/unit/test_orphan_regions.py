@@ -1,4 +1,4 @@
-"""remove_orphan_regions (toolkit/watchdog.py): a stopped server sweeps the python backend's shared
+"""remove_orphan_regions (toolkit/server/stubs.py): a stopped server sweeps the python backend's shared
 memory regions that no process maps, and never touches a mapped or a just-created one."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from toolkit.watchdog import REGION_PREFIX, remove_orphan_regions
+from toolkit.server.stubs import REGION_PREFIX, remove_orphan_regions
 
 HOLDER = """
 import mmap, sys

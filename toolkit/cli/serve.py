@@ -109,7 +109,7 @@ def serve(repository: Path, host: str, http_port: int, grpc_port: int, metrics_p
 
 def _serve_replicas(repository: Path, count: int, *, host: str, http_port: int, log_dir: Path, timeout: float,
                     on_event, server_options: dict) -> None:
-    from toolkit.replicas import ReplicaSet
+    from toolkit.server.replicas import ReplicaSet
 
     replicas = ReplicaSet(repository, count, host=host, http_port=http_port, on_event=on_event, log_dir=log_dir,
                           server_options=server_options)

@@ -8,7 +8,7 @@ What it takes to run that binary well, done once here:
 - start-up that waits until Triton is live, then asks its repository index which models failed to
   load and why, so a broken model ends the start with its name and Triton's reason;
 - explicit model control by default (every model loaded at start), so that the supervisor
-  (``toolkit/supervisor.py``) can bring back a model whose python stub died, and a tritonserver
+  (``toolkit/server/supervisor.py``) can bring back a model whose python stub died, and a tritonserver
   that died, on its ports;
 - no auto-complete (``--disable-auto-complete-config``): gen-repo writes complete configs, and the
   python backend's auto-complete stub, killed at the wrong moment, wedges a load for good;
@@ -46,8 +46,8 @@ from typing import IO, Literal
 from toolkit.errors import ModelLoadError, ServerError
 from toolkit.files import RepositoryBusy, RepositoryLock, clean_leftovers
 from toolkit.runtime.occupancy import remove_server_files
-from toolkit.supervisor import Supervisor, SupervisorPolicy
-from toolkit.watchdog import remove_orphan_regions
+from toolkit.server.stubs import remove_orphan_regions
+from toolkit.server.supervisor import Supervisor, SupervisorPolicy
 
 ModelControl = Literal["none", "poll", "explicit"]
 
@@ -136,7 +136,7 @@ def stub_environment(base: dict[str, str]) -> dict[str, str]:
     for name in BLAS_THREAD_VARIABLES:
         env.setdefault(name, "1")
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    package_root = str(Path(__file__).resolve().parent.parent)
+    package_root = str(Path(__file__).resolve().parents[2])  # the folder holding toolkit/
     env["PYTHONPATH"] = os.pathsep.join(p for p in [package_root, env.get("PYTHONPATH", "")] if p)
     libdir = python_library_dir()
     if libdir:
@@ -274,7 +274,7 @@ class TritonServer:
         self.supervision = supervision or SupervisorPolicy()
         self._output: IO | int | None = None
         self.on_event = on_event
-        #: The supervisor of this server and its stubs while it runs (``toolkit/supervisor.py``).
+        #: The supervisor of this server and its stubs while it runs (``toolkit/server/supervisor.py``).
         self.watchdog: Supervisor | None = None
         self._python_envs: set[Path] = set()   # the python backend's /tmp/python_env_* of our launches
         #: Why the last ``stop`` was not clean (Triton failed to drain, or had to be killed), or None.
@@ -577,7 +577,7 @@ class TritonServer:
 
     def _wait_for_exit(self) -> int:
         """Wait for the SIGTERMed server: up to ``exit_timeout`` + 10 s, or, when all that keeps it
-        alive is a crashed stub's model version it can never unload (see ``toolkit/watchdog.py``),
+        alive is a crashed stub's model version it can never unload (see ``toolkit/server/stubs.py``),
         until every live stub has finished (the drain is then complete) plus a short grace."""
         assert self.process is not None
         zombies = self.watchdog.leftover_zombies() if self.watchdog is not None else []

@@ -1,4 +1,4 @@
-"""What the supervisor (``toolkit/supervisor.py``) observes: the python stubs of a running tritonserver,
+"""What the supervisor (``toolkit/server/supervisor.py``) observes: the python stubs of a running tritonserver,
 which of them died, and the shared memory they leave behind.
 
 Triton's python backend (24.10) never restarts a stub that died (an OOM kill, a segfault in a native

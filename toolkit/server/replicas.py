@@ -3,7 +3,7 @@
 (``toolkit/client/balancing.py``) instead of nginx.
 
 Replica i listens on ``base + 3 i`` (HTTP), ``+1`` (gRPC), ``+2`` (metrics). Each replica has the
-same supervisor as a single server (``toolkit/supervisor.py``): a stub that dies is healed, and a
+same supervisor as a single server (``toolkit/server/supervisor.py``): a stub that dies is healed, and a
 replica that dies (killed, crashed) is started again on the same ports, so the clients' gRPC
 channels reconnect to it by themselves. On a real deployment each replica is a pod and Kubernetes
 does this (see ``toolkit package``); on one machine the replicas share its cores (no speed-up).
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.errors import ServerError
-from toolkit.server import TritonServer
+from toolkit.server.process import TritonServer
 
 
 @dataclass

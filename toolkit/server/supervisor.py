@@ -8,7 +8,7 @@ on Triton:
   they share) is started again on its ports, with exponential backoff between failed starts; after
   ``server_restart_limit`` restarts within ``server_restart_window`` it gives up, and
   ``TritonServer.wait`` returns;
-- **a dead stub** (a zombie child of tritonserver, see ``toolkit/watchdog.py``) gets its model
+- **a dead stub** (a zombie child of tritonserver, see ``toolkit/server/stubs.py``) gets its model
   healed by a worker thread of that model: unloaded at once when no instance of it is left (so
   readiness says "not ready"), then loaded again after a backoff that doubles with every failed
   attempt; a model with live instances left is reloaded in place. Models heal independently: a
@@ -49,7 +49,7 @@ from subprocess import Popen
 from typing import Protocol
 
 from toolkit.files import RepositoryBusy, RepositoryLock
-from toolkit.watchdog import _ZOMBIE_GRACE, RESTARTS_PARAMETER, SHM_DIR, Heal, Stub, _children
+from toolkit.server.stubs import _ZOMBIE_GRACE, RESTARTS_PARAMETER, SHM_DIR, Heal, Stub, _children
 
 
 class Supervised(Protocol):
