@@ -18,10 +18,10 @@ sys.path.insert(0, str(ROOT))
 
 from toolkit.bench.loadgen import PointSpec, TargetSpec, run_point  # noqa: E402
 from toolkit.bench.runner import workload  # noqa: E402
-from toolkit.server.replicas import ReplicaSet  # noqa: E402
 from toolkit.repository.generate import generate_repository  # noqa: E402
 from toolkit.repository.project import load_project  # noqa: E402
 from toolkit.server import free_ports  # noqa: E402
+from toolkit.server.replicas import ReplicaSet  # noqa: E402
 
 
 def main() -> None:
