@@ -89,6 +89,15 @@ class GatewayError(ToolkitError):
     """
 
 
+class TritonAdminError(ToolkitError):
+    """A call of Triton's admin API (repository, config, statistics) failed; ``status`` is its HTTP
+    status, 0 when Triton could not be reached or did not answer in time."""
+
+    def __init__(self, message: str, status: int = 0):
+        super().__init__(message)
+        self.status = status
+
+
 class LifecycleError(ToolkitError):
     """A rollout or rollback could not be done; the message says why, and the version that was
     serving still serves."""

@@ -19,10 +19,11 @@ from projects import python_model, write_model
 from serving import ROOT, free_ports
 
 from toolkit.client import TritonClient
+from toolkit.client.admin import TritonAdmin
 from toolkit.errors import InferenceError, LifecycleError
 from toolkit.files import RepositoryLock, leftovers
 from toolkit.lifecycle.golden import GOLDEN_FILE, write_golden
-from toolkit.lifecycle.rollout import TritonAdmin, rollback, rollout, versions
+from toolkit.lifecycle.rollout import rollback, rollout, versions
 from toolkit.repository.generate import generate_repository
 from toolkit.repository.project import load_project
 from toolkit.server import TritonServer

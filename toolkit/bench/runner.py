@@ -10,12 +10,10 @@ Each server runs alone while it is measured; the load generator runs in its own 
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import shutil
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ from toolkit.bench.loadgen import PointResult, PointSpec, TargetSpec, run_point
 from toolkit.bench.peers import PEERS, serve_peer
 from toolkit.bench.processes import process_group, wait_http
 from toolkit.bench.workloads import Workload
+from toolkit.client.admin import TritonAdmin
 from toolkit.errors import BenchError
 from toolkit.server import TritonServer, free_ports
 
@@ -191,8 +190,7 @@ def _toolkit_repository(contender: str, work: Workload, out: Path) -> Path:
 
 def triton_statistics(http_url: str) -> dict[str, dict[str, int]]:
     """Per model: successful requests and nanoseconds spent queueing and computing."""
-    with urllib.request.urlopen(f"http://{http_url}/v2/models/stats", timeout=10) as r:
-        stats = json.load(r)
+    stats = TritonAdmin(http_url).statistics(timeout=10)
     out = {}
     for model in stats.get("model_stats", []):
         s = model["inference_stats"]

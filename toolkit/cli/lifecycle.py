@@ -36,7 +36,7 @@ def _options_for_versions(command):
 
 
 def _admin(url: str, admin_header: str | None):
-    from toolkit.lifecycle.rollout import TritonAdmin
+    from toolkit.client.admin import TritonAdmin
     from toolkit.server import ApiRestriction
 
     headers = ApiRestriction.parse(admin_header).http_headers() if admin_header else None

@@ -1,6 +1,7 @@
 """Talk to a running Triton: inference, the reading of its errors, retry and balancing.
 
     infer.py      TritonClient: HTTP or gRPC, numpy in and out, retries, compression
+    admin.py      TritonAdmin: the one client of Triton's admin API (health, repository, config, stats)
     failures.py   Triton's error text -> the toolkit's code (classify_triton_error, is_retryable)
     retry.py      when to send a failed inference again
     balancing.py  several replicas behind one gRPC channel, balanced by gRPC itself

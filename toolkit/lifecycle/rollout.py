@@ -37,8 +37,6 @@ import json
 import os
 import shutil
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,9 +45,11 @@ import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from toolkit.errors import LifecycleError, ToolkitError
+from toolkit.client.admin import TritonAdmin
+from toolkit.errors import LifecycleError, ToolkitError, TritonAdminError
 from toolkit.files import (
     CANDIDATE_SUFFIX,
+    RepositoryBusy,
     RepositoryLock,
     clean_leftovers,
     leftovers,
@@ -61,6 +61,11 @@ from toolkit.repository.project import ModelSource, load_model
 from toolkit.repository.render import build_config_text
 
 HISTORY_FILE = "rollout.json"
+#: Seconds a rollout waits for a heal of the server's supervisor that holds the repository lock
+#: (another rollout or rollback refuses it at once, unless --wait says otherwise).
+HEAL_WAIT = 90.0
+#: Seconds a load call may take: a candidate's load is as slow as the model (a big ONNX file).
+LOAD_TIMEOUT = 300.0
 
 
 @dataclass
@@ -78,65 +83,24 @@ class RolloutReport:
                 f"golden check {self.golden}; {steps}")
 
 
-class TritonAdmin:
-    """Triton's HTTP repository and inference API, with the admin header when APIs are restricted."""
+def _infer(admin: TritonAdmin, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One inference on the candidate (its golden check), with tritonclient over HTTP."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-    def __init__(self, url: str, headers: dict[str, str] | None = None, timeout: float = 300.0):
-        self.url = url.removeprefix("http://").rstrip("/")
-        self.headers, self.timeout = dict(headers or {}), timeout
-
-    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(f"http://{self.url}{path}", data=data, method=method,
-                                     headers={**self.headers, "Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as response:
-                raw = response.read()
-                return response.status, json.loads(raw) if raw else {}
-        except urllib.error.HTTPError as e:
-            raw = e.read()
-            try:
-                return e.code, json.loads(raw) if raw else {}
-            except ValueError:
-                return e.code, {"error": raw[:300].decode(errors="replace")}
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
-            raise LifecycleError(f"Triton is not reachable at http://{self.url}: {e}") from e
-
-    def index(self) -> list[dict]:
-        status, body = self.request("POST", "/v2/repository/index", {})
-        if status != 200:
-            raise LifecycleError(f"cannot list Triton's models at {self.url}: {body.get('error', status)}")
-        return body if isinstance(body, list) else []
-
-    def load(self, model: str) -> None:
-        status, body = self.request("POST", f"/v2/repository/models/{model}/load", {})
-        if status != 200:
-            raise LifecycleError(f"Triton could not load '{model}': {body.get('error', f'HTTP {status}')}")
-
-    def unload(self, model: str) -> None:
-        self.request("POST", f"/v2/repository/models/{model}/unload", {})
-
-    def ready(self, model: str, version: int | None = None) -> bool:
-        path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/ready"
-        return self.request("GET", path)[0] == 200
-
-    def infer(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import tritonclient.http as httpclient
-        from tritonclient.utils import InferenceServerException, np_to_triton_dtype
-
-        client = httpclient.InferenceServerClient(self.url, connection_timeout=60, network_timeout=60)
-        try:
-            items = []
-            for name, array in inputs.items():
-                item = httpclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-                item.set_data_from_numpy(array, binary_data=True)
-                items.append(item)
-            result = client.infer(model, items, headers=self.headers)
-            return {o["name"]: result.as_numpy(o["name"]) for o in result.get_response()["outputs"]}
-        except InferenceServerException as e:
-            raise LifecycleError(f"the candidate failed its golden request: {e.message()}") from e
-        finally:
-            client.close()
+    client = httpclient.InferenceServerClient(admin.url, connection_timeout=60, network_timeout=60)
+    try:
+        items = []
+        for name, array in inputs.items():
+            item = httpclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            item.set_data_from_numpy(array, binary_data=True)
+            items.append(item)
+        result = client.infer(model, items, headers=admin.headers)
+        return {o["name"]: result.as_numpy(o["name"]) for o in result.get_response()["outputs"]}
+    except InferenceServerException as e:
+        raise LifecycleError(f"the candidate failed its golden request: {e.message()}") from e
+    finally:
+        client.close()
 
 
 def rollout(model: str, *, version: int | None, models_dir: Path, repository: Path, admin: TritonAdmin,
@@ -202,7 +166,7 @@ def _switch(model: str, version: int, source: ModelSource | None, repository: Pa
     try:
         _write_candidate(repository / candidate, config, candidate, version,
                          source_dir if source_dir is not None else served_dir / str(version))
-        admin.load(candidate)
+        admin.load(candidate, timeout=LOAD_TIMEOUT)
         report.seconds["candidate load"] = time.monotonic() - started
         if golden_check:
             golden_path = (source_dir or served_dir / str(version)) / GOLDEN_FILE
@@ -211,7 +175,7 @@ def _switch(model: str, version: int, source: ModelSource | None, repository: Pa
                                      "(toolkit export writes one; a python hook ships its own), or pass "
                                      "--skip-golden-check")
             golden = read_golden(golden_path)
-            problems = check_golden(golden, lambda inputs: admin.infer(candidate, inputs))
+            problems = check_golden(golden, lambda inputs: _infer(admin, candidate, inputs))
             if problems:
                 raise LifecycleError(f"version {version} of '{model}' failed its golden check; still serving "
                                      f"{', '.join(map(str, serving)) or 'nothing'}:\n  " + "\n  ".join(problems))
@@ -223,8 +187,8 @@ def _switch(model: str, version: int, source: ModelSource | None, repository: Pa
             source_dir = None
         _write_policy(served_dir / "config.pbtxt", config, version)
         try:
-            admin.load(model)
-        except LifecycleError:
+            admin.load(model, timeout=LOAD_TIMEOUT)
+        except TritonAdminError:
             _write_policy(served_dir / "config.pbtxt", config, None)  # Triton kept the old version serving
             raise
         deadline = time.monotonic() + 60
@@ -234,7 +198,8 @@ def _switch(model: str, version: int, source: ModelSource | None, repository: Pa
             time.sleep(0.05)
         report.seconds["switch"] = time.monotonic() - promoted
     finally:
-        admin.unload(candidate)
+        with contextlib.suppress(TritonAdminError):
+            admin.unload(candidate, timeout=60)
         shutil.rmtree(repository / candidate, ignore_errors=True)
         if source_dir is not None:
             shutil.rmtree(source_dir.parent, ignore_errors=True)  # the staging folder it was rendered in
@@ -244,12 +209,29 @@ def _switch(model: str, version: int, source: ModelSource | None, repository: Pa
 @contextlib.contextmanager
 def _changing(repository: Path, purpose: str, admin: TritonAdmin, wait: float) -> Iterator[None]:
     """Hold the repository's lock; first remove what a change that died half-way left behind."""
-    with RepositoryLock(repository).hold(purpose, wait=wait):
+    lock = RepositoryLock(repository)
+    try:
+        with lock.hold(purpose, wait=wait):
+            pass
+    except RepositoryBusy:
+        if not lock.holder().startswith("heal of "):
+            raise
+        wait = max(wait, HEAL_WAIT)  # a heal takes seconds: wait for it rather than refuse
+    with lock.hold(purpose, wait=wait), _as_lifecycle_errors():
         for path in leftovers(repository):
             if path.name.endswith(CANDIDATE_SUFFIX):
                 _retire_candidate(admin, path.name)
         clean_leftovers(repository)
         yield
+
+
+@contextlib.contextmanager
+def _as_lifecycle_errors() -> Iterator[None]:
+    """An admin call that failed is a rollout that could not be done (the served version serves)."""
+    try:
+        yield
+    except TritonAdminError as e:
+        raise LifecycleError(str(e)) from e
 
 
 def _retire_candidate(admin: TritonAdmin, name: str, timeout: float = 120.0) -> None:
@@ -265,7 +247,8 @@ def _retire_candidate(admin: TritonAdmin, name: str, timeout: float = 120.0) -> 
                                  f"after {timeout:.0f}s; retry when it is done")
         time.sleep(0.2)
     if "READY" in states:
-        admin.unload(name)
+        with contextlib.suppress(TritonAdminError):  # the index below says whether it went
+            admin.unload(name, timeout=60)
         while any(m.get("name") == name and m.get("state") in ("READY", "UNLOADING")
                   for m in admin.index()):
             if time.monotonic() > deadline:
@@ -332,8 +315,9 @@ def versions(model: str, *, repository: Path, admin: TritonAdmin, models_dir: Pa
     candidate = None
     if (repository / (model + CANDIDATE_SUFFIX)).exists():
         candidate = f"{model + CANDIDATE_SUFFIX} (held by {lock.holder()})"
-    return ModelVersions(model, _serving(admin, served_dir, model), _versions(served_dir), sources,
-                         history.served, candidate, history.log)
+    with _as_lifecycle_errors():
+        serving = _serving(admin, served_dir, model)
+    return ModelVersions(model, serving, _versions(served_dir), sources, history.served, candidate, history.log)
 
 
 # --- files ------------------------------------------------------------------------------------------

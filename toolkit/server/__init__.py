@@ -6,8 +6,9 @@
     stubs.py       facts about the python stubs: Stub, /proc children, shared-memory regions
     replicas.py    ReplicaSet: several servers over one repository, each with its own supervisor
 
-Imports: ``toolkit.errors``, ``toolkit.files`` and the stub side's ``toolkit.runtime.occupancy``
-only; lifecycle/, gateway/, bench/ and the CLI build on this package.
+Imports: ``toolkit.errors``, ``toolkit.files``, the admin client (``toolkit.client.admin``) and
+the stub side's ``toolkit.runtime.occupancy`` only; lifecycle/, gateway/, bench/ and the CLI build
+on this package.
 """
 
 from toolkit.server.process import (

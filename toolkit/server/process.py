@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -36,14 +35,13 @@ import sysconfig
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
 
-from toolkit.errors import ModelLoadError, ServerError
+from toolkit.client.admin import TritonAdmin
+from toolkit.errors import ModelLoadError, ServerError, TritonAdminError
 from toolkit.files import RepositoryBusy, RepositoryLock, clean_leftovers
 from toolkit.runtime.occupancy import remove_server_files
 from toolkit.server.stubs import remove_orphan_regions
@@ -465,18 +463,16 @@ class TritonServer:
         if self.on_event is not None:
             self.on_event(message)
 
-    def http(self, method: str, path: str, body: bytes | None = None, *, timeout: float = 5) -> tuple[int, bytes]:
-        """One request to Triton's HTTP endpoint, with the admin header when APIs are restricted;
-        ``(0, b"")`` when it cannot be reached."""
+    @property
+    def admin(self) -> TritonAdmin:
+        """The admin client of this server (toolkit.client.admin), with the admin header when APIs
+        are restricted."""
         headers = self.restrict_apis.http_headers() if self.restrict_apis else {}
-        request = urllib.request.Request(f"http://{self.http_url}{path}", data=body, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return 0, b""
+        return TritonAdmin(self.http_url, headers)
+
+    def http(self, method: str, path: str, body: bytes | None = None, *, timeout: float = 5) -> tuple[int, bytes]:
+        """One request to Triton's HTTP endpoint through ``admin``; ``(0, b"")`` when it cannot be reached."""
+        return self.admin.request(method, path, body, timeout=timeout)
 
     def _wait_until_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -510,13 +506,13 @@ class TritonServer:
 
     def ready_models(self) -> list[str]:
         """The models Triton serves right now (READY), by name."""
-        return sorted({m["name"] for m in self.repository_index() if m.get("state") == "READY"})
+        return self.admin.ready_models()
 
     def repository_index(self) -> list[dict]:
-        status, body = self.http("POST", "/v2/repository/index", b"{}")
-        if status != 200:
+        try:
+            return self.admin.index()
+        except TritonAdminError:
             return []
-        return json.loads(body or b"[]")
 
     def _check_alive(self) -> None:
         if self._stopping.is_set():
