@@ -14,6 +14,18 @@ from serving import build_project, example_repository, free_ports
 from toolkit.server import TritonServer
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_python_env_outlives_the_suite():
+    """Every tritonserver the suite starts is stopped, and with it the python backend's
+    ``/tmp/python_env_*`` folder goes (issue 20: each start used to leave one behind)."""
+    from toolkit.server.process import _python_envs
+
+    before = set(_python_envs())
+    yield
+    left = sorted(str(p) for p in set(_python_envs()) - before)
+    assert not left, f"python backend environment folders left behind by the suite: {left}"
+
+
 @pytest.fixture(scope="session")
 def minilm_report(tmp_path_factory):
     """The packaged all-MiniLM-L6-v2 exported to ONNX (and checked against Keras): the ExportReport."""

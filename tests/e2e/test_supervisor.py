@@ -27,6 +27,7 @@ from serving import free_ports
 
 from toolkit.client import TritonClient
 from toolkit.errors import InferenceError
+from toolkit.files import RepositoryLock
 from toolkit.repository.generate import generate_repository
 from toolkit.repository.project import load_project
 from toolkit.server import TritonServer
@@ -208,6 +209,26 @@ def test_a_crash_loop_ends_serving_while_the_other_model_answers_everything_and_
           f"other: {answered} answered, 0 failed; readiness polls {len(traffic.polls)} ({ready_polls} ready), "
           f"0 without a live stub beyond {DETECTION_WINDOW}s; heals {len(server.watchdog.heals)}, "
           f"counters {dict(server.watchdog.counters)}")
+
+
+def test_a_heal_waits_while_a_rollout_holds_the_repository_lock_then_heals(server):
+    """Heal, rollout and rollback are serialised by one lock (toolkit/files.py): a stub that dies
+    while an operator holds it is healed only once the lock is free, and then promptly."""
+    assert _wait_for(lambda: _serves(server, "victim"), 30)
+    heals = len(server.watchdog.heals)
+    with RepositoryLock(server.repository).hold("rollout of 'victim' (a test holding the lock)"):
+        for pid in live_stubs(server, "victim"):
+            os.kill(pid, signal.SIGKILL)
+        waited = _wait_for(lambda: any("waits" in e and "rollout of 'victim'" in e for e in server.events), 10)
+        time.sleep(2)
+        healed_while_held = len(server.watchdog.heals) > heals
+        released = time.monotonic()
+    back = _wait_for(lambda: _serves(server, "victim") and time.monotonic(), 15, step=0.1)
+    assert waited, server.events[-5:]
+    assert not healed_while_held, server.watchdog.heals[-1:]
+    assert back and back - released < 10, server.events[-5:]
+    assert len(server.watchdog.heals) == heals + 1
+    print(f"\nheal under a held lock: waited, then serving {back - released:.1f}s after the release")
 
 
 def test_a_model_crash_looping_past_the_limit_is_marked_failed_once(tmp_path):

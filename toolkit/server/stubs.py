@@ -57,6 +57,17 @@ class Stub:
         return cls(pid, model_file.parent.parent.name, model_file.parent.name, argv[8], argv[2])
 
 
+def exit_status(pid: int) -> int | None:
+    """A zombie's wait status as waitpid would report it (/proc/PID/stat field 52): 0 for a clean
+    exit, the signal number for a kill; None when it cannot be read (gone, or an old kernel)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[49])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _children(parent: int) -> dict[int, tuple[str, list[str]]]:
     """pid -> (state letter, argv) of ``parent``'s children (argv is empty for a zombie)."""
     out = {}

@@ -49,7 +49,7 @@ from subprocess import Popen
 from typing import Protocol
 
 from toolkit.files import RepositoryBusy, RepositoryLock
-from toolkit.server.stubs import _ZOMBIE_GRACE, RESTARTS_PARAMETER, SHM_DIR, Heal, Stub, _children
+from toolkit.server.stubs import _ZOMBIE_GRACE, RESTARTS_PARAMETER, SHM_DIR, Heal, Stub, _children, exit_status
 
 
 class Supervised(Protocol):
@@ -216,7 +216,10 @@ class Supervisor:
                 since = self._zombie_since.setdefault(pid, now)
                 if now - since >= _ZOMBIE_GRACE or self.interval >= _ZOMBIE_GRACE:
                     self._handled.add(pid)
-                    died.append(stub)
+                    # A stub of a version being unloaded (a rollout's reload) exits cleanly and can
+                    # stay a zombie a while on a busy machine: only a kill or a failure is a crash.
+                    if exit_status(pid) != 0:
+                        died.append(stub)
             for stub in died:
                 self.counters[("stub_deaths_total", stub.model)] += 1
                 self.log(f"watchdog: stub '{stub.instance}' (pid {stub.pid}) of model '{stub.model}' died")
@@ -359,6 +362,7 @@ class Supervisor:
     def _heal_model(self, model: str, generation: int) -> None:
         """The worker of one model: heal attempts until it serves, fails or the server changes."""
         p = self.policy
+        waiting_logged = False
         try:
             while True:
                 self._current(generation)
@@ -392,7 +396,9 @@ class Supervisor:
                         state.dead.update(dead)
                         state.attempts.pop()
                     heal.attempts -= 1
-                    self.log(f"watchdog: heal of '{model}' waits: {e}")
+                    if not waiting_logged:   # one line per wait, not one per retry
+                        self.log(f"watchdog: heal of '{model}' waits: {e}")
+                        waiting_logged = True
                     self._stop.wait(self.interval)
                     continue
                 except Wedged as e:
