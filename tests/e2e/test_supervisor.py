@@ -255,9 +255,14 @@ def test_a_model_crash_looping_past_the_limit_is_marked_failed_once(tmp_path):
         assert len(lines) == 1, server.events
         assert server.watchdog.counters[("crash_loop_failures_total", "victim")] == 1
         assert 'toolkit_supervisor_model_failed{model="victim"} 1' in server.watchdog.metrics_text()
+        published = server.watchdog.metrics_file
+        assert _wait_for(lambda: published.exists()
+                         and 'toolkit_supervisor_model_failed{model="victim"} 1' in published.read_text(), 5)
+        assert 'toolkit_supervisor_crash_loop_failures_total{model="victim"} 1' in published.read_text()
         print(f"\ncrash loop past the limit: {outcomes['failed']} failed requests, "
               f"{server.watchdog.counters[('stub_deaths_total', 'victim')]} stub deaths; {lines[0]}")
     assert envs and not any(p.exists() for p in envs)
+    assert not published.exists()   # a stopped server has no supervisor to report
 
 
 def test_tritonserver_killed_under_toolkit_serve_serves_again_within_30s(tmp_path):

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
 import time
 from collections import Counter, deque
@@ -151,6 +152,7 @@ class Supervisor:
 
     def start(self) -> Supervisor:
         self.scan()
+        self._published: str | None = None
         self._thread = threading.Thread(target=self._run, name="toolkit-supervisor", daemon=True)
         self._thread.start()
         return self
@@ -169,8 +171,28 @@ class Supervisor:
         while not self._stop.wait(self.interval):
             try:
                 self.tick()
+                self._publish()
             except Exception as e:  # the supervisor must outlive any surprise
                 self.log(f"watchdog: {type(e).__name__}: {e}")
+        with contextlib.suppress(OSError):
+            self.metrics_file.unlink()
+
+    @property
+    def metrics_file(self) -> Path:
+        """``metrics_text`` as a file beside the served repository (``build/.model_repository.prom``),
+        rewritten whenever a count changes: what node_exporter's textfile collector, a script or an
+        operator reads (Triton's own metrics port carries Triton's and the hooks' metrics only)."""
+        repository = Path(self.server.repository)
+        return repository.parent / f".{repository.name}.prom"
+
+    def _publish(self) -> None:
+        text = self.metrics_text()
+        if text == self._published:
+            return
+        tmp = self.metrics_file.with_name(f"{self.metrics_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.metrics_file)
+        self._published = text
 
     def tick(self) -> None:
         process = self.server.process
