@@ -76,7 +76,7 @@ class SupervisorPolicy:
     call_timeout: float = 10.0            # a load call; unload, config and index calls get 3 s
     lock_wait: float = 1.0                # wait at most this long for the repository lock
     backoff_base: float = 0.5             # before the 2nd consecutive attempt; doubles after each failure
-    backoff_max: float = 4.0               # short: a model must serve again soon after its last crash
+    backoff_max: float = 2.0               # short: a model must serve again within 10 s of its last crash
     crash_loop_limit: int = 15            # heals of one model within the window before it is FAILED
     crash_loop_window: float = 120.0
     load_timeout: float = 60.0            # LOADING longer than this: wedged
