@@ -432,6 +432,9 @@ class TritonServer:
                 os.killpg(self.process.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout=10)
+            # Its stubs die with it, but a dying stub still maps its shared memory region: a stop
+            # sweeping regions while they linger would leave theirs behind (seen on a busy machine).
+            _wait_group_gone(self.process.pid, within=10.0)
 
     def _relaunch(self, timeout: float = 180.0) -> None:
         """Start tritonserver again on its ports after it died or was killed (the supervisor's one
@@ -549,7 +552,7 @@ class TritonServer:
             # they share its process group (ours alone: start_new_session), so sweep the group.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.process.pid, signal.SIGKILL)
-            _wait_group_gone(self.process.pid, within=3.0)   # a dying stub still maps its region
+            _wait_group_gone(self.process.pid, within=10.0)   # a dying stub still maps its region
             remove_server_files(self.process.pid)  # the hooks' occupancy locks (runtime/occupancy.py)
             if code not in (0, None) and self.stop_problem is None:
                 self.stop_problem = f"tritonserver exited with code {code}: it did not drain cleanly{self._log_hint()}"
