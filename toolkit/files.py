@@ -64,6 +64,14 @@ PARTIAL_MARK = ".partial-"
 CANDIDATE_SUFFIX = "__candidate"
 
 
+#: How a heal names itself as the lock's holder (``heal_purpose``): whoever waits may be patient.
+HEAL = "heal of "
+
+
+def heal_purpose(model: str) -> str:
+    return f"{HEAL}'{model}'"
+
+
 class RepositoryBusy(LifecycleError):
     """Another operation holds the repository's lock."""
 
@@ -75,19 +83,22 @@ class RepositoryLock:
         self.path = repository.parent / f".{repository.name}.lock"
 
     @contextlib.contextmanager
-    def hold(self, purpose: str, *, wait: float = 0.0, poll: float = 0.05) -> Iterator[None]:
-        """Hold the lock for ``purpose`` (words for whoever waits), waiting up to ``wait`` seconds;
+    def hold(self, purpose: str, *, wait: float = 0.0, heal_wait: float = 0.0,
+             poll: float = 0.05) -> Iterator[None]:
+        """Hold the lock for ``purpose`` (words for whoever waits), waiting up to ``wait`` seconds,
+        or up to ``heal_wait`` while the holder is a heal (``heal_purpose``: it takes seconds);
         ``RepositoryBusy`` naming the holder when it stays taken."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            deadline = time.monotonic() + wait
+            started = time.monotonic()
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
-                    if time.monotonic() >= deadline:
+                    waited = time.monotonic() - started
+                    if waited >= wait and (waited >= heal_wait or not self.holder().startswith(HEAL)):
                         raise RepositoryBusy(f"{self.repository} is being changed by {self.holder()}; "
                                              f"not starting the {purpose} (retry when it is done)") from None
                     time.sleep(poll)

@@ -43,7 +43,7 @@ class TritonAdmin:
                 return response.status, response.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        except OSError:  # refused, reset, timed out (URLError and TimeoutError are OSErrors)
             return 0, b""
 
     # --- named calls -------------------------------------------------------------------------------

@@ -49,7 +49,6 @@ from toolkit.client.admin import TritonAdmin
 from toolkit.errors import LifecycleError, ToolkitError, TritonAdminError
 from toolkit.files import (
     CANDIDATE_SUFFIX,
-    RepositoryBusy,
     RepositoryLock,
     clean_leftovers,
     leftovers,
@@ -209,15 +208,8 @@ def _switch(model: str, version: int, source: ModelSource | None, repository: Pa
 @contextlib.contextmanager
 def _changing(repository: Path, purpose: str, admin: TritonAdmin, wait: float) -> Iterator[None]:
     """Hold the repository's lock; first remove what a change that died half-way left behind."""
-    lock = RepositoryLock(repository)
-    try:
-        with lock.hold(purpose, wait=wait):
-            pass
-    except RepositoryBusy:
-        if not lock.holder().startswith("heal of "):
-            raise
-        wait = max(wait, HEAL_WAIT)  # a heal takes seconds: wait for it rather than refuse
-    with lock.hold(purpose, wait=wait), _as_lifecycle_errors():
+    # a heal of the server's supervisor takes seconds: wait for it rather than refuse
+    with RepositoryLock(repository).hold(purpose, wait=wait, heal_wait=HEAL_WAIT), _as_lifecycle_errors():
         for path in leftovers(repository):
             if path.name.endswith(CANDIDATE_SUFFIX):
                 _retire_candidate(admin, path.name)

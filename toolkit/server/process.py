@@ -44,7 +44,7 @@ from toolkit.client.admin import TritonAdmin
 from toolkit.errors import ModelLoadError, ServerError, TritonAdminError
 from toolkit.files import RepositoryBusy, RepositoryLock, clean_leftovers
 from toolkit.runtime.occupancy import remove_server_files
-from toolkit.server.stubs import remove_orphan_regions
+from toolkit.server.stubs import pids, remove_orphan_regions, stat_fields
 from toolkit.server.supervisor import Supervisor, SupervisorPolicy
 
 ModelControl = Literal["none", "poll", "explicit"]
@@ -178,19 +178,8 @@ def _wait_group_gone(pgid: int, within: float) -> None:
     """Until no live process of the group is left (zombies, whose maps are empty, count as gone)."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        live = False
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                live = True
-                break
-        if not live:
+        groups = (stat_fields(pid) for pid in pids())
+        if not any(f is not None and int(f[2]) == pgid and f[0] != "Z" for f in groups):
             return
         time.sleep(0.05)
 

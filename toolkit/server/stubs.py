@@ -57,33 +57,43 @@ class Stub:
         return cls(pid, model_file.parent.parent.name, model_file.parent.name, argv[8], argv[2])
 
 
+def stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name: [0] the state letter, [1] the parent,
+    [2] the process group, [49] a zombie's exit status; None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def pids() -> list[int]:
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+
+
 def exit_status(pid: int) -> int | None:
     """A zombie's wait status as waitpid would report it (/proc/PID/stat field 52): 0 for a clean
     exit, the signal number for a kill; None when it cannot be read (gone, or an old kernel)."""
+    fields = stat_fields(pid)
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[49])
-    except (OSError, IndexError, ValueError):
+        return int(fields[49]) if fields is not None else None
+    except (IndexError, ValueError):
         return None
 
 
 def _children(parent: int) -> dict[int, tuple[str, list[str]]]:
     """pid -> (state letter, argv) of ``parent``'s children (argv is empty for a zombie)."""
     out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid in pids():
+        fields = stat_fields(pid)
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            if int(fields[1]) != parent:
+            if fields is None or int(fields[1]) != parent:
                 continue
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
                 argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
         except (OSError, IndexError, ValueError):
             continue  # gone meanwhile
-        out[int(entry)] = (fields[0], argv)
+        out[pid] = (fields[0], argv)
     return out
 
 

@@ -38,7 +38,6 @@ as a last resort.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import threading
 import time
@@ -49,7 +48,9 @@ from pathlib import Path
 from subprocess import Popen
 from typing import Protocol
 
-from toolkit.files import RepositoryBusy, RepositoryLock
+from toolkit.client.admin import TritonAdmin
+from toolkit.errors import TritonAdminError
+from toolkit.files import RepositoryBusy, RepositoryLock, heal_purpose
 from toolkit.server.stubs import _ZOMBIE_GRACE, RESTARTS_PARAMETER, SHM_DIR, Heal, Stub, _children, exit_status
 
 
@@ -59,7 +60,8 @@ class Supervised(Protocol):
     repository: Path
     process: Popen | None
 
-    def http(self, method: str, path: str, body: bytes | None = None, *, timeout: float = 5) -> tuple[int, bytes]: ...
+    @property
+    def admin(self) -> TritonAdmin: ...
 
     def ready_models(self) -> list[str]: ...
 
@@ -364,7 +366,7 @@ class Supervisor:
         self.log(f"watchdog: tritonserver serving again {heal.serving_after:.1f}s after it died")
         for model in sorted(self.failed):   # a FAILED model stays unloaded
             with contextlib.suppress(Exception):
-                self._repository("unload", model, {}, timeout=3)
+                self.server.admin.unload(model, timeout=3)
         self.scan()
 
     # --- models ----------------------------------------------------------------------------------
@@ -477,9 +479,9 @@ class Supervisor:
                 self._stop.wait(1.0)
 
     def _unload_now(self, model: str, generation: int) -> None:
-        with self.lock.hold(f"heal of '{model}'", wait=self.policy.lock_wait):
+        with self.lock.hold(heal_purpose(model), wait=self.policy.lock_wait):
             self._current(generation)
-            self._repository("unload", model, {}, timeout=3)
+            self.server.admin.unload(model, timeout=3)
 
     def _reload(self, model: str, heal: Heal, generation: int) -> None:
         # Every model READY now (the ensembles over this one included) must be READY again before
@@ -489,24 +491,24 @@ class Supervisor:
         with self._lock:
             self.stranded.update(pid for pid, s in self.stubs.items() if s.model == model)
         started = time.monotonic()
-        with self.lock.hold(f"heal of '{model}'", wait=self.policy.lock_wait):
+        with self.lock.hold(heal_purpose(model), wait=self.policy.lock_wait):
             self._current(generation)
             if alive:
                 heal.action = "reload-in-place"
-                config = self._config(model)
+                config = self.server.admin.config(model, timeout=3)
                 count = self._restarts.get(model, 0) + 1
                 config.setdefault("parameters", {})[RESTARTS_PARAMETER] = {"string_value": str(count)}
                 self._restarts[model] = count
-                load = self._load_in_background(model, {"parameters": {"config": json.dumps(config)}})
+                load = self._load_in_background(model, config)
             else:
                 heal.action = "reload"
                 # Unloading first makes readiness say "not ready" while it cannot serve; the load
                 # that follows does not wait for the old version to go.
-                self._repository("unload", model, {}, timeout=3)
-                load = self._load_in_background(model, {})
+                self.server.admin.unload(model, timeout=3)
+                load = self._load_in_background(model, None)
             self._wait_ready(model, expected, started, generation, load)
 
-    def _load_in_background(self, model: str, payload: dict) -> _PendingLoad:
+    def _load_in_background(self, model: str, config: dict | None) -> _PendingLoad:
         """Start a load call without waiting for it: Triton answers it only once the model and the
         ensembles over it are reloaded (the index shows the old version READY until then), while a
         wedged load never answers; ``_wait_ready`` watches both."""
@@ -514,8 +516,8 @@ class Supervisor:
 
         def call() -> None:
             try:
-                self._repository("load", model, payload, timeout=self.policy.load_timeout + 5)
-            except RuntimeError as e:
+                self.server.admin.load(model, config, timeout=self.policy.load_timeout + 5)
+            except TritonAdminError as e:
                 pending.error = str(e)
             except Exception as e:
                 pending.error = f"{type(e).__name__}: {e}"
@@ -525,39 +527,15 @@ class Supervisor:
         threading.Thread(target=call, name=f"toolkit-load-{model}", daemon=True).start()
         return pending
 
-    def _config(self, model: str) -> dict:
-        status, body = self.server.http("GET", f"/v2/models/{model}/config", timeout=3)
-        if status != 200:
-            raise RuntimeError(f"cannot read its config (HTTP {status})")
-        return json.loads(body)
-
-    def _repository(self, action: str, model: str, payload: dict, *, timeout: float | None = None,
-                    pending_ok: bool = False) -> None:
-        """One repository call. ``pending_ok``: a call that timed out is still being done by Triton
-        (a slow load); the caller watches the repository index for its outcome."""
-        status, body = self.server.http("POST", f"/v2/repository/models/{model}/{action}",
-                                        json.dumps(payload).encode(), timeout=timeout or self.policy.call_timeout)
-        if status == 0 and pending_ok:
-            return
-        if status != 200:
-            try:
-                reason = json.loads(body).get("error", "")
-            except ValueError:
-                reason = body[:300].decode(errors="replace")
-            raise RuntimeError(f"{action} failed (HTTP {status}): {reason}")
-
     def _index(self) -> dict[str, dict]:
-        status, body = self.server.http("POST", "/v2/repository/index", b"{}", timeout=3)
-        if status != 200:
-            raise RuntimeError(f"repository index unavailable (HTTP {status})")
         out: dict[str, dict] = {}
-        for entry in json.loads(body or b"[]"):   # one entry per version: a READY one wins
+        for entry in self.server.admin.index(timeout=3):   # one entry per version: a READY one wins
             if entry.get("name") not in out or entry.get("state") == "READY":
                 out[entry.get("name")] = entry
         return out
 
     def _fresh_stub(self, model: str) -> bool:
-        self.scan()
+        """A stub started by this heal is live (the supervisor's own scan records new stubs)."""
         with self._lock:
             stranded = set(self.stranded)
         return any(stub.pid not in stranded for stub in self.alive(model))
@@ -571,7 +549,7 @@ class Supervisor:
             self._current(generation)
             try:
                 index = self._index()
-            except RuntimeError:
+            except TritonAdminError:
                 if self.server.process is None or self.server.process.poll() is not None:
                     raise _Stale() from None
                 index = {}
@@ -601,6 +579,6 @@ class Supervisor:
             if not asked_again and mine.get("state") == "READY" and now - started > 5:
                 asked_again = True   # a dependent ensemble still missing after 5 s: ask for it
                 for name in sorted(n for n, s in states.items() if s != "READY"):
-                    with contextlib.suppress(RuntimeError):  # the caller holds the repository lock
-                        self._repository("load", name, {}, pending_ok=True)
+                    with contextlib.suppress(TritonAdminError):  # the caller holds the repository lock
+                        self.server.admin.load(name, timeout=self.policy.call_timeout)
             time.sleep(0.05)
