@@ -534,6 +534,17 @@ class Supervisor:
                 out[entry.get("name")] = entry
         return out
 
+    def _ensembles_over(self, model: str, names: set[str]) -> list[str]:
+        """Those of ``names`` that are ensembles with a step on ``model``."""
+        found = []
+        for name in sorted(names):
+            with contextlib.suppress(TritonAdminError):
+                config = self.server.admin.config(name, timeout=3)
+                steps = config.get("ensemble_scheduling", {}).get("step", [])
+                if config.get("platform") == "ensemble" and any(s.get("model_name") == model for s in steps):
+                    found.append(name)
+        return found
+
     def _fresh_stub(self, model: str) -> bool:
         """A stub started by this heal is live (the supervisor's own scan records new stubs)."""
         with self._lock:
@@ -560,6 +571,11 @@ class Supervisor:
             if load.error is not None:
                 raise RuntimeError(f"load failed: {load.error}")
             if load.done.is_set() and all(s == "READY" for s in states.values()) and self._fresh_stub(model):
+                # The ensembles over the model switch to its new instances only when they reload,
+                # which Triton does after the load has answered: ask for it, and wait for it.
+                for name in self._ensembles_over(model, expected - {model}):
+                    with contextlib.suppress(TritonAdminError):
+                        self.server.admin.load(name, timeout=self.policy.call_timeout)
                 return
             mine = index.get(model, {})
             if mine.get("state") == "UNAVAILABLE":
