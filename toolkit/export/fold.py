@@ -31,7 +31,7 @@ from pathlib import Path
 import onnx
 
 from toolkit.errors import first_line
-from toolkit.export import onnx_check
+from toolkit.export import memory, onnx_check
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ def fold_file(path: Path) -> bool:
     scratch.mkdir(exist_ok=True)
     try:
         folded = _fold_with_onnxruntime(path, scratch / "model.onnx")
+        memory.release()
         model = onnx.load(str(folded))  # loads external data too
         before = len(model.graph.node)
         model = _push_transposes(model)
@@ -57,6 +58,7 @@ def fold_file(path: Path) -> bool:
                  len(model.graph.node))
         onnx_check.save_onnx(model, scratch / "final.onnx")
         del model
+        memory.release()
     except Exception as e:  # an optimizer bug must not fail an export whose unfolded file is right
         log.warning("graph folding failed, keeping the unfolded file: %s: %s", type(e).__name__, first_line(e))
         shutil.rmtree(scratch, ignore_errors=True)

@@ -48,7 +48,7 @@ def convert_function(function: tf.types.experimental.PolymorphicFunction,
     ``function`` that are really weights: they are converted as graph inputs and then bound to these
     arrays as ONNX initializers, so tf2onnx never handles the weights (see ``_from_function``).
     """
-    with tf_compat.traceable_keras():
+    with tf_compat.traceable_keras(), tf_compat.released_gradients():
         try:  # tracing runs the user's Python: a layer that cannot be traced fails here
             concrete = function.get_concrete_function(*input_specs)
         except Exception as e:
