@@ -93,6 +93,31 @@ def test_infer_unknown_input_name_exits_1_and_names_the_inputs(example_server):
     assert_one_error(result, "NAME one of ['TEXT']")
 
 
+def test_infer_on_the_grpc_port_with_the_default_http_says_to_try_protocol_grpc(example_server):
+    result = toolkit("infer", "embedding", "-i", 'TEXT=["a"]', "--url", example_server.grpc_url)
+    error = assert_one_error(result, f"{example_server.grpc_url} does not speak HTTP", "is it Triton's gRPC port? "
+                             "try --protocol grpc")
+    assert "Expected HTTP/" not in error
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_infer_on_the_metrics_port_says_it_is_not_tritons_http_api(example_server):
+    url = f"127.0.0.1:{example_server.metrics_port}"
+    result = toolkit("infer", "embedding", "-i", 'TEXT=["a"]', "--url", url)
+    error = assert_one_error(result, f"{url} speaks HTTP but is not Triton's HTTP API", "metrics port")
+    assert "Parse error" not in error and "document is empty" not in error
+
+
+def test_infer_without_inputs_names_the_missing_ones_from_the_metadata(example_server):
+    result = toolkit("infer", "embedding", "--url", example_server.http_url)
+    error = assert_one_error(result)
+    assert error == ("Error: model 'embedding' needs input TEXT (BYTES [-1, 1]): pass it with -i, e.g. "
+                     "-i 'TEXT=[\"hello\"]'"), error
+    result = toolkit("infer", "bert", "-i", "input_ids=[[101, 102]]", "--url", example_server.http_url)
+    assert_one_error(result, "model 'bert' needs inputs attention_mask (INT64 [-1, -1]), token_type_ids "
+                             "(INT64 [-1, -1]): pass each with -i, e.g. -i 'attention_mask=[[0.5, 1]]'")
+
+
 def test_click_usage_errors_exit_2_as_the_readme_says():
     result = toolkit("infer", "--no-such-option")
     assert result.returncode == 2 and "No such option" in result.stderr and "Traceback" not in result.stderr
