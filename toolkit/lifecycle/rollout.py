@@ -6,6 +6,9 @@
 What happens, in an order that keeps the served version untouched until the new one has proven
 itself (Triton's own reload keeps serving the old version while the new one loads):
 
+0. **Files.** N's ``*.onnx`` and ``golden.npz`` are read as the operator wrote them: a truncated or
+   corrupt one stops the rollout with one line naming it, before anything loads (and before the
+   CLI says "Rolling out ...").
 1. **Candidate.** Version N is rendered (config, adapter, hook code, assets: what gen-repo writes)
    into a model of its own, ``<model>__candidate``, beside the served one, and loaded. It takes no
    traffic: nothing routes to that name. A version that fails to load stops the rollout here.
