@@ -109,12 +109,14 @@ def test_infer_on_the_metrics_port_says_it_is_not_tritons_http_api(example_serve
     assert "Parse error" not in error and "document is empty" not in error
 
 
-def test_infer_without_inputs_names_the_missing_ones_from_the_metadata(example_server):
-    result = toolkit("infer", "embedding", "--url", example_server.http_url)
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_infer_without_inputs_names_the_missing_ones_from_the_metadata(example_server, protocol):
+    url = example_server.http_url if protocol == "http" else example_server.grpc_url
+    result = toolkit("infer", "embedding", "--url", url, "--protocol", protocol)
     error = assert_one_error(result)
     assert error == ("Error: model 'embedding' needs input TEXT (BYTES [-1, 1]): pass it with -i, e.g. "
                      "-i 'TEXT=[\"hello\"]'"), error
-    result = toolkit("infer", "bert", "-i", "input_ids=[[101, 102]]", "--url", example_server.http_url)
+    result = toolkit("infer", "bert", "-i", "input_ids=[[101, 102]]", "--url", url, "--protocol", protocol)
     assert_one_error(result, "model 'bert' needs inputs attention_mask (INT64 [-1, -1]), token_type_ids "
                              "(INT64 [-1, -1]): pass each with -i, e.g. -i 'attention_mask=[[0.5, 1]]'")
 
