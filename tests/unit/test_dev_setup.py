@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,8 @@ def fake_venv(tmp_path) -> Path:
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "python").symlink_to(sys.executable)
     pip = venv / "bin" / "pip"
-    pip.write_text('#!/bin/sh\necho "pip $* PIP_DISABLE_PIP_VERSION_CHECK=${PIP_DISABLE_PIP_VERSION_CHECK:-}" '
+    pip.write_text('#!/bin/sh\necho "pip $* PYTHONWARNINGS=${PYTHONWARNINGS:-} '
+                   'PIP_DISABLE_PIP_VERSION_CHECK=${PIP_DISABLE_PIP_VERSION_CHECK:-}" '
                    f'>> {tmp_path / "pip.log"}\n')
     pip.chmod(0o755)
     return venv
@@ -81,21 +83,31 @@ def test_dev_sh_turns_off_pips_upgrade_notice(fake_venv, tmp_path):
     assert calls and all(call.endswith("PIP_DISABLE_PIP_VERSION_CHECK=1") for call in calls), calls
 
 
-def test_editable_install_prints_no_setuptools_box(tmp_path):
-    """What pip's editable install of dev.sh runs: setuptools' build_editable on the project."""
+def test_editable_install_prints_no_setuptools_box_and_installs_only_toolkit(fake_venv, tmp_path):
+    """dev.sh's editable install, as pip runs it: setuptools' build_editable on the project, with the
+    environment dev.sh gives pip. No box, and only ``toolkit`` is importable from the install: the
+    project's other folders (export/, clients/, tests/) stay out of the import namespace."""
+    dev_sh_setup(fake_venv, tty=False)
+    editable = next(c for c in (tmp_path / "pip.log").read_text().splitlines() if " -e " in c)
+    warnings = re.search(r"PYTHONWARNINGS=(.*) PIP_DISABLE", editable).group(1)
+    assert warnings, editable
     project = tmp_path / "project"
     project.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, project / name)
     shutil.copytree(ROOT / "toolkit", project / "toolkit", ignore=shutil.ignore_patterns("__pycache__"))
+    (project / "export").mkdir()
     (project / "out").mkdir()
-    done = subprocess.run([sys.executable, "-W", "always", "-c",
-                           "import setuptools.build_meta as b; print(b.build_editable('out'))"],
-                          cwd=project, capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "PYTHONWARNINGS": warnings}
+    done = subprocess.run([sys.executable, "-c", "import setuptools.build_meta as b; print(b.build_editable('out'))"],
+                          cwd=project, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     output = done.stdout + done.stderr
-    assert "Please be careful with folders" not in output and "InformationOnly" not in output, output
-    assert "Editable install will be performed using .pth file" in output, output
+    assert "Please be careful with folders" not in output and "!!" not in output, output
+    wheel = next((project / "out").glob("*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        pth = [archive.read(n).decode() for n in archive.namelist() if n.endswith(".pth")]
+    assert pth and all(str(project) not in text.splitlines() for text in pth), pth  # no plain path to the root
 
 
 def test_the_venv_size_is_one_figure_in_dev_sh_and_the_readme():
