@@ -249,11 +249,11 @@ def _check(holder: list, staging: Path, found: Mapping[str, str], cases, expecte
     checked in a scratch file, then stripped from model.onnx."""
     target = staging / "model.onnx"
     if not found:
-        _save_folded(holder.pop(), target)
+        _save_folded(holder, target)
         return _check_folded(target, cases, expected, tolerance, rel_tolerance, nudged=nudged)
     scratch = staging / "probed"
     scratch.mkdir()
-    _save_folded(holder.pop(), scratch / "model.onnx")
+    _save_folded(holder, scratch / "model.onnx")
     probed = _check_folded(scratch / "model.onnx", cases, expected, tolerance, rel_tolerance, probes=found,
                            nudged=nudged)
     memory.release()
@@ -266,12 +266,14 @@ def _check(holder: list, staging: Path, found: Mapping[str, str], cases, expecte
     return dataclasses.replace(probed, serving=probed.serving or served.serving)
 
 
-def _save_folded(model: onnx.ModelProto, path: Path) -> None:
-    """Write ``model`` and fold it in place; the unfolded file stays beside it (a hard link, no copy)
-    under ``unfolded/`` until the check has passed."""
-    onnx_check.save_onnx(model, path)
-    del model
+def _save_folded(holder: list[onnx.ModelProto], path: Path) -> None:
+    """Write the model popped from ``holder`` (freed once written, before the file is read back) and
+    fold it in place; the unfolded file stays beside it (a hard link, no copy) under ``unfolded/``
+    until the check has passed."""
+    onnx_check.write_onnx(holder[0], path)
+    holder.clear()
     memory.release()
+    onnx_check.check_file(path)
     keep = path.parent / "unfolded"
     keep.mkdir()
     for file in (path, path.with_name(f"{path.name}.data")):
