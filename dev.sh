@@ -10,7 +10,7 @@
 #                     compare each with Keras on the served path and rewrite export/README.md's table
 #                     (results in build/zoo/results.json; a rerun skips what is there; hours for all 40;
 #                     python -m toolkit.export.zoo --help for the options that may follow)
-#   ./dev.sh setup    only the set-up
+#   ./dev.sh setup    only the set-up (with perf_analyzer in .venv-perf, for `toolkit bench perf`)
 #
 # PORT_BASE=8100 ./dev.sh demo serves on 8100 (HTTP), 8101 (gRPC), 8102 (metrics) instead of 8000-8002
 # (any base: PORT_BASE, PORT_BASE + 1, PORT_BASE + 2).
@@ -19,6 +19,7 @@ cd "$(dirname "$0")"
 
 VENV="${VENV:-.venv}"
 LINT_VENV="${LINT_VENV:-.venv-lint}"
+PERF_VENV="${PERF_VENV:-.venv-perf}"
 PYTHON="${PYTHON:-python3}"
 PORT_BASE="${PORT_BASE:-8000}"
 SERVER_PID=""
@@ -33,16 +34,20 @@ fi
 # pip's "a new release of pip is available" notice is noise in a set-up that pins what it installs.
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
+apt_install() {  # $1 = Debian package, $2 = why; apt-get update first (a fresh machine has no lists)
+    log "installing $1 ($2)"
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$1" >/dev/null
+}
+
 system_packages() {
     # tritonserver's python stub links the system's libpython (Debian package libpython3.X).
     local version
     version=$("$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 needed"; print("%d.%d" % sys.version_info[:2])')
     if ! ldconfig -p 2>/dev/null | grep -q "libpython${version}.so.1.0"; then
-        log "installing libpython${version} (needed by tritonserver's python stub)"
-        local sudo=""
-        [ "$(id -u)" = 0 ] || sudo="sudo"
-        $sudo apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "libpython${version}" >/dev/null
+        apt_install "libpython${version}" "needed by tritonserver's python stub"
     fi
 }
 
@@ -73,6 +78,26 @@ lint_tools() {  # checkov for `toolkit package`'s manifests: its own venv, its p
     log "installing checkov into $LINT_VENV (~30 s, once)"
     [ -x "$LINT_VENV/bin/python" ] || "$PYTHON" -m venv "$LINT_VENV"
     "$LINT_VENV/bin/pip" install -q "checkov==3.3.30"
+    touch "$stamp"
+}
+
+perf_tools() {  # perf_analyzer for `toolkit bench perf`: its own venv, as checkov's (our tritonclient is 2.73.0)
+    # The tritonclient 2.51.0 manylinux wheel (r24.10, the bundled tritonserver's release) carries the binary;
+    # --no-deps: only the binary is used, not the Python client. It links libb64.so.0d (Debian) and
+    # libcudart.so.12 (the nvidia-cuda-runtime-cu12 wheel beside it; `toolkit bench perf` puts it on
+    # LD_LIBRARY_PATH; no GPU needed).
+    if ! ldconfig -p 2>/dev/null | grep -q "libb64.so.0d"; then
+        apt_install libb64-0d "needed by perf_analyzer"
+    fi
+    local stamp="$PERF_VENV/.installed-perf-analyzer-2.51.0"
+    [ -f "$stamp" ] && return
+    log "installing perf_analyzer (tritonclient 2.51.0) into $PERF_VENV (~10 s, once)"
+    [ -x "$PERF_VENV/bin/python" ] || "$PYTHON" -m venv "$PERF_VENV"
+    "$PERF_VENV/bin/pip" install -q --no-deps "tritonclient==2.51.0" "nvidia-cuda-runtime-cu12==12.6.77"
+    local cudart out
+    cudart=$(echo "$PERF_VENV"/lib/python3*/site-packages/nvidia/cuda_runtime/lib)
+    # It has to start here, not first in a test.
+    out=$(LD_LIBRARY_PATH="$cudart" "$PERF_VENV/bin/perf_analyzer" --version 2>&1) || { echo "$out" >&2; exit 1; }
     touch "$stamp"
 }
 
@@ -160,6 +185,7 @@ stop_server() {  # SIGTERM lets Triton finish in-flight requests; `toolkit serve
 run_tests() {
     setup test
     lint_tools
+    perf_tools
     log "ruff"
     "$VENV/bin/ruff" check .
     log "pytest (the whole suite takes ~14-20 minutes on 2 cores)"
@@ -168,6 +194,7 @@ run_tests() {
 
 bench() {  # BENCHMARKS.md's run: ~40 minutes on 2 cores; keep the machine otherwise idle
     setup test
+    perf_tools
     exports
     if [ ! -f build/bench/bert-int8/1/model.onnx ]; then
         log "exporting the int8 BERT for toolkit-int8 (~15 s)"
@@ -186,7 +213,7 @@ case "${1:-}" in
     bench) shift; bench "$@" ;;
     zoo) shift; zoo "$@" ;;
     test) shift; run_tests "$@" ;;
-    setup) setup test ;;
+    setup) setup test; perf_tools ;;
     *) echo "usage: ./dev.sh demo | test [pytest args] | bench [toolkit bench compare args] | zoo [zoo args] | setup" >&2
        exit 2 ;;
 esac

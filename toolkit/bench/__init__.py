@@ -6,6 +6,8 @@
     peers.py       peer servers (mosec, infinity, ray): start, check, stop; peer_envs.py their venvs
     servers/       every server we compare against, each run as its own process
     pipelines.py, compare.py, report.py, data/
+    perf_analyzer.py  Triton's perf_analyzer (`toolkit bench perf`): find it, run it, read its CSV;
+    perf_data.py      its --input-data, made from a generated model's config and export
 
 Imports: everything below the CLI (the client, the repository, the server); nothing imports it but
 the CLI.

@@ -88,6 +88,48 @@ def _check_reachable(kind: str, url: str, model: str) -> None:
         client.metadata(model)  # raises InferenceError naming the URL, or the unknown model
 
 
+@bench.command("perf", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("model")
+@click.option("--url", default=None, help="host:port of the running server. Default: 127.0.0.1:8001 (grpc) or "
+                                          ":8000 (http).")
+@click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True)
+@click.option("--repository", type=click.Path(file_okay=False, path_type=Path), default=Path("build/model_repository"),
+              show_default=True, help="The generated repository the server serves: the inputs, their ranges.")
+@click.option("--dim", "default_dim", type=click.IntRange(1), default=16, show_default=True,
+              help="Size of every variable dim that no --shape NAME:d1,d2 gives.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where input-data.json, perf.csv, perf_analyzer.log and results.json go. Default: build/perf/MODEL.")
+@click.option("--perf-analyzer", "binary", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The binary. Default: $TOOLKIT_PERF_ANALYZER, .venv-perf/bin/perf_analyzer, PATH.")
+@click.argument("perf_args", nargs=-1, type=click.UNPROCESSED)
+def perf(model: str, url: str | None, protocol: str, repository: Path, default_dim: int, out: Path | None,
+         binary: Path | None, perf_args: tuple[str, ...]) -> None:
+    """Run Triton's perf_analyzer on MODEL with input data made from its spec.
+
+    Every other option goes to perf_analyzer as it is, e.g. --concurrency-range 1:16:15
+    --measurement-interval 5000 -p 2000 --shape input_ids:64 (put them after --).
+    """
+    from toolkit.bench.perf_analyzer import PerfRequest, find_perf_analyzer, profile
+    from toolkit.client import normalize_url
+
+    analyzer = find_perf_analyzer(binary)
+    analyzer.version()  # a missing library fails here, before anything is measured
+    url = normalize_url(url or f"127.0.0.1:{8001 if protocol == 'grpc' else 8000}")
+    _check_reachable(f"triton-{protocol}", url, model)
+    results = profile(PerfRequest(model, url, protocol, repository, out or Path("build/perf") / model,
+                                  list(perf_args), default_dim), analyzer)
+    for note in results["input_data"]:
+        click.echo(f"input  {note}")
+    for p in results["points"]:
+        compute = p["server_compute_input_ms"] + p["server_compute_infer_ms"] + p["server_compute_output_ms"]
+        click.echo(f"{p['load']}={p['value']:g}: {p['throughput']:.1f} infer/s  p50 {p['p50_ms']:.1f} ms  "
+                   f"p99 {p['p99_ms']:.1f} ms  errors {p['errors']}  server queue {p['server_queue_ms']:.2f} ms  "
+                   f"compute {compute:.2f} ms")
+        for step in p["steps"]:
+            click.echo(f"    {step['model']}: queue {step['queue_ms']:.2f} ms  compute {step['compute_ms']:.2f} ms")
+    click.echo(f"Results: {(out or Path('build/perf') / model) / 'results.json'}")
+
+
 @bench.command("compare")
 @click.option("--workload", "workloads", type=click.Choice(["embedding", "short", "mobile"]), multiple=True,
               default=("embedding", "short", "mobile"), show_default=True,

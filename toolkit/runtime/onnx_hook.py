@@ -78,19 +78,9 @@ class OnnxModel(Hook):
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.dynamic_axes, self.shared_dims = _graph_dims(self.session.get_inputs())
-        self.ranges: dict[str, tuple[int, int]] = {
-            k: v for k, v in _export_ranges(export).items() if k in self.input_names}
+        self.ranges = declared_ranges(export, ctx.parameters, self.input_names)
         #: input -> (its sequence axis, the most positions the model has)
         self.lengths = {k: v for k, v in _export_lengths(export).items() if k in self.input_names}
-        for key, value in ctx.parameters.items():
-            if key.startswith(RANGE_PREFIX):
-                name = key[len(RANGE_PREFIX):]
-                lo, sep, hi = str(value).partition(":")
-                if name not in self.input_names or not sep or not lo.strip().lstrip("-").isdigit() \
-                        or not hi.strip().lstrip("-").isdigit() or int(lo) >= int(hi):
-                    raise ValueError(f"parameter {key!r}: expected 'lo:hi' (hi exclusive) for one of the "
-                                     f"inputs {self.input_names}, got {value!r}")
-                self.ranges[name] = (int(lo), int(hi))
 
     def api_entry(self, request: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._check_dims(request)
@@ -174,6 +164,23 @@ def _graph_dims(inputs) -> tuple[dict[str, list[tuple[int, str]]], dict[str, lis
                 named.setdefault(dim, []).append((tensor.name, axis))
     shared = {dim: places for dim, places in named.items() if len({name for name, _ in places}) > 1}
     return dynamic, shared
+
+
+def declared_ranges(export: dict, parameters: dict, input_names: list[str]) -> dict[str, tuple[int, int]]:
+    """Each integer input's valid values, [lo, hi): export.json's (a BERT's vocabulary, type vocabulary
+    and 0/1 mask), overridden by the config parameters ``input_range.NAME: "lo:hi"``. The hook rejects
+    anything outside with 1301; `toolkit bench perf` draws its token ids from the same ranges."""
+    ranges = {k: v for k, v in _export_ranges(export).items() if k in input_names}
+    for key, value in parameters.items():
+        if key.startswith(RANGE_PREFIX):
+            name = key[len(RANGE_PREFIX):]
+            lo, sep, hi = str(value).partition(":")
+            if name not in input_names or not sep or not lo.strip().lstrip("-").isdigit() \
+                    or not hi.strip().lstrip("-").isdigit() or int(lo) >= int(hi):
+                raise ValueError(f"parameter {key!r}: expected 'lo:hi' (hi exclusive) for one of the "
+                                 f"inputs {input_names}, got {value!r}")
+            ranges[name] = (int(lo), int(hi))
+    return ranges
 
 
 def _export_ranges(export: dict) -> dict[str, tuple[int, int]]:
