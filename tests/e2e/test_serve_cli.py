@@ -6,11 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bounded import read_until
 from projects import python_model, write_model
 from serving import free_port_run, free_ports
 
@@ -104,16 +104,15 @@ def test_server_start_refuses_a_port_another_server_holds(tmp_path):
 
 
 def start_serve(args: list[str]) -> tuple[subprocess.Popen, list[str]]:
-    """`toolkit serve` in the background, read until its banner ends; (process, banner lines)."""
+    """`toolkit serve` in the background, read until its banner ends (or it exits), at most 120 s;
+    (process, banner lines)."""
     process = subprocess.Popen([*TOOLKIT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines = []
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        lines.append(line)
-        if "Press Ctrl-C" in line or not line:
-            break
-    return process, lines
+    try:
+        return process, read_until(process, "Press Ctrl-C", 120)
+    except BaseException:
+        process.kill()
+        process.communicate(timeout=30)
+        raise
 
 
 def test_serve_heals_a_killed_stub_and_says_so_then_exits_non_zero_after_an_unclean_stop(tmp_path):
