@@ -19,7 +19,9 @@ from toolkit.repository.generate import generate_repository
 from toolkit.repository.project import load_project
 from toolkit.server import TritonServer
 
-pytestmark = pytest.mark.e2e
+#: The slowest test took 17 s (teardown included) on a busy 2-core VM; `toolkit serve` gets 120 s for
+#: its banner (start_serve), so that deadline, with its message, comes first.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 TOOLKIT = [sys.executable, "-m", "toolkit.cli"]
 
 BROKEN_HOOK = '''

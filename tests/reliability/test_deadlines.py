@@ -24,7 +24,8 @@ from toolkit.repository.generate import generate_repository
 from toolkit.repository.project import load_project
 from toolkit.server import TritonServer
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.reliability]
+#: Each test took 10 s (teardown included) on a busy 2-core VM.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.reliability, pytest.mark.timeout(60)]
 
 SLOW_HOOK = '''
 import time
@@ -84,7 +85,7 @@ def test_requests_whose_callers_gave_up_are_dropped_and_leave_no_tail(server, pr
 
     with TritonClient(url, protocol=protocol, timeout=30, retries=0) as probe:
         executed_before = executions(probe)
-        with Background(seconds=FLOOD_SECONDS + 60, join_timeout=DEADLINE + 20, name="flood") as load:
+        with Background(seconds=FLOOD_SECONDS + 30, join_timeout=DEADLINE + 20, name="flood") as load:
             load.loop(flood, threads=CLIENTS,
                       context=lambda: TritonClient(url, protocol=protocol, timeout=DEADLINE, retries=0))
             load.sleep(FLOOD_SECONDS)

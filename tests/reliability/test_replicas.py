@@ -21,7 +21,8 @@ from toolkit.repository.generate import generate_repository
 from toolkit.repository.project import load_project
 from toolkit.server.replicas import ReplicaSet
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.reliability]
+#: The slowest test took 40 s (setup included) on a busy 2-core VM.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.reliability, pytest.mark.timeout(150)]
 
 WORK_HOOK = '''
 import time
@@ -69,7 +70,7 @@ def test_round_robin_spreads_the_load_and_a_killed_replica_costs_nothing(replica
             return f"failed {e.code}: {e}"[:120]
 
     start_counts = executions(replicas)
-    with Background(seconds=150, join_timeout=30, name="clients") as load:   # calls: 10 s at most
+    with Background(seconds=120, join_timeout=30, name="clients") as load:   # calls: 10 s at most
         load.loop(client, threads=CLIENTS, context=lambda: TritonClient(addresses, protocol="grpc", timeout=10))
         load.sleep(6)
         before_kill = [n - s for n, s in zip(executions(replicas), start_counts, strict=True)]
@@ -136,7 +137,7 @@ def test_gateway_over_three_replicas_loses_nothing_when_one_is_killed_and_spread
 
         restarts_before = len(replicas.restarts)
         start_counts = executions(replicas)
-        with Background(seconds=180, join_timeout=40, name="clients") as load:   # calls: 30 s at most
+        with Background(seconds=130, join_timeout=40, name="clients") as load:   # calls: 30 s at most
             load.loop(client, threads=CLIENTS, context=httpx.Client)
             load.sleep(10)
             before_kill = [n - s for n, s in zip(executions(replicas), start_counts, strict=True)]

@@ -26,7 +26,8 @@ from toolkit.hooks import UNAVAILABLE
 from toolkit.server import TritonServer
 from toolkit.server.stubs import SHM_DIR
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.reliability]
+#: The slowest test took 30 s (setup included) on a busy 2-core VM.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.reliability, pytest.mark.timeout(120)]
 
 CLIENTS = 16
 #: A failed client waits this long before its next request, as a client honouring "retry" would
