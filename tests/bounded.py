@@ -45,8 +45,8 @@ def read_until(process: subprocess.Popen, marker: str, timeout: float) -> list[s
     within ``timeout`` s: a child that goes quiet is not waited for line by line for ever."""
     fd = process.stdout.fileno()
     deadline = time.monotonic() + timeout
-    data = b""
-    while marker.encode() not in data:
+    data, wanted = b"", marker.encode()
+    while (at := data.find(wanted)) < 0 or b"\n" not in data[at:]:   # the marker's line, to its end
         left = deadline - time.monotonic()
         if left <= 0:
             raise AssertionError(f"no {marker!r} from pid {process.pid} within {timeout:.0f}s "

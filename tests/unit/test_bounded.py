@@ -99,7 +99,8 @@ def test_the_tests_own_failure_is_kept_and_a_worker_failure_added_to_it():
 
 
 def test_read_until_returns_the_lines_up_to_the_marker_and_fails_when_the_child_goes_quiet():
-    code = "import time; print('one'); print('Press Ctrl-C to stop.', flush=True); time.sleep(30)"
+    code = ("import sys, time; print('one'); print('Press Ctrl-C', end='', flush=True); time.sleep(0.3); "
+            "print(' to stop.', flush=True); time.sleep(30)")   # the marker's line arrives in two writes
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert read_until(child, "Press Ctrl-C", 20) == ["one\n", "Press Ctrl-C to stop.\n"]
