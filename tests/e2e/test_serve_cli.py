@@ -87,7 +87,7 @@ def test_serve_prints_endpoints_and_stops_cleanly_on_sigterm(tmp_path):
             os.kill(process.pid, signal.SIGKILL)
     assert process.returncode == 0
     assert "tritonserver stopped (exit code 0)" in err
-    leftovers = subprocess.run(["pgrep", "-f", str(repo)], capture_output=True, text=True).stdout.split()
+    leftovers = subprocess.run(["pgrep", "-f", str(repo)], capture_output=True, text=True, timeout=10).stdout.split()
     assert leftovers == [], "tritonserver or python stubs outlived `toolkit serve`"
 
 
@@ -124,7 +124,7 @@ def test_serve_heals_a_killed_stub_and_says_so_then_exits_non_zero_after_an_uncl
     try:
         assert "self-healing stubs: on" in "".join(banner)
         stubs = subprocess.run(["pgrep", "-f", f"triton_python_backend_stub {repo}/echo/"], capture_output=True,
-                               text=True).stdout.split()
+                               text=True, timeout=10).stdout.split()
         assert len(stubs) == 1
         os.kill(int(stubs[0]), signal.SIGKILL)
         from toolkit.client import TritonClient
