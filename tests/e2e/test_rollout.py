@@ -146,14 +146,14 @@ def test_a_version_that_fails_to_load_or_fails_its_golden_check_is_refused_while
     admin = TritonAdmin(server.http_url)
     v1 = embed(server)
     source = root / "models" / "bert"
-    # v3: a truncated ONNX file (Triton cannot load it); v4: loads, but with v1's golden samples.
+    # v3: a truncated ONNX file (refused before anything loads); v4: loads, but with v1's golden samples.
     shutil.copytree(source / "2", source / "3")
     (source / "3" / "model.onnx").write_bytes((source / "2" / "model.onnx").read_bytes()[:4096])
     shutil.copytree(source / "2", source / "4")
     shutil.copyfile(source / "1" / GOLDEN_FILE, source / "4" / GOLDEN_FILE)
     try:
         with Traffic(server, {"v1": v1}, clients=4) as traffic:
-            with pytest.raises(LifecycleError, match="could not load 'bert__candidate'"):
+            with pytest.raises(LifecycleError, match=r"3/model.onnx: not a readable ONNX model \(Error parsing"):
                 rollout("bert", version=3, models_dir=root / "models", repository=server.repository, admin=admin)
             with pytest.raises(LifecycleError, match="failed its golden check; still serving 1") as golden:
                 rollout("bert", version=4, models_dir=root / "models", repository=server.repository, admin=admin)

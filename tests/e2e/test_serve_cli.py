@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -253,3 +254,58 @@ def test_serve_starts_over_the_leftovers_of_a_killed_rollout_and_removes_them(tm
     assert leftovers(repo) == []
     assert any("echo__candidate" in e and ".echo.v2.partial-x1y2" in e for e in events), events
     assert not RepositoryLock(repo).path.read_text()  # released: no holder recorded
+
+
+def test_serve_replicas_says_as_each_replica_is_ready_not_only_when_all_are(tmp_path):
+    """Issue 21: `serve --replicas 3` was silent for 51 s until all three were ready. Each replica's
+    "ready" line must come while the later ones are still down (their HTTP port not yet ready)."""
+    import threading
+    import urllib.request
+
+    def ready(port: int) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as answer:
+                return answer.status == 200
+        except OSError:
+            return False
+
+    repo = repository(tmp_path, broken=False)
+    base = free_port_run(9)
+    process = subprocess.Popen([*TOOLKIT, "serve", "--repository", str(repo), "--replicas", "3",
+                                "--http-port", str(base)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    progress: list[tuple[str, bool]] = []   # (stderr line, replica 2 ready when it came)
+    banner_seen, all_ready = threading.Event(), threading.Event()
+
+    def read_stderr() -> None:
+        for line in process.stderr:
+            progress.append((line.rstrip(), ready(base + 6)))
+            if "(3 of 3 ready)" in line:
+                all_ready.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if "Press Ctrl-C" in line or not line:
+                banner_seen.set()
+                break
+        assert banner_seen.is_set() and process.poll() is None, progress
+        assert all_ready.wait(timeout=30), progress   # printed before the banner; the reader may lag
+        ready_lines = [(text, later_up) for text, later_up in progress if ": ready after " in text]
+        assert [re.search(r"replica (\d): ready after [\d.]+s \((\d) of 3 ready\)", text).groups()
+                for text, _ in ready_lines] == [("0", "1"), ("1", "2"), ("2", "3")], progress
+        assert ready_lines[0][1] is False, progress  # said while replica 2 was still down
+        assert any("replica 0: starting (1 of 3" in text for text, _ in progress), progress
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=90)
+    finally:
+        if process.poll() is None:   # a failed assertion: stop it cleanly first, or its stubs' folders stay
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.kill(process.pid, signal.SIGKILL)
+        reader.join(timeout=10)
+    assert process.returncode == 0, progress

@@ -83,3 +83,51 @@ def test_pooling_called_directly_refuses_nan(example_server):
         client.infer("pooling", {"last_hidden_state": np.full((1, 3, 384), np.nan, np.float32),
                                  "attention_mask": np.ones((1, 3), np.int64)})
     assert refused.value.code == 1203
+
+
+def raw_http_infer(url: str, model: str, tensors: dict[str, np.ndarray]) -> tuple[int, str]:
+    """Triton's own HTTP status and body (no client library between)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    dtypes = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
+    body = {"inputs": [{"name": k, "shape": list(v.shape), "datatype": dtypes[v.dtype], "data": v.ravel().tolist()}
+                       for k, v in tensors.items()]}
+    request = urllib.request.Request(f"http://{url}/v2/models/{model}/infer", data=json.dumps(body).encode(),
+                                     method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+@pytest.mark.parametrize(("lengths", "code", "message"), [
+    ((5, 7, 5), 1304, "inputs disagree on dimension 'sequence', which the model shares between them: "
+                      "'input_ids' 5, 'attention_mask' 7, 'token_type_ids' 5"),
+    ((0, 0, 0), 1305, "input 'input_ids' is empty: 0 entries on its axis 1 ('sequence')"),
+])
+def test_bert_called_directly_with_lengths_that_disagree_or_are_empty_is_400_without_internals(
+        example_server, lengths, code, message):
+    names = ("input_ids", "attention_mask", "token_type_ids")
+    tensors = {name: np.full((1, n), int(name != "token_type_ids"), np.int64)
+               for name, n in zip(names, lengths, strict=True)}
+    status, body = raw_http_infer(example_server.http_url, "bert", tensors)
+    assert status == 400, body
+    assert f"[{code}] {message}" in body
+    assert "onnxruntime" not in body and ".cc" not in body and "/" not in body, body
+    with TritonClient(example_server.grpc_url, protocol="grpc") as client, pytest.raises(InferenceError) as refused:
+        client.infer("bert", tensors)
+    assert refused.value.code == code and "INVALID_ARGUMENT" in str(refused.value.status)
+    ok = {name: np.ones((1, 4), np.int64) * (name != "token_type_ids") for name in names}
+    with TritonClient(example_server.grpc_url, protocol="grpc") as client:   # and the server serves on
+        assert client.infer("bert", ok)["last_hidden_state"].shape == (1, 4, 384)
+
+
+def test_pooling_called_directly_with_finite_states_near_float32_max_gives_a_finite_unit_embedding(example_server):
+    with TritonClient(example_server.http_url, protocol="http") as client:
+        [embedding] = client.infer("pooling", {"last_hidden_state": np.full((1, 3, 384), 3e38, np.float32),
+                                               "attention_mask": np.ones((1, 3), np.int64)})["embedding"]
+    assert np.isfinite(embedding).all()
+    np.testing.assert_allclose(embedding, np.full(384, 384 ** -0.5), rtol=1e-5)

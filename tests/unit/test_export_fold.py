@@ -85,7 +85,12 @@ def test_a_folding_that_changes_the_answers_is_not_written(tmp_path: Path, model
         return folded
 
     real = fold._push_transposes
-    monkeypatch.setattr(fold, "_push_transposes", lambda m: broken(real(m)))
+
+    def push_then_break(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list]:
+        optimized, held = real(model)
+        return broken(optimized), held
+
+    monkeypatch.setattr(fold, "_push_transposes", push_then_break)
     report = export_keras_model(model, tmp_path / "m")
 
     found = ops(report.model_path)
@@ -96,7 +101,7 @@ def test_a_folding_that_changes_the_answers_is_not_written(tmp_path: Path, model
 
 def test_an_optimizer_that_fails_leaves_the_file_untouched(tmp_path: Path, model: keras.Model,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    def crash(_model: onnx.ModelProto) -> onnx.ModelProto:
+    def crash(_model: onnx.ModelProto) -> tuple[onnx.ModelProto, list]:
         raise KeyError("a tf2onnx optimizer crashed")
 
     monkeypatch.setattr(fold, "_push_transposes", crash)

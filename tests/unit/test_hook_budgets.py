@@ -160,3 +160,72 @@ def test_onnx_threads_sleep_unless_told_to_spin(tiny_onnx_bert, spin, allow, sto
             return ""
 
     assert (entry("session.intra_op.allow_spinning"), entry("session.force_spinning_stop")) == (allow, stop)
+
+
+@pytest.fixture(scope="module")
+def two_input_onnx(tmp_path_factory):
+    """ids + mask, both [batch, sequence] (the symbolic names BERT exports declare), no export.json:
+    the checks come from the graph alone."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    folder = tmp_path_factory.mktemp("two_inputs")
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["input_ids"], ["ids_f"], to=TensorProto.FLOAT),
+         helper.make_node("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT),
+         helper.make_node("Add", ["ids_f", "mask_f"], ["y"])], "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, folder / "model.onnx")
+    return folder
+
+
+def test_inputs_that_disagree_on_a_shared_graph_dimension_are_1304(two_input_onnx):
+    from toolkit.runtime.onnx_hook import OnnxModel
+
+    hook = OnnxModel()
+    hook.init(HookContext("m", 1, two_input_onnx))
+    ids, mask = np.ones((1, 5), np.int64), np.ones((1, 7), np.int64)
+    with pytest.raises(Exception, match="Add"):  # what onnxruntime would do with them: its own error
+        hook.infer({"input_ids": ids, "attention_mask": mask})
+    with pytest.raises(HookError) as refused:
+        hook.api_entry({"input_ids": ids, "attention_mask": mask})
+    assert refused.value.code == 1304
+    assert refused.value.message == ("inputs disagree on dimension 'sequence', which the model shares between "
+                                     "them: 'input_ids' 5, 'attention_mask' 7")
+    same = {"input_ids": ids, "attention_mask": np.ones((1, 5), np.int64)}
+    assert hook.api_entry(same) is same and hook.infer(same)["y"].shape == (1, 5)
+
+
+def test_an_empty_sequence_is_1305(two_input_onnx):
+    from toolkit.runtime.onnx_hook import OnnxModel
+
+    hook = OnnxModel()
+    hook.init(HookContext("m", 1, two_input_onnx))
+    request = {"input_ids": np.ones((1, 0), np.int64), "attention_mask": np.ones((1, 0), np.int64)}
+    with pytest.raises(HookError) as refused:
+        hook.api_entry(request)
+    assert refused.value.code == 1305
+    assert refused.value.message == "input 'input_ids' is empty: 0 entries on its axis 1 ('sequence')"
+
+
+@pytest.mark.parametrize(("mode", "normalize"), [("mean", "true"), ("mean", "false"), ("cls", "true")])
+def test_pooling_finite_states_near_float32_max_give_a_finite_embedding(tmp_path, mode, normalize):
+    hook = MeanPooling()
+    hook.init(HookContext("pooling", 1, tmp_path, parameters={"mode": mode, "normalize": normalize}))
+    hidden = np.full((2, 3, 4), 3e38, np.float32)
+    hidden[1] = 1.0                                     # a normal row in the same batch keeps its answer
+    hidden[0, :, 1] = -3e38
+    mask = np.ones((2, 3), np.int64)
+    request = {"last_hidden_state": hidden, "attention_mask": mask}
+    with np.errstate(all="raise"):                     # not even a warning on the way
+        embedding = hook.infer(hook.api_entry(request))["embedding"]
+    assert np.isfinite(embedding).all(), embedding
+    if normalize == "true":
+        np.testing.assert_allclose(embedding[0], [0.5, -0.5, 0.5, 0.5], rtol=1e-6)
+        np.testing.assert_allclose(embedding[1], [0.5] * 4, rtol=1e-6)
+    else:
+        np.testing.assert_allclose(embedding[0], [3e38, -3e38, 3e38, 3e38], rtol=1e-6)

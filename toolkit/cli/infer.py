@@ -58,6 +58,17 @@ def infer(model: str, inputs: tuple[str, ...], url: str | None, protocol: str, m
                     raise ToolkitError(f"--input {name}: not valid JSON ({e.msg}); quote strings: "
                                        f"-i '{name}=[\"hello\"]'") from e
             arrays[name] = parse_input_value(name, value, meta[name]["datatype"], shape)
+        missing = [name for name in meta if name not in arrays]
+        if missing:  # optional inputs (the config says which) may stay out
+            optional = {i["name"] for i in client.config(model).get("input", []) if i.get("optional")}
+            missing = [name for name in missing if name not in optional]
+        if missing:
+            described = ", ".join(f"{n} ({meta[n]['datatype']} {[int(d) for d in meta[n]['shape']]})"
+                                  for n in missing)
+            first = missing[0]
+            example = f"'{first}=[\"hello\"]'" if meta[first]["datatype"] == "BYTES" else f"'{first}=[[0.5, 1]]'"
+            raise ToolkitError(f"model '{model}' needs input{'s' if len(missing) > 1 else ''} {described}: "
+                               f"pass {'each' if len(missing) > 1 else 'it'} with -i, e.g. -i {example}")
         result = client.infer(model, arrays, version=model_version)
     json.dump({k: to_jsonable(v) for k, v in result.items()}, sys.stdout, ensure_ascii=False)
     sys.stdout.write("\n")

@@ -4,9 +4,13 @@ downtime, refusing a version that fails to load or fails its golden check (``too
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
+
+from toolkit.errors import ToolkitError, TritonAdminError
 
 _url_and_repository = [
     click.option("--url", default="127.0.0.1:8000", show_default=True, help="Triton's HTTP host:port."),
@@ -43,6 +47,24 @@ def _admin(url: str, admin_header: str | None):
     return TritonAdmin(url, headers)
 
 
+@contextlib.contextmanager
+def _admin_header_hint(admin_header: str | None) -> Iterator[None]:
+    """Triton refused the repository API (403): the server was started with --restrict-apis, and the
+    operator gave no header, or another one; say which option carries it."""
+    try:
+        yield
+    except ToolkitError as e:
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, TritonAdminError):
+            cause = cause.__cause__
+        if cause is None or cause.status != 403:
+            raise
+        hint = ("pass the header `toolkit serve --restrict-apis` was given: --admin-header KEY=VALUE "
+                "(or $TOOLKIT_RESTRICT_APIS)") if not admin_header else \
+            "--admin-header is not the KEY=VALUE `toolkit serve --restrict-apis` was given"
+        raise ToolkitError(f"{e}; the server restricts its repository API: {hint}") from e
+
+
 @click.command()
 @click.argument("model")
 @click.option("--version", "version", type=click.IntRange(min=1), default=None,
@@ -59,9 +81,13 @@ def rollout(model: str, version: int | None, models_dir: Path, url: str, reposit
     """
     from toolkit.lifecycle.rollout import rollout as do_rollout
 
-    click.echo(f"Rolling out '{model}' (loading the candidate, checking it) ...", err=True)
-    report = do_rollout(model, version=version, models_dir=models_dir, repository=repository,
-                        admin=_admin(url, admin_header), golden_check=not skip_golden_check, wait=wait)
+    def announce(chosen: int) -> None:  # once the checks that need no loading have passed
+        click.echo(f"Rolling out version {chosen} of '{model}' (loading the candidate, checking it) ...", err=True)
+
+    with _admin_header_hint(admin_header):
+        report = do_rollout(model, version=version, models_dir=models_dir, repository=repository,
+                            admin=_admin(url, admin_header), golden_check=not skip_golden_check, wait=wait,
+                            announce=announce)
     click.echo(report.summary())
 
 
@@ -76,8 +102,9 @@ def rollback(model: str, url: str, repository: Path, admin_header: str | None, w
     shows it), until there is no earlier version."""
     from toolkit.lifecycle.rollout import rollback as do_rollback
 
-    report = do_rollback(model, repository=repository, admin=_admin(url, admin_header),
-                         golden_check=not skip_golden_check, wait=wait)
+    with _admin_header_hint(admin_header):
+        report = do_rollback(model, repository=repository, admin=_admin(url, admin_header),
+                             golden_check=not skip_golden_check, wait=wait)
     click.echo(report.summary())
 
 
@@ -95,5 +122,6 @@ def versions(model: str, models_dir: Path, as_json: bool, url: str, repository: 
 
     from toolkit.lifecycle.rollout import versions as read_versions
 
-    found = read_versions(model, repository=repository, admin=_admin(url, admin_header), models_dir=models_dir)
+    with _admin_header_hint(admin_header):
+        found = read_versions(model, repository=repository, admin=_admin(url, admin_header), models_dir=models_dir)
     click.echo(json.dumps(found.to_dict(), indent=1) if as_json else found.render())

@@ -70,6 +70,8 @@ class TritonClient:
         if _is_unreachable(error, message):
             message = (f"cannot reach Triton at {self.url} ({self.protocol}): {message or type(error).__name__}; "
                        "is `toolkit serve` running, and is this its " + self.protocol.upper() + " port?")
+        elif self.protocol == "http" and _not_triton_http(error):
+            return InferenceError(_wrong_http_port(self.url, error))
         return InferenceError(f"{what}: {message}", code=code, status=status)
 
     def infer(self, model: str, inputs: Mapping[str, np.ndarray], *, outputs: list[str] | None = None,
@@ -172,6 +174,24 @@ def normalize_url(url: str) -> str:
         raise InferenceError(f"bad URL {original!r}: expected host:port, e.g. 127.0.0.1:8000 (HTTP) or "
                              "127.0.0.1:8001 (gRPC)")
     return url
+
+
+def _not_triton_http(error: Exception) -> bool:
+    """The port answered, but not as Triton's HTTP API does: not HTTP at all (gRPC's HTTP/2 frames,
+    which the HTTP client cannot parse), or HTTP without Triton's JSON (the metrics port's empty 404)."""
+    from http.client import HTTPException
+
+    return isinstance(error, HTTPException) or (isinstance(error, ValueError) and "Parse error" in str(error))
+
+
+def _wrong_http_port(url: str, error: Exception) -> str:
+    from http.client import HTTPException
+
+    if isinstance(error, HTTPException):
+        return (f"{url} does not speak HTTP (its answer is not HTTP/1.1): is it Triton's gRPC port? "
+                "try --protocol grpc, or Triton's HTTP port (8000 unless `toolkit serve --http-port` said otherwise)")
+    return (f"{url} speaks HTTP but is not Triton's HTTP API (an empty, non-JSON answer): is it Triton's metrics "
+            "port? use Triton's HTTP port (8000 unless `toolkit serve --http-port` said otherwise)")
 
 
 def _is_unreachable(error: Exception, message: str) -> bool:

@@ -31,7 +31,7 @@ from pathlib import Path
 import onnx
 
 from toolkit.errors import first_line
-from toolkit.export import onnx_check
+from toolkit.export import memory, onnx_check
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +49,17 @@ def fold_file(path: Path) -> bool:
     scratch.mkdir(exist_ok=True)
     try:
         folded = _fold_with_onnxruntime(path, scratch / "model.onnx")
+        memory.release()
         model = onnx.load(str(folded))  # loads external data too
         before = len(model.graph.node)
-        model = _push_transposes(model)
-        _prune_opset_imports(model)
+        optimized, held = _push_transposes(model)
+        _prune_opset_imports(optimized)
         log.info("folded %s: %d nodes after onnxruntime, %d after tf2onnx's optimizer", path.name, before,
-                 len(model.graph.node))
-        onnx_check.save_onnx(model, scratch / "final.onnx")
-        del model
+                 len(optimized.graph.node))
+        onnx_check.write_onnx(optimized, scratch / "final.onnx", held)  # the weights written from ``model``
+        del model, optimized, held
+        memory.release()
+        onnx_check.check_file(scratch / "final.onnx")
     except Exception as e:  # an optimizer bug must not fail an export whose unfolded file is right
         log.warning("graph folding failed, keeping the unfolded file: %s: %s", type(e).__name__, first_line(e))
         shutil.rmtree(scratch, ignore_errors=True)
@@ -95,11 +98,12 @@ def _fold_with_onnxruntime(source: Path, target: Path) -> Path:
 HOLD_OUT_BYTES = 256 * 1024
 
 
-def _push_transposes(model: onnx.ModelProto) -> onnx.ModelProto:
+def _push_transposes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
+    """tf2onnx's optimizer on ``model`` without its large weights: the optimized model, and the
+    weights (``model``'s own tensors, not copies) that it still reads, to be written beside it."""
     from tf2onnx.graph import GraphUtil
-
     graph = model.graph
-    held = {t.name: i for i, t in enumerate(graph.initializer) if _nbytes(t) >= HOLD_OUT_BYTES}
+    held = {t.name: i for i, t in enumerate(graph.initializer) if onnx_check.tensor_bytes(t) >= HOLD_OUT_BYTES}
     light = onnx_check.copy_without(model, "graph")
     light.graph.CopyFrom(onnx_check.copy_without(graph, "initializer"))
     light.graph.initializer.extend(t for t in graph.initializer if t.name not in held)
@@ -113,17 +117,7 @@ def _push_transposes(model: onnx.ModelProto) -> onnx.ModelProto:
     kept = [i for i in optimized.graph.input if i.name not in held]
     del optimized.graph.input[:]
     optimized.graph.input.extend(kept)
-    optimized.graph.initializer.extend(graph.initializer[i] for name, i in held.items() if name in used)
-    return optimized
-
-
-def _nbytes(tensor: onnx.TensorProto) -> int:
-    if tensor.data_type == onnx.TensorProto.STRING:
-        return 0
-    count = 1
-    for dim in tensor.dims:
-        count *= dim
-    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return optimized, [graph.initializer[i] for name, i in held.items() if name in used]
 
 
 def _prune_opset_imports(model: onnx.ModelProto) -> None:

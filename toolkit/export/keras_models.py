@@ -11,7 +11,6 @@ The image service's model is ``MobileNetV2(include_top=False, pooling="avg", wei
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 import os
 import re
@@ -26,7 +25,7 @@ import onnx
 import tensorflow as tf
 
 from toolkit.errors import ExportError, first_line
-from toolkit.export import fold, images, onnx_check, probes, servable, tf_compat, verify
+from toolkit.export import fold, images, memory, onnx_check, probes, servable, tf_compat, verify
 from toolkit.export.defaults import DEFAULT_OPSET, KERAS_TOLERANCE, REL_TOLERANCE
 from toolkit.export.keras_sources import (  # noqa: F401  (keras_applications, keras_check_cases: public API)
     KerasSource,
@@ -108,13 +107,7 @@ def export_keras_source(source: KerasSource, out_dir: Path, version: int, *, ste
         nudged = verify.nudged_outputs(reference, cases)  # only read if the check fails: is the source stable?
         blind = [n for n in source.output_names
                  if not verify.discriminates([e[names[n]] for e in expected], tolerance, rel_tolerance)]
-        found = {}
-        if blind and source.model is not None and has_symbolic_input(source.model):
-            tensors = dict(zip(source.output_names, tf.nest.flatten(source.model.output), strict=False))
-            found = probes.find_probes(source.model, {n: tensors[n] for n in blind if n in tensors}, cases,
-                                       input_names, names, tolerance, rel_tolerance)
-            for case_expected, *values in zip(expected, *(v for _, _, v in found.values()), strict=True):
-                case_expected.update(zip(found, values, strict=True))
+        found = _find_probes(source, blind, cases, expected, names, tolerance, rel_tolerance) if blind else {}
     probe_names = {n: description for n, (_, description, _) in found.items()}
     label = source.label
     metadata = {"kind": "keras", "source": label, **source.metadata,
@@ -123,7 +116,7 @@ def export_keras_source(source: KerasSource, out_dir: Path, version: int, *, ste
         onnx_model = _convert(source, names, found, opset)
         if release:
             source = found = reference = None  # the weights are in the ONNX model now
-            gc.collect()
+        memory.release()
     inputs, outputs = onnx_check.tensor_infos(onnx_model)
     outputs = [t for t in outputs if t.name not in probe_names]
     metadata |= {"inputs": [t.to_dict() for t in inputs], "outputs": [t.to_dict() for t in outputs],
@@ -151,6 +144,19 @@ def export_keras_source(source: KerasSource, out_dir: Path, version: int, *, ste
                         model_path=version_dir / "model.onnx", metadata_path=version_dir / "export.json",
                         files=files, inputs=inputs, outputs=outputs, check=check, opset=opset,
                         timings=dict(steps.timings), metadata=metadata, model_yaml=model_yaml)
+
+
+def _find_probes(source: KerasSource, blind: Sequence[str], cases, expected: list[dict[str, np.ndarray]],
+                 names: Mapping[str, str], tolerance, rel_tolerance) -> dict[str, tuple]:
+    """Probes for the ``blind`` outputs (``toolkit.export.probes``), their values added to ``expected``."""
+    if source.model is None or not has_symbolic_input(source.model):
+        return {}
+    tensors = dict(zip(source.output_names, tf.nest.flatten(source.model.output), strict=False))
+    found = probes.find_probes(source.model, {n: tensors[n] for n in blind if n in tensors}, cases,
+                               [name for name, _, _ in source.inputs], names, tolerance, rel_tolerance)
+    for case_expected, *values in zip(expected, *(v for _, _, v in found.values()), strict=True):
+        case_expected.update(zip(found, values, strict=True))
+    return found
 
 
 def _convert(source: KerasSource, names: Mapping[str, str], found: Mapping[str, tuple], opset: int):
@@ -199,7 +205,7 @@ def _convert_stateless(model: keras.Model, input_names, names, specs, dims, opse
         return _named_outputs(result, names, input_names)
 
     try:
-        with tf_compat.traceable_keras():
+        with tf_compat.traceable_keras(), tf_compat.released_gradients():
             serve.get_concrete_function()
     except Exception as e:
         raise _NotStateless(str(e)) from e
@@ -243,13 +249,14 @@ def _check(holder: list, staging: Path, found: Mapping[str, str], cases, expecte
     checked in a scratch file, then stripped from model.onnx."""
     target = staging / "model.onnx"
     if not found:
-        _save_folded(holder.pop(), target)
+        _save_folded(holder, target)
         return _check_folded(target, cases, expected, tolerance, rel_tolerance, nudged=nudged)
     scratch = staging / "probed"
     scratch.mkdir()
-    _save_folded(holder.pop(), scratch / "model.onnx")
+    _save_folded(holder, scratch / "model.onnx")
     probed = _check_folded(scratch / "model.onnx", cases, expected, tolerance, rel_tolerance, probes=found,
                            nudged=nudged)
+    memory.release()
     stripped = [onnx.load(str(scratch / "model.onnx"))]
     onnx_check.strip_outputs(stripped[0], list(found))
     onnx_check.save_onnx(stripped.pop(), target)
@@ -259,11 +266,14 @@ def _check(holder: list, staging: Path, found: Mapping[str, str], cases, expecte
     return dataclasses.replace(probed, serving=probed.serving or served.serving)
 
 
-def _save_folded(model: onnx.ModelProto, path: Path) -> None:
-    """Write ``model`` and fold it in place; the unfolded file stays beside it (a hard link, no copy)
-    under ``unfolded/`` until the check has passed."""
-    onnx_check.save_onnx(model, path)
-    del model
+def _save_folded(holder: list[onnx.ModelProto], path: Path) -> None:
+    """Write the model popped from ``holder`` (freed once written, before the file is read back) and
+    fold it in place; the unfolded file stays beside it (a hard link, no copy) under ``unfolded/``
+    until the check has passed."""
+    onnx_check.write_onnx(holder[0], path)
+    holder.clear()
+    memory.release()
+    onnx_check.check_file(path)
     keep = path.parent / "unfolded"
     keep.mkdir()
     for file in (path, path.with_name(f"{path.name}.data")):

@@ -48,7 +48,7 @@ def convert_function(function: tf.types.experimental.PolymorphicFunction,
     ``function`` that are really weights: they are converted as graph inputs and then bound to these
     arrays as ONNX initializers, so tf2onnx never handles the weights (see ``_from_function``).
     """
-    with tf_compat.traceable_keras():
+    with tf_compat.traceable_keras(), tf_compat.released_gradients():
         try:  # tracing runs the user's Python: a layer that cannot be traced fails here
             concrete = function.get_concrete_function(*input_specs)
         except Exception as e:
@@ -187,24 +187,39 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:
     limit keeps its weights in ``<path>.data`` beside it (ONNX external data: onnxruntime and Triton
     load both). Returns the files. Pass a model nobody else holds (``holder.pop()``): it is freed
     before the checker reads the file back."""
+    files = write_onnx(model, path)
+    del model
+    check_file(path)
+    return files
+
+
+def write_onnx(model: onnx.ModelProto, path: Path, extra_initializers: Sequence[onnx.TensorProto] = ()) -> list[Path]:
+    """Write ``model``, with ``extra_initializers`` (tensors of another model, e.g. the weights held
+    out of an optimizer) added to its graph in the file without copying them in memory."""
     path = Path(path)
-    large = weights_bytes(model) >= _PROTOBUF_LIMIT
     try:
-        if large:
+        if weights_bytes(model) + sum(tensor_bytes(t) for t in extra_initializers) >= _PROTOBUF_LIMIT:
+            model.graph.initializer.extend(extra_initializers)  # a copy: only models past 2 GB
             onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=f"{path.name}.data", size_threshold=1024)
-        else:
-            _write_streamed(model, path)
-        del model
+            return [path, path.with_name(f"{path.name}.data")]
+        _write_streamed(model, path, extra_initializers)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"cannot write {path}: {e}") from e
+    return [path]
+
+
+def check_file(path: Path) -> None:
+    """onnx.checker on the written file (it reads the file itself: no copy of the model in Python)."""
+    try:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as e:
         raise ExportError(f"tf2onnx produced an invalid ONNX model: {first_line(e)}") from e
     except (OSError, ValueError) as e:
-        raise ExportError(f"cannot write {path}: {e}") from e
-    return [path, path.with_name(f"{path.name}.data")] if large else [path]
+        raise ExportError(f"cannot read back {path}: {e}") from e
 
 
-def _write_streamed(model: onnx.ModelProto, path: Path) -> None:
+def _write_streamed(model: onnx.ModelProto, path: Path, extra: Sequence[onnx.TensorProto] = ()) -> None:
     """``onnx.save`` without its memory: serializing a whole model at once holds the weights about
     four times over (upb grows its buffer by doubling, then copies it into Python bytes). The same
     bytes a parser reads are written piece by piece: the model without its graph, then the graph
@@ -213,15 +228,23 @@ def _write_streamed(model: onnx.ModelProto, path: Path) -> None:
     graph = model.graph
     head, rest = copy_without(model, "graph"), copy_without(graph, "initializer")
     rest_bytes = rest.SerializeToString()
-    sizes = [tensor.ByteSize() for tensor in graph.initializer]
+    tensors = [*graph.initializer, *extra]
+    sizes = [tensor.ByteSize() for tensor in tensors]
     graph_size = len(rest_bytes) + sum(1 + len(_varint(n)) + n for n in sizes)
     with open(path, "wb") as f:
         f.write(head.SerializeToString())
         f.write(b"\x3a" + _varint(graph_size))  # field 7 (graph), length-delimited
         f.write(rest_bytes)
-        for tensor, size in zip(graph.initializer, sizes, strict=True):
+        for tensor, size in zip(tensors, sizes, strict=True):
             f.write(b"\x2a" + _varint(size))  # GraphProto field 5 (initializer)
             f.write(tensor.SerializeToString())
+
+
+def tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """A tensor's data size from its dims and type (0 for strings), without touching the data."""
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return 0
+    return int(np.prod(tensor.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
 
 
 def copy_without(message: Any, skip: str) -> Any:
@@ -251,11 +274,7 @@ def _varint(value: int) -> bytes:
 
 def weights_bytes(model: onnx.ModelProto) -> int:
     """The initializers' size, from their dims (``ByteSize()`` would serialize the whole model)."""
-    total = 0
-    for tensor in model.graph.initializer:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-        total += int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
-    return total
+    return sum(tensor_bytes(tensor) for tensor in model.graph.initializer)
 
 
 def strip_outputs(model: onnx.ModelProto, names: Sequence[str]) -> None:

@@ -15,6 +15,10 @@ source model, so a fix that changed a result would fail the export.
   as eager tensors; every EfficientNet and EfficientNetV2 has one): tf2onnx's ``from_function``
   turns them into graph *inputs* (``.../normalization_1/Sub/y:0``) that nobody can feed.
   ``captured_constants`` reads their values so the converter binds them as initializers.
+* Memory: ``tf.custom_gradient`` traced into a graph (Keras' swish in every EfficientNet, users'
+  layers) registers its gradient under a fresh name in TensorFlow's process-wide gradient registry,
+  whose closure keeps the traced graph, and every variable the graph captured, alive until the
+  process ends. ``released_gradients`` drops those registrations: an export never differentiates.
 """
 
 from __future__ import annotations
@@ -64,6 +68,25 @@ def traceable_keras() -> Iterator[None]:
         yield
     finally:
         tf_nn.conv = original
+
+
+_CUSTOM_GRADIENT = "CustomGradient-"
+
+
+@contextlib.contextmanager
+def released_gradients() -> Iterator[None]:
+    """Forget the custom gradients registered while tracing inside this block, so that the traced
+    graphs can be freed with their functions (EfficientNetB7's reference graph kept its 0.25 GB of
+    weights alive after the model was gone)."""
+    from tensorflow.python.framework import ops
+
+    registry = ops.gradient_registry._registry  # no public way to unregister
+    before = set(registry)
+    try:
+        yield
+    finally:
+        for name in [n for n in registry if n not in before and n.startswith(_CUSTOM_GRADIENT)]:
+            del registry[name]
 
 
 def captured_constants(concrete: tf.types.experimental.ConcreteFunction) -> dict[str, np.ndarray]:

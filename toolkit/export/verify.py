@@ -31,6 +31,7 @@ import onnx
 import onnxruntime as ort
 
 from toolkit.errors import ExportError, first_line
+from toolkit.export import memory
 from toolkit.export.report import CheckResult
 from toolkit.runtime.onnx_hook import SERVED_LEVEL, session
 
@@ -76,6 +77,7 @@ class _Runner:
         self.cases, self.names = cases, list(names)
 
     def run(self, serving: Mapping[str, object]) -> list[Arrays]:
+        memory.release()  # the last session's weights, before this one copies them again
         try:
             sess = session(ort, self.source, 0, "false", dict(serving))
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types

@@ -12,6 +12,8 @@ model as Triton serves it); ``toolkit rollout`` checks it the same way.
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +54,13 @@ def read_golden(path: Path) -> Golden:
             outputs = {k[len("output."):]: data[k] for k in data.files if k.startswith("output.")}
             tolerance = float(data["tolerance"]) if "tolerance" in data.files else 1e-4
             rel = float(data["rel_tolerance"]) if "rel_tolerance" in data.files else 1e-3
-    except (OSError, ValueError, KeyError) as e:
-        raise ToolkitError(f"{path}: not a readable golden file: {e}") from e
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        # np.load says "pickled data" of any file that is not an .npz archive (zip) or an .npy
+        reason = "not an .npz archive" if "pickled" in str(e) else (str(e) or type(e).__name__)
+        if isinstance(e, EOFError):
+            reason = "the file is empty"
+        raise ToolkitError(f"{path}: not a readable golden file ({reason}): is it corrupt or truncated? "
+                           "`toolkit export` writes it again") from e
     if not inputs or not outputs:
         raise ToolkitError(f"{path}: a golden file needs input.* and output.* arrays")
     return Golden(inputs, outputs, tolerance, rel)

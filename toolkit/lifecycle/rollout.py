@@ -6,6 +6,9 @@
 What happens, in an order that keeps the served version untouched until the new one has proven
 itself (Triton's own reload keeps serving the old version while the new one loads):
 
+0. **Files.** N's ``*.onnx`` and ``golden.npz`` are read as the operator wrote them: a truncated or
+   corrupt one stops the rollout with one line naming it, before anything loads (and before the
+   CLI says "Rolling out ...").
 1. **Candidate.** Version N is rendered (config, adapter, hook code, assets: what gen-repo writes)
    into a model of its own, ``<model>__candidate``, beside the served one, and loaded. It takes no
    traffic: nothing routes to that name. A version that fails to load stops the rollout here.
@@ -37,7 +40,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,9 +106,11 @@ def _infer(admin: TritonAdmin, model: str, inputs: dict[str, np.ndarray]) -> dic
 
 
 def rollout(model: str, *, version: int | None, models_dir: Path, repository: Path, admin: TritonAdmin,
-            golden_check: bool = True, wait: float = 0.0) -> RolloutReport:
+            golden_check: bool = True, wait: float = 0.0,
+            announce: Callable[[int], None] | None = None) -> RolloutReport:
     """Serve ``version`` of ``model`` (default: the newest in ``models_dir``) instead of what it serves.
-    A version already in the served model folder (served before) is served from there."""
+    A version already in the served model folder (served before) is served from there.
+    ``announce(version)`` is called once everything that needs no loading has been checked."""
     repository = Path(repository).absolute()
     with _changing(repository, f"rollout of '{model}'", admin, wait):
         served_dir = _served_dir(repository, model, admin)
@@ -123,13 +128,13 @@ def rollout(model: str, *, version: int | None, models_dir: Path, repository: Pa
                                      f"(it has {', '.join(map(str, source.versions)) or 'none'})")
         if (served_dir / str(version)).is_dir():
             source = None  # served before (a rollback went past it): the checked files are here
-        report = _switch(model, version, source, repository, admin, golden_check)
+        report = _switch(model, version, source, repository, admin, golden_check, announce)
         _save_history(served_dir, history, [*stack, version], "rollout", report)
         return report
 
 
 def rollback(model: str, *, repository: Path, admin: TritonAdmin, golden_check: bool = True,
-             wait: float = 0.0) -> RolloutReport:
+             wait: float = 0.0, announce: Callable[[int], None] | None = None) -> RolloutReport:
     """Serve again the version ``model`` served before its last rollout; again, and it goes one more
     step back, until "no earlier version"."""
     repository = Path(repository).absolute()
@@ -144,13 +149,13 @@ def rollback(model: str, *, repository: Path, admin: TritonAdmin, golden_check: 
         if not (served_dir / str(previous)).is_dir():
             raise LifecycleError(f"version {previous} of '{model}' is no longer in {served_dir}; "
                                  f"roll out a version instead")
-        report = _switch(model, previous, None, repository, admin, golden_check)
+        report = _switch(model, previous, None, repository, admin, golden_check, announce)
         _save_history(served_dir, history, stack[:-1], "rollback", report)
         return report
 
 
 def _switch(model: str, version: int, source: ModelSource | None, repository: Path, admin: TritonAdmin,
-            golden_check: bool) -> RolloutReport:
+            golden_check: bool, announce: Callable[[int], None] | None = None) -> RolloutReport:
     """Load ``version`` as the candidate, check it, promote it: steps 1-4 of the module docstring.
     ``source``: render the version from the spec (it is not in the served folder yet)."""
     served_dir = repository / model
@@ -158,22 +163,33 @@ def _switch(model: str, version: int, source: ModelSource | None, repository: Pa
     serving = _serving(admin, served_dir, model)
     if serving == [version]:
         raise LifecycleError(f"model '{model}' already serves version {version}")
+    # The files as the operator wrote them, read before anything loads: a corrupt one is one line
+    # naming it, not Triton's load failure with the stub's stack.
+    files_dir = source.folder / str(version) if source is not None else served_dir / str(version)
+    _check_onnx_files(files_dir)
+    golden = None
+    if golden_check:
+        if not (files_dir / GOLDEN_FILE).is_file():
+            raise LifecycleError(f"version {version} of '{model}' has no {GOLDEN_FILE} to check it with "
+                                 "(toolkit export writes one; a python hook ships its own), or pass "
+                                 "--skip-golden-check")
+        golden = read_golden(files_dir / GOLDEN_FILE)
     source_dir = _render_version(source, version, config, repository) if source is not None else None
+    if announce is not None:
+        announce(version)
     report = RolloutReport(model, version, serving, "skipped")
     candidate = model + CANDIDATE_SUFFIX
     started = time.monotonic()
     try:
         _write_candidate(repository / candidate, config, candidate, version,
                          source_dir if source_dir is not None else served_dir / str(version))
-        admin.load(candidate, timeout=LOAD_TIMEOUT)
+        try:
+            admin.load(candidate, timeout=LOAD_TIMEOUT)
+        except TritonAdminError as e:
+            raise LifecycleError(f"version {version} of '{model}' failed to load (as '{candidate}'); still serving "
+                                 f"{', '.join(map(str, serving)) or 'nothing'}: {_first_line(str(e))}") from e
         report.seconds["candidate load"] = time.monotonic() - started
-        if golden_check:
-            golden_path = (source_dir or served_dir / str(version)) / GOLDEN_FILE
-            if not golden_path.is_file():
-                raise LifecycleError(f"version {version} of '{model}' has no {GOLDEN_FILE} to check it with "
-                                     "(toolkit export writes one; a python hook ships its own), or pass "
-                                     "--skip-golden-check")
-            golden = read_golden(golden_path)
+        if golden is not None:
             problems = check_golden(golden, lambda inputs: _infer(admin, candidate, inputs))
             if problems:
                 raise LifecycleError(f"version {version} of '{model}' failed its golden check; still serving "
@@ -313,6 +329,34 @@ def versions(model: str, *, repository: Path, admin: TritonAdmin, models_dir: Pa
 
 
 # --- files ------------------------------------------------------------------------------------------
+
+def _check_onnx_files(folder: Path) -> None:
+    """Every ``*.onnx`` of a version folder parses as an ONNX model with a graph (a truncated copy
+    does not; an empty file parses as a model without one)."""
+    paths = sorted(folder.glob("*.onnx"))
+    if not paths:
+        return
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    for path in paths:
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+            reason = "" if model.HasField("graph") and model.graph.output else "it holds no graph"
+        except (DecodeError, OSError, ValueError, RuntimeError) as e:
+            reason = _first_line(str(e)) or type(e).__name__
+        if reason:
+            raise LifecycleError(f"{path}: not a readable ONNX model ({reason}; {path.stat().st_size} bytes): "
+                                 "is it truncated? export it again")
+
+
+def _first_line(text: str) -> str:
+    """The first line of a multi-line reason (Triton's load failures carry the stub's stack)."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    return lines[0] + (" (the server's log has the rest)" if len(lines) > 1 else "")
+
 
 def _models(repository: Path) -> list[str]:
     return sorted(d.name for d in repository.iterdir() if (d / "config.pbtxt").is_file()) \

@@ -28,6 +28,11 @@ negative index around):
     1302  a floating-point input holds NaN or infinity
     1303  a sequence input is longer than the model has positions (a BERT export: its
           max_position_embeddings, e.g. 512), which onnxruntime fails with a raw broadcast error
+    1304  inputs disagree on a dimension the ONNX graph declares shared (the same symbolic name,
+          e.g. BERT's ``sequence`` in input_ids and attention_mask): onnxruntime would fail the run
+          with its own source paths, as INTERNAL
+    1305  an input is empty along a dynamic axis (e.g. a sequence of length 0): no graph's answer
+          for it means anything, and onnxruntime fails most (Gather, Reshape) as INTERNAL
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from toolkit.runtime.params import SERVING_KEY, read_export, thread_parameters
 INPUT_OUT_OF_RANGE = 1301
 INPUT_NOT_FINITE = 1302
 SEQUENCE_TOO_LONG = 1303
+SHARED_DIM_MISMATCH = 1304
+EMPTY_INPUT = 1305
 RANGE_PREFIX = "input_range."
 #: The level the served session uses unless export.json's serving entry (params.SERVING_KEY) says otherwise.
 SERVED_LEVEL = "ORT_ENABLE_ALL"
@@ -70,6 +77,7 @@ class OnnxModel(Hook):
             self.solo = session(ort, path, default_threads(1), spin, export.get(SERVING_KEY))
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.dynamic_axes, self.shared_dims = _graph_dims(self.session.get_inputs())
         self.ranges: dict[str, tuple[int, int]] = {
             k: v for k, v in _export_ranges(export).items() if k in self.input_names}
         #: input -> (its sequence axis, the most positions the model has)
@@ -85,6 +93,7 @@ class OnnxModel(Hook):
                 self.ranges[name] = (int(lo), int(hi))
 
     def api_entry(self, request: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._check_dims(request)
         for name, array in request.items():
             if name in self.lengths:
                 axis, most = self.lengths[name]
@@ -102,6 +111,22 @@ class OnnxModel(Hook):
                     bad = low if low < lo else high
                     raise HookError(INPUT_OUT_OF_RANGE, f"input {name!r} holds {bad}, outside [{lo}, {hi})")
         return request
+
+    def _check_dims(self, request: dict[str, np.ndarray]) -> None:
+        for name, axes in self.dynamic_axes.items():
+            array = request.get(name)
+            if array is None:
+                continue
+            for axis, label in axes:
+                if axis < array.ndim and array.shape[axis] == 0:
+                    raise HookError(EMPTY_INPUT, f"input {name!r} is empty: 0 entries on its axis {axis} ({label})")
+        for dim, places in self.shared_dims.items():
+            seen = [(name, request[name].shape[axis]) for name, axis in places
+                    if name in request and axis < request[name].ndim]
+            if len({size for _, size in seen}) > 1:
+                sizes = ", ".join(f"{name!r} {size}" for name, size in seen)
+                raise HookError(SHARED_DIM_MISMATCH, f"inputs disagree on dimension {dim!r}, which the model "
+                                                     f"shares between them: {sizes}")
 
     def infer(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         feed = {name: batch[name] for name in self.input_names if name in batch}
@@ -132,6 +157,23 @@ def session(ort, path, threads: int = 0, spin: str = "false", serving: dict | No
     return ort.InferenceSession(path if isinstance(path, bytes) else str(path), options,
                                 providers=["CPUExecutionProvider"],
                                 disabled_optimizers=list(serving.get("disabled_optimizers") or []) or None)
+
+
+def _graph_dims(inputs) -> tuple[dict[str, list[tuple[int, str]]], dict[str, list[tuple[str, int]]]]:
+    """From the graph's input declarations: each input's dynamic axes (axis, label), and each symbolic
+    dimension that more than one input declares (name -> [(input, axis)]), which must agree."""
+    dynamic: dict[str, list[tuple[int, str]]] = {}
+    named: dict[str, list[tuple[str, int]]] = {}
+    for tensor in inputs:
+        for axis, dim in enumerate(tensor.shape or []):
+            if isinstance(dim, int) and dim >= 0:
+                continue
+            label = f"{dim!r}" if isinstance(dim, str) and dim else "dynamic"
+            dynamic.setdefault(tensor.name, []).append((axis, label))
+            if isinstance(dim, str) and dim:
+                named.setdefault(dim, []).append((tensor.name, axis))
+    shared = {dim: places for dim, places in named.items() if len({name for name, _ in places}) > 1}
+    return dynamic, shared
 
 
 def _export_ranges(export: dict) -> dict[str, tuple[int, int]]:

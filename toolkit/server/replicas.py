@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,11 +69,18 @@ class ReplicaSet:
         return [s.http_url for s in self.servers]
 
     def start(self, timeout: float = 180.0) -> ReplicaSet:
+        """Start the replicas one after the other (they share the cores), saying as each starts and
+        as each is ready: N replicas take N model loads, and a silent minute looks hung."""
         try:
             for i in range(self.count):
                 server = self._server(i)
                 self.servers.append(server)
+                self._event(f"replica {i}: starting ({i + 1} of {self.count}; HTTP {server.http_url}, "
+                            f"gRPC {server.grpc_url})")
+                started = time.monotonic()
                 server.start(timeout=timeout)
+                self._event(f"replica {i}: ready after {time.monotonic() - started:.1f}s "
+                            f"({i + 1} of {self.count} ready)")
         except BaseException:
             self.stop()
             raise
