@@ -204,6 +204,8 @@ def test_a_heal_waits_while_a_rollout_holds_the_repository_lock_then_heals(serve
     assert waited, server.events[-5:]
     assert not healed_while_held, server.watchdog.heals[-1:]
     assert back and back - released < 10, server.events[-5:]
+    # the heal is recorded once it is complete, a moment after the model answers again
+    assert wait_for(lambda: len(server.watchdog.heals) > heals, 15), server.events[-5:]
     assert len(server.watchdog.heals) == heals + 1
     print(f"\nheal under a held lock: waited, then serving {back - released:.1f}s after the release")
 
