@@ -6,11 +6,14 @@ does not disturb them. Tests that kill stubs or overload a server start their ow
 from __future__ import annotations
 
 import os
+import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from bounded import wait_for
 from serving import build_project, example_repository, free_ports
 
 from toolkit.server import TritonServer
@@ -58,6 +61,31 @@ def _foreign_tritonservers() -> list[int]:
         if not ours(pid):
             found.append(pid)
     return found
+
+
+TESTS = Path(__file__).parent
+
+
+def _started_by_the_tests(thread: threading.Thread) -> bool:
+    """Whether ``thread`` runs a function of a module under tests/ (a live thread keeps its target)."""
+    module = sys.modules.get(getattr(getattr(thread, "_target", None), "__module__", None) or "")
+    return Path(getattr(module, "__file__", None) or "/").is_relative_to(TESTS)
+
+
+@pytest.fixture(autouse=True)
+def no_test_thread_outlives_its_test():
+    """A thread a test started has ended when the test ends, or that test fails here, by name, rather
+    than the thread failing or warning in a later test it disturbs."""
+    before = set(threading.enumerate())
+
+    def left() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t not in before and t.is_alive() and _started_by_the_tests(t)
+                and not getattr(t, "reported", False)]
+
+    yield
+    if left() and not wait_for(lambda: not left(), 5):
+        raise AssertionError(f"thread(s) started by this test still running 5s after it ended: "
+                             f"{[t.name for t in left()]}")
 
 
 @pytest.fixture(scope="session")

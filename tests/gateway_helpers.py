@@ -80,6 +80,7 @@ def running_gateway(root: Path, triton: str, replace: tuple[str, ...] = (), **ov
             process.wait(timeout=40)
         except subprocess.TimeoutExpired:
             process.kill()
+            process.wait(timeout=30)
 
 
 def call(gateway: Gateway, path: str, body: dict | bytes, timeout: float = 60) -> tuple[int, dict]:

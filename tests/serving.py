@@ -44,13 +44,20 @@ def example_repository(root: Path, minilm_export: Path, mobilenet_export: Path) 
 def call_concurrently(url: str, model: str, requests: list[dict[str, Any]], protocol: str = "grpc") -> list:
     """Send every request at once (one client and thread each, released together).
 
-    Returns, in order, each request's outputs or the ``InferenceError`` it got.
+    Returns, in order, each request's outputs or the ``InferenceError`` it got. Bounded: a thread
+    that cannot make its client breaks the barrier for the others, and each call has the client's
+    60 s timeout.
     """
     barrier = threading.Barrier(len(requests))
 
     def one(inputs):
-        with TritonClient(url, protocol=protocol) as client:
-            barrier.wait()
+        try:
+            client = TritonClient(url, protocol=protocol)
+        except BaseException:
+            barrier.abort()
+            raise
+        with client:
+            barrier.wait(timeout=60)
             try:
                 return client.infer(model, inputs)
             except InferenceError as e:

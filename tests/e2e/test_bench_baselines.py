@@ -118,7 +118,7 @@ def baselines(tmp_path_factory, minilm_export, mobilenet_export):
                 baseline.process.wait(timeout=STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
                 baseline.process.kill()
-                baseline.process.wait()
+                baseline.process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

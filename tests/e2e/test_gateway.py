@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 import pytest
 import yaml
+from bounded import read_until
 from PIL import Image
 from serving import free_ports
 
@@ -179,13 +180,13 @@ async def _send_all(url: str, bodies: list[bytes], concurrency: int) -> list[tup
     pending = iter(range(len(bodies)))
 
     async def worker():
-        reader, writer = await asyncio.open_connection(parsed.host, parsed.port)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(parsed.host, parsed.port), 30)
         try:
             for i in pending:
                 started = time.perf_counter()
                 try:
-                    status, content = await _post_keep_alive(reader, writer, parsed.netloc.decode(), parsed.path,
-                                                             bodies[i])
+                    status, content = await asyncio.wait_for(
+                        _post_keep_alive(reader, writer, parsed.netloc.decode(), parsed.path, bodies[i]), 60)
                     results[i] = (time.perf_counter() - started, status, json.loads(content))
                 except Exception as e:  # recorded, and counted as a lost request
                     results[i] = (time.perf_counter() - started, 0, repr(e))
@@ -255,11 +256,7 @@ def restricted_triton(tmp_path_factory):
                                 "--log-file", str(root / "triton.log")],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        lines = []
-        for line in process.stdout:
-            lines.append(line)
-            if line.startswith("Press Ctrl-C"):
-                break
+        lines = read_until(process, "Press Ctrl-C", 120)
         assert any("Triton is ready" in line for line in lines), "".join(lines)
         yield f"127.0.0.1:{http}", f"127.0.0.1:{grpc}"
     finally:

@@ -7,11 +7,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bounded import Background, read_until
 from projects import python_model, write_model
 from serving import free_port_run, free_ports
 
@@ -20,7 +20,9 @@ from toolkit.repository.generate import generate_repository
 from toolkit.repository.project import load_project
 from toolkit.server import TritonServer
 
-pytestmark = pytest.mark.e2e
+#: The slowest test took 17 s (teardown included) on a busy 2-core VM; `toolkit serve` gets 120 s for
+#: its banner (start_serve), so that deadline, with its message, comes first.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 TOOLKIT = [sys.executable, "-m", "toolkit.cli"]
 
 BROKEN_HOOK = '''
@@ -86,7 +88,7 @@ def test_serve_prints_endpoints_and_stops_cleanly_on_sigterm(tmp_path):
             os.kill(process.pid, signal.SIGKILL)
     assert process.returncode == 0
     assert "tritonserver stopped (exit code 0)" in err
-    leftovers = subprocess.run(["pgrep", "-f", str(repo)], capture_output=True, text=True).stdout.split()
+    leftovers = subprocess.run(["pgrep", "-f", str(repo)], capture_output=True, text=True, timeout=10).stdout.split()
     assert leftovers == [], "tritonserver or python stubs outlived `toolkit serve`"
 
 
@@ -105,16 +107,15 @@ def test_server_start_refuses_a_port_another_server_holds(tmp_path):
 
 
 def start_serve(args: list[str]) -> tuple[subprocess.Popen, list[str]]:
-    """`toolkit serve` in the background, read until its banner ends; (process, banner lines)."""
+    """`toolkit serve` in the background, read until its banner ends (or it exits), at most 120 s;
+    (process, banner lines)."""
     process = subprocess.Popen([*TOOLKIT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines = []
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        lines.append(line)
-        if "Press Ctrl-C" in line or not line:
-            break
-    return process, lines
+    try:
+        return process, read_until(process, "Press Ctrl-C", 120)
+    except BaseException:
+        process.kill()
+        process.communicate(timeout=30)
+        raise
 
 
 def test_serve_heals_a_killed_stub_and_says_so_then_exits_non_zero_after_an_unclean_stop(tmp_path):
@@ -124,7 +125,7 @@ def test_serve_heals_a_killed_stub_and_says_so_then_exits_non_zero_after_an_uncl
     try:
         assert "self-healing stubs: on" in "".join(banner)
         stubs = subprocess.run(["pgrep", "-f", f"triton_python_backend_stub {repo}/echo/"], capture_output=True,
-                               text=True).stdout.split()
+                               text=True, timeout=10).stdout.split()
         assert len(stubs) == 1
         os.kill(int(stubs[0]), signal.SIGKILL)
         from toolkit.client import TritonClient
@@ -255,6 +256,7 @@ def test_serve_starts_over_the_leftovers_of_a_killed_rollout_and_removes_them(tm
     assert not RepositoryLock(repo).path.read_text()  # released: no holder recorded
 
 
+@pytest.mark.timeout(300)   # 11 s measured; its own waits (banner 120, stop 90 + 30) come first
 def test_serve_replicas_says_as_each_replica_is_ready_not_only_when_all_are(tmp_path):
     """Issue 21: `serve --replicas 3` was silent for 51 s until all three were ready. Each replica's
     "ready" line must come while the later ones are still down (their HTTP port not yet ready)."""
@@ -273,7 +275,7 @@ def test_serve_replicas_says_as_each_replica_is_ready_not_only_when_all_are(tmp_
     process = subprocess.Popen([*TOOLKIT, "serve", "--repository", str(repo), "--replicas", "3",
                                 "--http-port", str(base)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     progress: list[tuple[str, bool]] = []   # (stderr line, replica 2 ready when it came)
-    banner_seen, all_ready = threading.Event(), threading.Event()
+    all_ready = threading.Event()
 
     def read_stderr() -> None:
         for line in process.stderr:
@@ -281,30 +283,26 @@ def test_serve_replicas_says_as_each_replica_is_ready_not_only_when_all_are(tmp_
             if "(3 of 3 ready)" in line:
                 all_ready.set()
 
-    reader = threading.Thread(target=read_stderr, daemon=True)
-    reader.start()
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            line = process.stdout.readline()
-            if "Press Ctrl-C" in line or not line:
-                banner_seen.set()
-                break
-        assert banner_seen.is_set() and process.poll() is None, progress
-        assert all_ready.wait(timeout=30), progress   # printed before the banner; the reader may lag
-        ready_lines = [(text, later_up) for text, later_up in progress if ": ready after " in text]
-        assert [re.search(r"replica (\d): ready after [\d.]+s \((\d) of 3 ready\)", text).groups()
-                for text, _ in ready_lines] == [("0", "1"), ("1", "2"), ("2", "3")], progress
-        assert ready_lines[0][1] is False, progress  # said while replica 2 was still down
-        assert any("replica 0: starting (1 of 3" in text for text, _ in progress), progress
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=90)
-    finally:
-        if process.poll() is None:   # a failed assertion: stop it cleanly first, or its stubs' folders stay
+    # the reader ends when serve closes its stderr: at its exit, which the finally below makes sure of
+    with Background(seconds=240, join_timeout=10, name="serve") as stderr:
+        stderr.once(read_stderr)
+        try:
+            read_until(process, "Press Ctrl-C", 120)
+            assert process.poll() is None, progress
+            assert stderr.until(all_ready.is_set, 30), progress   # printed before the banner; the reader may lag
+            ready_lines = [(text, later_up) for text, later_up in progress if ": ready after " in text]
+            assert [re.search(r"replica (\d): ready after [\d.]+s \((\d) of 3 ready\)", text).groups()
+                    for text, _ in ready_lines] == [("0", "1"), ("1", "2"), ("2", "3")], progress
+            assert ready_lines[0][1] is False, progress  # said while replica 2 was still down
+            assert any("replica 0: starting (1 of 3" in text for text, _ in progress), progress
             process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                os.kill(process.pid, signal.SIGKILL)
-        reader.join(timeout=10)
+            process.wait(timeout=90)
+        finally:
+            if process.poll() is None:   # a failed assertion: stop it cleanly first, or its stubs' folders stay
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=90)
+                except subprocess.TimeoutExpired:
+                    os.kill(process.pid, signal.SIGKILL)
+                    process.wait(timeout=30)
     assert process.returncode == 0, progress

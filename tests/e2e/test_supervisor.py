@@ -15,13 +15,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bounded import Background, read_until, wait_for
 from projects import python_model, write_model
 from serving import free_ports
 
@@ -35,7 +35,9 @@ from toolkit.server.process import _python_envs
 from toolkit.server.stubs import Stub, _children
 from toolkit.server.supervisor import SupervisorPolicy
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.reliability]
+#: The slowest test took 70 s in the full run on a busy 2-core VM (the crash loop past the limit; 12 s
+#: on its own), 23 s for the others.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.reliability, pytest.mark.timeout(240)]
 
 CLIENTS = 16
 X = np.array([[1.5]], np.float32)
@@ -98,48 +100,33 @@ def live_stubs(server: TritonServer, model: str) -> list[int]:
             if state != "Z" and (stub := Stub.from_argv(pid, argv)) is not None and stub.model == model]
 
 
-class Traffic:
+class Traffic(Background):
     """16 closed-loop clients on `other` (no retries), plus a readiness probe of `victim` that
-    records, at each poll, whether a live stub of it existed."""
+    records, at each poll, whether a live stub of it existed; every outcome counted in ``counts``."""
 
     def __init__(self, server: TritonServer):
+        super().__init__(seconds=90, join_timeout=30, name="traffic")   # client calls: 10 s at most
         self.server = server
-        self.outcomes: Counter = Counter()
         self.polls: list[tuple[float, int, bool]] = []   # (time, /v2/models/victim/ready, live stub)
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
 
-    def _client(self) -> None:
-        with TritonClient(self.server.grpc_url, protocol="grpc", timeout=10, retries=0) as client:
-            while not self._stop.is_set():
-                try:
-                    ok = client.infer("other", {"X": X})["Y"].tolist() == [[1.5]]
-                    result = "answered" if ok else "wrong"
-                except InferenceError as e:
-                    result = f"failed {e.code}: {e}"[:100]
-                with self._lock:
-                    self.outcomes[result] += 1
+    def _client(self, client: TritonClient) -> str:
+        try:
+            return "answered" if client.infer("other", {"X": X})["Y"].tolist() == [[1.5]] else "wrong"
+        except InferenceError as e:
+            return f"failed {e.code}: {e}"[:100]
 
     def _probe(self) -> None:
-        while not self._stop.is_set():
-            before = bool(live_stubs(self.server, "victim"))
-            ready = self.server.http("GET", "/v2/models/victim/ready", timeout=3)[0]
-            after = bool(live_stubs(self.server, "victim"))
-            self.polls.append((time.monotonic(), ready, before or after))
-            time.sleep(0.02)
+        before = bool(live_stubs(self.server, "victim"))
+        ready = self.server.http("GET", "/v2/models/victim/ready", timeout=3)[0]
+        after = bool(live_stubs(self.server, "victim"))
+        self.polls.append((time.monotonic(), ready, before or after))
+        time.sleep(0.02)
 
     def __enter__(self) -> Traffic:
-        self._threads = [threading.Thread(target=self._client) for _ in range(CLIENTS)]
-        self._threads.append(threading.Thread(target=self._probe))
-        for t in self._threads:
-            t.start()
+        self.loop(self._client, threads=CLIENTS, name="client",
+                  context=lambda: TritonClient(self.server.grpc_url, protocol="grpc", timeout=10, retries=0))
+        self.loop(self._probe, name="probe")
         return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=30)
 
     def violations(self) -> list[tuple[float, int, bool]]:
         """Polls that said ready while no live stub existed for longer than the detection window."""
@@ -152,16 +139,6 @@ class Traffic:
         return out
 
 
-def _wait_for(predicate, timeout: float, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return predicate()
-
-
 def _serves(server: TritonServer, model: str) -> bool:
     try:
         with TritonClient(server.grpc_url, protocol="grpc", timeout=3, retries=0) as client:
@@ -171,35 +148,35 @@ def _serves(server: TritonServer, model: str) -> bool:
 
 
 def test_a_crash_loop_ends_serving_while_the_other_model_answers_everything_and_readiness_is_true(server):
-    assert _wait_for(lambda: _serves(server, "victim"), 30)
+    assert wait_for(lambda: _serves(server, "victim"), 30)
     kills: list[float] = []
     with Traffic(server) as traffic:
-        time.sleep(1)
+        traffic.sleep(1)
         for _ in range(5):
             cycle = time.monotonic()
             for pid in live_stubs(server, "victim"):
                 os.kill(pid, signal.SIGKILL)
                 kills.append(time.monotonic())
             old = set(live_stubs(server, "victim"))
-            replacement = _wait_for(lambda old=old: set(live_stubs(server, "victim")) - old, 1.5, step=0.01)
+            replacement = traffic.until(lambda old=old: set(live_stubs(server, "victim")) - old, 1.5, step=0.01)
             if replacement:
-                time.sleep(0.3)
+                traffic.sleep(0.3)
                 for pid in replacement:
                     try:
                         os.kill(pid, signal.SIGKILL)
                         kills.append(time.monotonic())
                     except ProcessLookupError:   # it died (or was unloaded) meanwhile
                         pass
-            time.sleep(max(0.0, 2.0 - (time.monotonic() - cycle)))
+            traffic.sleep(max(0.0, 2.0 - (time.monotonic() - cycle)))
         last_kill = kills[-1]
-        back = _wait_for(lambda: _serves(server, "victim") and time.monotonic(), 10, step=0.1)
-        time.sleep(1)
-    assert back, (server.events[-10:], traffic.outcomes)
+        back = traffic.until(lambda: _serves(server, "victim") and time.monotonic(), 10, step=0.1)
+        traffic.sleep(1)
+    assert back, (server.events[-10:], traffic.counts)
     took = back - last_kill
     assert took < 10, took
-    answered = traffic.outcomes["answered"]
-    failures = {k: v for k, v in traffic.outcomes.items() if k != "answered"}
-    assert failures == {} and answered > 100, traffic.outcomes          # the other model: 0 failed
+    answered = traffic.counts["answered"]
+    failures = {k: v for k, v in traffic.counts.items() if k != "answered"}
+    assert failures == {} and answered > 100, traffic.counts          # the other model: 0 failed
     violations = traffic.violations()
     assert violations == [], violations[:5]
     assert server.http("GET", "/v2/models/victim/ready")[0] == 200
@@ -214,19 +191,21 @@ def test_a_crash_loop_ends_serving_while_the_other_model_answers_everything_and_
 def test_a_heal_waits_while_a_rollout_holds_the_repository_lock_then_heals(server):
     """Heal, rollout and rollback are serialised by one lock (toolkit/files.py): a stub that dies
     while an operator holds it is healed only once the lock is free, and then promptly."""
-    assert _wait_for(lambda: _serves(server, "victim"), 30)
+    assert wait_for(lambda: _serves(server, "victim"), 30)
     heals = len(server.watchdog.heals)
     with RepositoryLock(server.repository).hold("rollout of 'victim' (a test holding the lock)"):
         for pid in live_stubs(server, "victim"):
             os.kill(pid, signal.SIGKILL)
-        waited = _wait_for(lambda: any("waits" in e and "rollout of 'victim'" in e for e in server.events), 10)
+        waited = wait_for(lambda: any("waits" in e and "rollout of 'victim'" in e for e in server.events), 10)
         time.sleep(2)
         healed_while_held = len(server.watchdog.heals) > heals
         released = time.monotonic()
-    back = _wait_for(lambda: _serves(server, "victim") and time.monotonic(), 15, step=0.1)
+    back = wait_for(lambda: _serves(server, "victim") and time.monotonic(), 15, step=0.1)
     assert waited, server.events[-5:]
     assert not healed_while_held, server.watchdog.heals[-1:]
     assert back and back - released < 10, server.events[-5:]
+    # the heal is recorded once it is complete, a moment after the model answers again
+    assert wait_for(lambda: len(server.watchdog.heals) > heals, 15), server.events[-5:]
     assert len(server.watchdog.heals) == heals + 1
     print(f"\nheal under a held lock: waited, then serving {back - released:.1f}s after the release")
 
@@ -246,7 +225,7 @@ def test_a_model_crash_looping_past_the_limit_is_marked_failed_once(tmp_path):
                     outcomes["failed"] += 1
                     time.sleep(0.2)
         assert "victim" in server.watchdog.failed, (server.events, outcomes)
-        assert _wait_for(lambda: server.http("GET", "/v2/models/victim/ready")[0] != 200, 10)
+        assert wait_for(lambda: server.http("GET", "/v2/models/victim/ready")[0] != 200, 10)
         time.sleep(2)   # no more heals: it stays failed and unloaded
         assert server.http("GET", "/v2/models/victim/ready")[0] != 200
         assert live_stubs(server, "victim") == []
@@ -256,7 +235,7 @@ def test_a_model_crash_looping_past_the_limit_is_marked_failed_once(tmp_path):
         assert server.watchdog.counters[("crash_loop_failures_total", "victim")] == 1
         assert 'toolkit_supervisor_model_failed{model="victim"} 1' in server.watchdog.metrics_text()
         published = server.watchdog.metrics_file
-        assert _wait_for(lambda: published.exists()
+        assert wait_for(lambda: published.exists()
                          and 'toolkit_supervisor_model_failed{model="victim"} 1' in published.read_text(), 5)
         assert 'toolkit_supervisor_crash_loop_failures_total{model="victim"} 1' in published.read_text()
         print(f"\ncrash loop past the limit: {outcomes['failed']} failed requests, "
@@ -274,49 +253,39 @@ def test_tritonserver_killed_under_toolkit_serve_serves_again_within_30s(tmp_pat
                                 "--log-file", str(tmp_path / "triton.log")],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = process.stdout.readline()
-            if "Press Ctrl-C" in line or not line:
-                break
+        read_until(process, "Press Ctrl-C", 60)
         pids = subprocess.run(["pgrep", "-f", f"bin/tritonserver --model-repository={repo}"],
-                              capture_output=True, text=True).stdout.split()
+                              capture_output=True, text=True, timeout=10).stdout.split()
         assert len(pids) == 1, pids
-        outcomes: Counter = Counter()
-        stop = threading.Event()
+        killed_at: list[float] = []
         served_at: list[float] = []
 
-        def client():
-            with TritonClient(f"127.0.0.1:{grpc}", protocol="grpc", timeout=5, retries=0) as c:
-                while not stop.is_set():
-                    try:
-                        c.infer("other", {"X": X})
-                        outcomes["answered"] += 1
-                        if killed_at and not served_at:
-                            served_at.append(time.monotonic())
-                    except InferenceError:
-                        outcomes["failed"] += 1
-                        time.sleep(0.1)
+        def client(c: TritonClient) -> str:
+            try:
+                c.infer("other", {"X": X})
+            except InferenceError:
+                time.sleep(0.1)
+                return "failed"
+            if killed_at and not served_at:
+                served_at.append(time.monotonic())
+            return "answered"
 
-        killed_at: list[float] = []
-        threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
-        for t in threads:
-            t.start()
-        time.sleep(1)
-        os.kill(int(pids[0]), signal.SIGKILL)
-        killed_at.append(time.monotonic())
-        _wait_for(lambda: served_at, 30, step=0.1)
-        # every model loaded again (the supervisor's restart is complete) before the stop
-        probe = TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics)
-        assert _wait_for(lambda: probe.http("GET", "/v2/health/ready")[0] == 200, 30, step=0.1)
-        time.sleep(1)
-        stop.set()
-        for t in threads:
-            t.join(timeout=30)
+        with Background(seconds=90, join_timeout=30, name="clients") as load:
+            load.loop(client, threads=CLIENTS,
+                      context=lambda: TritonClient(f"127.0.0.1:{grpc}", protocol="grpc", timeout=5, retries=0))
+            load.sleep(1)
+            os.kill(int(pids[0]), signal.SIGKILL)
+            killed_at.append(time.monotonic())
+            load.until(lambda: served_at, 30, step=0.1)
+            # every model loaded again (the supervisor's restart is complete) before the stop
+            probe = TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics)
+            assert load.until(lambda: probe.http("GET", "/v2/health/ready")[0] == 200, 30, step=0.1)
+            load.sleep(1)
+        outcomes = load.counts
         assert served_at and served_at[0] - killed_at[0] < 30, outcomes
         assert process.poll() is None, "toolkit serve ended with its tritonserver"
         new = subprocess.run(["pgrep", "-f", f"bin/tritonserver --model-repository={repo}"],
-                             capture_output=True, text=True).stdout.split()
+                             capture_output=True, text=True, timeout=10).stdout.split()
         assert len(new) == 1 and new != pids
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=60)

@@ -5,11 +5,11 @@ impossible inputs (token ids outside the vocabulary, NaN) with a code instead of
 from __future__ import annotations
 
 import io
-import threading
 import time
 
 import numpy as np
 import pytest
+from bounded import Background
 from PIL import Image
 
 from toolkit.client import TritonClient
@@ -25,24 +25,22 @@ def png(width: int, height: int) -> bytes:
 
 
 def refused_while_a_normal_request_is_answered(server, model, tensor, hostile, normal):
-    normal_result: list = []
-
     def send_normal():
         time.sleep(0.05)
         with TritonClient(server.grpc_url, protocol="grpc", timeout=20) as client:
             started = time.perf_counter()
-            normal_result.append((client.infer(model, {tensor: normal}), time.perf_counter() - started))
+            client.infer(model, {tensor: normal})
+            return time.perf_counter() - started
 
-    thread = threading.Thread(target=send_normal)
-    thread.start()
-    with TritonClient(server.grpc_url, protocol="grpc", timeout=20) as client:
-        started = time.perf_counter()
-        with pytest.raises(InferenceError) as refused:
-            client.infer(model, {tensor: hostile})
-        took = time.perf_counter() - started
-    thread.join(timeout=30)
-    assert len(normal_result) == 1
-    return refused.value, took, normal_result[0][1]
+    with Background(seconds=60, join_timeout=30, name="normal") as load:   # calls: 20 s at most
+        normal_took = load.once(send_normal)
+        with TritonClient(server.grpc_url, protocol="grpc", timeout=20) as client:
+            started = time.perf_counter()
+            with pytest.raises(InferenceError) as refused:
+                client.infer(model, {tensor: hostile})
+            took = time.perf_counter() - started
+        assert load.until(normal_took.done.is_set, 30), "the normal request was not answered within 30s"
+    return refused.value, took, normal_took.result()
 
 
 def test_32_huge_pngs_in_one_request_are_1105_at_once_and_others_are_served(example_server):

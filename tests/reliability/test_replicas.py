@@ -4,14 +4,14 @@ load costs its callers nothing; it is restarted and takes traffic again."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
-import threading
 import time
-from collections import Counter
 
 import numpy as np
 import pytest
+from bounded import Background
 from projects import python_model, write_model
 from serving import free_port_run, free_ports
 
@@ -21,7 +21,8 @@ from toolkit.repository.generate import generate_repository
 from toolkit.repository.project import load_project
 from toolkit.server.replicas import ReplicaSet
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.reliability]
+#: The slowest test took 40 s (setup included) on a busy 2-core VM.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.reliability, pytest.mark.timeout(150)]
 
 WORK_HOOK = '''
 import time
@@ -61,42 +62,28 @@ def executions(replicas: ReplicaSet) -> list[int]:
 def test_round_robin_spreads_the_load_and_a_killed_replica_costs_nothing(replicas):
     addresses = ",".join(replicas.grpc_addresses)
     x = np.array([[1.5]], np.float32)
-    outcomes: Counter = Counter()
-    lock = threading.Lock()
-    stop = threading.Event()
 
-    def client():
-        with TritonClient(addresses, protocol="grpc", timeout=10) as c:
-            while not stop.is_set():
-                try:
-                    ok = c.infer("work", {"X": x})["Y"].tolist() == [[3.0]]
-                    result = "answered" if ok else "wrong"
-                except InferenceError as e:
-                    result = f"failed {e.code}: {e}"[:120]
-                with lock:
-                    outcomes[result] += 1
+    def client(c: TritonClient) -> str:
+        try:
+            return "answered" if c.infer("work", {"X": x})["Y"].tolist() == [[3.0]] else "wrong"
+        except InferenceError as e:
+            return f"failed {e.code}: {e}"[:120]
 
-    threads = [threading.Thread(target=client) for _ in range(CLIENTS)]
     start_counts = executions(replicas)
-    for t in threads:
-        t.start()
-    time.sleep(6)
-    before_kill = [n - s for n, s in zip(executions(replicas), start_counts, strict=True)]
-    victim = replicas.servers[1]
-    killed = victim.process
-    os.kill(killed.pid, signal.SIGKILL)
-    killed_at = time.monotonic()
-    deadline = time.monotonic() + 60
-    while not replicas.restarts and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert replicas.restarts, replicas.events
-    restarted = replicas.servers[1]
-    after_restart_start = executions(replicas)
-    time.sleep(4)
-    after_restart = [n - s for n, s in zip(executions(replicas), after_restart_start, strict=True)]
-    stop.set()
-    for t in threads:
-        t.join(timeout=30)
+    with Background(seconds=120, join_timeout=30, name="clients") as load:   # calls: 10 s at most
+        load.loop(client, threads=CLIENTS, context=lambda: TritonClient(addresses, protocol="grpc", timeout=10))
+        load.sleep(6)
+        before_kill = [n - s for n, s in zip(executions(replicas), start_counts, strict=True)]
+        victim = replicas.servers[1]
+        killed = victim.process
+        os.kill(killed.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        assert load.until(lambda: replicas.restarts, 60, step=0.1), replicas.events
+        restarted = replicas.servers[1]
+        after_restart_start = executions(replicas)
+        load.sleep(4)
+        after_restart = [n - s for n, s in zip(executions(replicas), after_restart_start, strict=True)]
+    outcomes = load.counts
 
     assert set(outcomes) == {"answered"}, outcomes            # nothing lost, nothing failed
     total = sum(before_kill)
@@ -139,39 +126,29 @@ def test_gateway_over_three_replicas_loses_nothing_when_one_is_killed_and_spread
 
     write_api = {"Apis": {"work": {"Model": "work", "Inputs": {"x": {"Tensor": "X"}}, "Outputs": {"Y": "ys"}}},
                  "API": {"RateLimit": {"PerSecond": 0, "Burst": 1}}}
-    codes: Counter = Counter()
-    lock = threading.Lock()
-    stop = threading.Event()
+    requests = itertools.count()
     with running_gateway(tmp_path, ",".join(replicas.grpc_addresses), replace=("Apis",), **write_api) as gateway:
-        def client(i):
-            with httpx.Client() as http:
-                n = 0
-                while not stop.is_set():
-                    n += 1
-                    body = _json.dumps(signed({"x": [float(n % 100)], "client": i}))
-                    answer = http.post(f"{gateway.url}/api/work", content=body, timeout=30).json()
-                    ok = answer["code"] == 0 and answer["data"]["ys"] == [2.0 * (n % 100)]
-                    with lock:
-                        codes[answer["code"] if not ok and answer["code"] else ("ok" if ok else "wrong")] += 1
+        def client(http: httpx.Client):
+            n = next(requests)
+            body = _json.dumps(signed({"x": [float(n % 100)], "request": n}))
+            answer = http.post(f"{gateway.url}/api/work", content=body, timeout=30).json()
+            ok = answer["code"] == 0 and answer["data"]["ys"] == [2.0 * (n % 100)]
+            return answer["code"] if not ok and answer["code"] else ("ok" if ok else "wrong")
 
         restarts_before = len(replicas.restarts)
         start_counts = executions(replicas)
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
-        for t in threads:
-            t.start()
-        time.sleep(10)
-        before_kill = [n - s for n, s in zip(executions(replicas), start_counts, strict=True)]
-        os.kill(replicas.servers[2].process.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while len(replicas.restarts) == restarts_before and time.monotonic() < deadline:
-            time.sleep(0.1)
-        back = executions(replicas)
-        time.sleep(max(0.0, 20 - (time.monotonic() - deadline + 60)))
-        time.sleep(5)
-        after = [n - s for n, s in zip(executions(replicas), back, strict=True)]
-        stop.set()
-        for t in threads:
-            t.join(timeout=60)
+        with Background(seconds=130, join_timeout=40, name="clients") as load:   # calls: 30 s at most
+            load.loop(client, threads=CLIENTS, context=httpx.Client)
+            load.sleep(10)
+            before_kill = [n - s for n, s in zip(executions(replicas), start_counts, strict=True)]
+            os.kill(replicas.servers[2].process.pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            load.until(lambda: len(replicas.restarts) > restarts_before, 60, step=0.1)
+            back = executions(replicas)
+            load.sleep(max(0.0, 20 - (time.monotonic() - killed_at)))   # served for 20 s after the kill
+            load.sleep(5)
+            after = [n - s for n, s in zip(executions(replicas), back, strict=True)]
+    codes = load.counts
     assert set(codes) == {"ok"}, codes                                      # none lost, none failed
     total = sum(before_kill)
     assert all(abs(n / total - 1 / 3) <= 0.10 for n in before_kill), before_kill

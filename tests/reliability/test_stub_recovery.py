@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bounded import Background, wait_for
 from serving import example_repository, free_ports
 
 from toolkit.client import TritonClient
@@ -26,7 +26,8 @@ from toolkit.hooks import UNAVAILABLE
 from toolkit.server import TritonServer
 from toolkit.server.stubs import SHM_DIR
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.reliability]
+#: The slowest test took 30 s (setup included) on a busy 2-core VM.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.reliability, pytest.mark.timeout(120)]
 
 CLIENTS = 16
 #: A failed client waits this long before its next request, as a client honouring "retry" would
@@ -58,40 +59,32 @@ class Load:
         self.failures: list[tuple[float, int | None, str]] = []
         self.ready_seen: list[tuple[float, int, int]] = []   # (time, server ready, model ready)
         self.reference: np.ndarray | None = None
-        self._lock = threading.Lock()
 
-    def client(self, stop_at: float) -> None:
-        with TritonClient(self.server.grpc_url, protocol="grpc", timeout=20, retries=0) as client:
-            while time.monotonic() < stop_at:
-                try:
-                    out = client.infer("embedding", {"TEXT": TEXT})["EMBEDDING"]
-                    same = self.reference is None or np.allclose(out, self.reference, atol=1e-5)
-                    with self._lock:
-                        self.outcomes["answered" if same else "wrong"] += 1
-                except InferenceError as e:
-                    with self._lock:
-                        self.outcomes["failed"] += 1
-                        self.failures.append((time.monotonic(), e.code, str(e)))
-                    time.sleep(RETRY_PAUSE)
+    def client(self, client: TritonClient) -> str:
+        try:
+            out = client.infer("embedding", {"TEXT": TEXT})["EMBEDDING"]
+        except InferenceError as e:
+            self.failures.append((time.monotonic(), e.code, str(e)))
+            time.sleep(RETRY_PAUSE)
+            return "failed"
+        return "answered" if self.reference is None or np.allclose(out, self.reference, atol=1e-5) else "wrong"
 
-    def probe(self, stop_at: float) -> None:
-        while time.monotonic() < stop_at:
-            self.ready_seen.append((time.monotonic(), self.server.http("GET", "/v2/health/ready")[0],
-                                    self.server.http("GET", "/v2/models/embedding/ready")[0]))
-            time.sleep(0.05)
+    def probe(self) -> None:
+        self.ready_seen.append((time.monotonic(), self.server.http("GET", "/v2/health/ready")[0],
+                                self.server.http("GET", "/v2/models/embedding/ready")[0]))
+        time.sleep(0.05)
 
     def run(self, fault_at: float, fault) -> None:
         with TritonClient(self.server.grpc_url, protocol="grpc") as client:
             self.reference = client.infer("embedding", {"TEXT": TEXT})["EMBEDDING"]
-        stop_at = time.monotonic() + self.seconds
-        threads = [threading.Thread(target=self.client, args=(stop_at,)) for _ in range(CLIENTS)]
-        threads.append(threading.Thread(target=self.probe, args=(stop_at,)))
-        for t in threads:
-            t.start()
-        time.sleep(fault_at)
-        fault()
-        for t in threads:
-            t.join(timeout=self.seconds + 60)
+        with Background(seconds=self.seconds + 60, join_timeout=30, name="load") as load:   # calls: 20 s at most
+            load.loop(self.client, threads=CLIENTS, name="client",
+                      context=lambda: TritonClient(self.server.grpc_url, protocol="grpc", timeout=20, retries=0))
+            load.loop(self.probe, name="probe")
+            load.sleep(fault_at)
+            fault()
+            load.sleep(self.seconds - fault_at)
+        self.outcomes = load.counts
 
 
 def stub_of(server: TritonServer, instance: str):
@@ -103,9 +96,7 @@ def stub_of(server: TritonServer, instance: str):
 
 
 def wait_for_heal(server: TritonServer, count: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while len(server.watchdog.heals) < count and time.monotonic() < deadline:  # type: ignore[union-attr]
-        time.sleep(0.1)
+    wait_for(lambda: len(server.watchdog.heals) >= count, timeout, step=0.1)  # type: ignore[union-attr]
     assert len(server.watchdog.heals) >= count, server.events  # type: ignore[attr-defined]
 
 
@@ -159,25 +150,20 @@ def test_client_retry_hides_a_killed_tokenizer_from_its_callers(server):
     """The library client retries a 9996 (toolkit.client.retry): its callers see no failure at all."""
     before = len(server.watchdog.heals)
     stub = stub_of(server, "tokenizer_0_0")
-    outcomes: Counter = Counter()
-    stop_at = time.monotonic() + 8
 
-    def client():
-        with TritonClient(server.grpc_url, protocol="grpc", timeout=20) as c:
-            while time.monotonic() < stop_at:
-                try:
-                    c.infer("embedding", {"TEXT": TEXT})
-                    outcomes["answered"] += 1
-                except InferenceError as e:
-                    outcomes[f"failed {e.code}"] += 1
+    def client(c: TritonClient) -> str:
+        try:
+            c.infer("embedding", {"TEXT": TEXT})
+            return "answered"
+        except InferenceError as e:
+            return f"failed {e.code}"
 
-    threads = [threading.Thread(target=client) for _ in range(4)]
-    for t in threads:
-        t.start()
-    time.sleep(2)
-    os.kill(stub.pid, signal.SIGKILL)
-    for t in threads:
-        t.join(timeout=60)
+    with Background(seconds=60, join_timeout=30, name="callers") as load:   # calls: 20 s with retries
+        load.loop(client, threads=4, context=lambda: TritonClient(server.grpc_url, protocol="grpc", timeout=20))
+        load.sleep(2)
+        os.kill(stub.pid, signal.SIGKILL)
+        load.sleep(6)
+    outcomes = load.counts
     wait_for_heal(server, before + 1)
     assert set(outcomes) == {"answered"}, outcomes
 
@@ -262,17 +248,13 @@ def test_a_model_that_cannot_come_back_stays_not_ready_and_is_retried_until_it_c
     try:
         (tmp_path / "broken").touch()
         os.kill(stub_of(server, "flaky_0_0").pid, signal.SIGKILL)
-        deadline = time.monotonic() + 20
-        while not any("could not be reloaded" in e for e in events) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for(lambda: any("could not be reloaded" in e for e in events), 20, step=0.1)
         assert any("could not be reloaded" in e and "marker file present" in e for e in events), events
         # It cannot serve, and readiness says so, for as long as that lasts.
         assert server.http("GET", "/v2/models/flaky/ready")[0] != 200
         assert server.http("GET", "/v2/health/ready")[0] != 200
         (tmp_path / "broken").unlink()
-        wait_for_heal_events = time.monotonic() + 30
-        while not server.watchdog.heals and time.monotonic() < wait_for_heal_events:
-            time.sleep(0.1)
+        wait_for(lambda: server.watchdog.heals, 30, step=0.1)
         assert server.watchdog.heals and server.watchdog.heals[0].attempts >= 2, events
         assert server.http("GET", "/v2/health/ready")[0] == 200
         with TritonClient(server.grpc_url, protocol="grpc") as client:
@@ -292,9 +274,7 @@ def test_a_killed_tritonserver_is_started_again_and_serves(triton, tmp_path):
         old = server.process
         regions = server.watchdog.shm_regions()
         os.kill(old.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while not server.watchdog.heals and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for(lambda: server.watchdog.heals, 60, step=0.1)
         assert server.watchdog.heals and server.watchdog.heals[0].action == "server-restart", events
         assert server.process is not old and server.process.poll() is None
         with TritonClient(server.grpc_url, protocol="grpc") as client:
@@ -315,9 +295,7 @@ def test_a_stop_while_the_watchdog_starts_a_crashed_server_again_leaves_nothing_
                           log_file=tmp_path / "tritonserver.log").start()
     old = server.process
     os.kill(old.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 60
-    while server.process is old and time.monotonic() < deadline:  # the watchdog has launched anew
-        time.sleep(0.01)
+    wait_for(lambda: server.process is not old, 60, step=0.01)  # the watchdog has launched anew
     new = server.process
     assert new is not old, "the watchdog did not start tritonserver again"
     assert not server.watchdog.heals  # still starting: the restart has not reported yet

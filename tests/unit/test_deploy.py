@@ -71,7 +71,7 @@ def test_checkov_finds_no_failed_check_and_every_skip_is_justified(packaged):
     checkov = os.environ.get("TOOLKIT_CHECKOV") or str(ROOT / ".venv-lint" / "bin" / "checkov")
     assert Path(checkov).is_file(), f"{checkov} missing: ./dev.sh test installs checkov into .venv-lint"
     done = subprocess.run([checkov, "-d", str(packaged), "--framework", "kubernetes", "dockerfile", "--compact",
-                           "--output", "json"], capture_output=True, text=True, timeout=600,
+                           "--output", "json"], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "BC_SKIP_MAPPING": "TRUE", "CHECKOV_RUN_SCA_PACKAGE_SCAN_V2": "false"})
     import json
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 import os
 import pty
 import re
+import select
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -49,7 +51,10 @@ def dev_sh_setup(venv: Path, *, tty: bool, **env: str) -> str:
                                    stderr=terminal)
         os.close(terminal)
         chunks = []
-        while True:
+        deadline = time.monotonic() + 60
+        while (left := deadline - time.monotonic()) > 0:   # a set-up that stops talking is not waited on
+            if not select.select([controller], [], [], left)[0]:
+                continue
             try:
                 chunk = os.read(controller, 4096)
             except OSError:  # EIO: the terminal's other side is closed
@@ -57,7 +62,12 @@ def dev_sh_setup(venv: Path, *, tty: bool, **env: str) -> str:
             if not chunk:
                 break
             chunks.append(chunk)
-        assert process.wait(timeout=60) == 0
+        try:
+            assert process.wait(timeout=max(1.0, deadline - time.monotonic())) == 0, b"".join(chunks)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=30)
     finally:
         os.close(controller)
     return b"".join(chunks).decode()

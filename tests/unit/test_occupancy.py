@@ -11,6 +11,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from bounded import read_until
 
 from toolkit.hooks import HookContext
 from toolkit.runtime import occupancy
@@ -69,13 +70,13 @@ def peer(tmp_path):
         proc = subprocess.Popen([sys.executable, "-c", PEER, str(tmp_path / "m.lock"), str(slot)],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         procs.append(proc)
-        assert proc.stdout.readline().strip() == "busy"
+        assert read_until(proc, "\n", 30) == ["busy\n"]
         return proc
 
     yield start
     for proc in procs:
         proc.kill()
-        proc.wait()
+        proc.wait(timeout=30)
 
 
 def test_a_busy_peer_is_seen_until_it_ends_its_batch(tmp_path, peer):
@@ -87,7 +88,7 @@ def test_a_busy_peer_is_seen_until_it_ends_its_batch(tmp_path, peer):
         assert me.others_busy()
     proc.stdin.write("x\n")
     proc.stdin.flush()
-    assert proc.stdout.readline().strip() == "idle"
+    assert read_until(proc, "\n", 30) == ["idle\n"]
     assert not me.others_busy()
 
 
@@ -96,7 +97,7 @@ def test_a_peer_killed_mid_batch_does_not_look_busy_for_ever(tmp_path, peer):
     proc = peer()
     assert me.others_busy()
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.wait(timeout=30)
     assert not me.others_busy()
 
 
@@ -130,7 +131,7 @@ def test_slots_follow_tritons_instance_names_across_groups():
 
 def test_lock_files_of_gone_servers_are_removed_and_live_ones_kept(tmp_path):
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
+    gone.wait(timeout=30)
     dead = tmp_path / f"{occupancy.PREFIX}{gone.pid}-bert-v1.lock"
     live = tmp_path / f"{occupancy.PREFIX}{os.getpid()}-bert-v1.lock"
     other = tmp_path / "unrelated.lock"
@@ -167,7 +168,7 @@ def test_adaptive_threads_use_every_core_only_while_no_peer_is_busy(dense_onnx, 
     hook.infer(batch)
     proc.stdin.write("x\n")
     proc.stdin.flush()
-    assert proc.stdout.readline().strip() == "idle"
+    assert read_until(proc, "\n", 30) == ["idle\n"]
     hook.infer(batch)
     assert calls == ["solo", "share", "solo"]
 

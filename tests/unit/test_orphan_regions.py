@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+from bounded import read_until
+
 from toolkit.server.stubs import REGION_PREFIX, remove_orphan_regions
 
 HOLDER = """
@@ -30,12 +32,12 @@ def test_only_old_unmapped_regions_of_the_backend_are_removed(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(mapped)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout.readline().strip() == "mapped"
+        assert read_until(holder, "\n", 30) == ["mapped\n"]
         assert remove_orphan_regions(tmp_path) == [orphan.name]
         assert not orphan.exists() and mapped.exists() and fresh.exists() and other.exists()
     finally:
         holder.kill()
-        holder.wait()
+        holder.wait(timeout=30)
     assert remove_orphan_regions(tmp_path) == [mapped.name]  # its holder is gone now
 
 
