@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,23 @@ def test_server_start_raises_model_load_error_naming_model_and_reason(tmp_path):
     assert set(info.value.failures) == {"broken"}
     assert "weights.bin is missing from 1" in info.value.failures["broken"]
     assert server.process.poll() is not None  # the failed start does not leave a server behind
+
+
+def test_a_server_without_python_models_does_not_hold_the_launch_lock_for_a_minute(tmp_path):
+    """The python backend makes its /tmp/python_env_* folder when a python model loads; a server with
+    none used to hold every launch's lock for the whole 60 s wait for a folder that never came."""
+    (tmp_path / "repo").mkdir()
+    http, grpc, metrics = free_ports(3)
+    server = TritonServer(tmp_path / "repo", http_port=http, grpc_port=grpc, metrics_port=metrics,
+                          log_file=tmp_path / "triton.log")
+    started = time.monotonic()
+    try:
+        server.start()
+        took = time.monotonic() - started
+    finally:
+        server.stop()
+    assert took < 45, f"start of an empty repository took {took:.0f}s (the lock's wait is 60 s)"
+    assert not server._python_envs
 
 
 def test_serve_exits_non_zero_naming_the_model_that_failed_to_load(tmp_path):

@@ -393,17 +393,32 @@ class TritonServer:
         lock_fd = getattr(self, "_python_env_lock", None)
         try:
             deadline = time.monotonic() + 60
+            next_probe = time.monotonic() + 0.5
             while before is not None and time.monotonic() < deadline:
                 new = set(_python_envs()) - before
                 if new or self.process is None or self.process.poll() is not None:
                     self._python_envs |= new
                     break
+                if time.monotonic() >= next_probe:  # loaded everything and made none: no python model
+                    if self._started_without_python_env():
+                        break
+                    next_probe = time.monotonic() + 0.5
                 time.sleep(0.05)
         finally:
             self._python_envs_before = None
             if lock_fd is not None:
                 os.close(lock_fd)   # releases the flock
                 self._python_env_lock = None
+
+    def _started_without_python_env(self) -> bool:
+        """The server is live and loads nothing any more, yet no python_env appeared: it has no
+        python model (the backend makes its folder when the first one loads)."""
+        if self.http("GET", "/v2/health/live")[0] != 200:
+            return False
+        try:
+            return not any(m.get("state") == "LOADING" for m in self.admin.index())
+        except TritonAdminError:  # not answering yet: keep waiting
+            return False
 
     def _remove_python_envs(self) -> None:
         """Remove this server's python_env folder once it is dead (an unclean exit leaves it)."""
