@@ -109,3 +109,37 @@ def test_an_optimizer_that_fails_leaves_the_file_untouched(tmp_path: Path, model
 
     assert ops(report.model_path)["Sqrt"] > 0
     assert sorted(p.name for p in report.version_dir.iterdir()) == ["export.json", "golden.npz", "model.onnx"]
+
+
+def test_a_large_file_is_checked_from_a_mapped_copy_and_a_wrong_one_still_fails(
+        tmp_path: Path, model: keras.Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files past verify.MAP_BYTES are checked from a copy whose weights onnxruntime maps (memory): the
+    same check, the copy gone afterwards, the written file a single one; a wrong weight still fails."""
+    from toolkit.errors import ExportError
+    from toolkit.export import verify
+
+    monkeypatch.setattr(verify, "MAP_BYTES", 1)
+    seen = []
+    real = verify._weights_outside
+
+    def spy(path: Path):
+        seen.append(path)
+        return real(path)
+
+    monkeypatch.setattr(verify, "_weights_outside", spy)
+    report = export_keras_model(model, tmp_path / "m")
+    assert seen  # the export (which raises on a failed check) was checked from the mapped copy
+    assert sorted(p.name for p in report.version_dir.iterdir()) == ["export.json", "golden.npz", "model.onnx"]
+
+    wrong = onnx.load(str(report.model_path))
+    for tensor in wrong.graph.initializer:
+        if len(tensor.dims) == 4:
+            tensor.CopyFrom(onnx.numpy_helper.from_array(-onnx.numpy_helper.to_array(tensor), tensor.name))
+            break
+    onnx.save(wrong, str(tmp_path / "wrong.onnx"))
+    x = smooth_images(3, seed=9)
+    case = verify.CheckCase("batch=3", {report.inputs[0].name: x})
+    expected = [{report.outputs[0].name: model(x).numpy()}]
+    with pytest.raises(ExportError, match="disagrees"):
+        verify.check_onnx(tmp_path / "wrong.onnx", [case], expected, None, 1e-4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "wrong.onnx"]
