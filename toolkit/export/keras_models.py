@@ -117,7 +117,8 @@ def export_keras_source(source: KerasSource, out_dir: Path, version: int, *, ste
         if release:
             source = found = reference = None  # the weights are in the ONNX model now
         memory.release()
-    inputs, outputs = onnx_check.tensor_infos(onnx_model)
+    inputs, outputs = onnx_check.tensor_infos(
+        onnx_model.model if isinstance(onnx_model, onnx_check.Deferred) else onnx_model)
     outputs = [t for t in outputs if t.name not in probe_names]
     metadata |= {"inputs": [t.to_dict() for t in inputs], "outputs": [t.to_dict() for t in outputs],
                  "opset": opset}
@@ -127,6 +128,7 @@ def export_keras_source(source: KerasSource, out_dir: Path, version: int, *, ste
             holder = [onnx_model]
             del onnx_model  # _check frees it once written: only onnxruntime holds the weights from there on
             check = _check(holder, staging, probe_names, cases, expected, tolerance, rel_tolerance, nudged)
+            memory.release()  # reading the graph back parses the whole file
             servable.check_model_yaml(Path(out_dir), staging / "model.onnx")
         with steps.step("write", f"Writing {version_dir}"):
             metadata.update(check.to_dict())
@@ -211,7 +213,7 @@ def _convert_stateless(model: keras.Model, input_names, names, specs, dims, opse
         raise _NotStateless(str(e)) from e
     lazy = {n: (lambda v=v: np.asarray(v.numpy())) for v, n in zip(variables, weight_names, strict=True)}
     return onnx_check.convert_function(serve, specs + weight_specs, opset=opset, dim_names=dims,
-                                       describe_node=describe_node, initializers=lazy)
+                                       describe_node=describe_node, initializers=lazy, defer=True)
 
 
 def _structured(model: keras.Model, flat: list) -> Any:

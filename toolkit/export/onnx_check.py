@@ -8,6 +8,7 @@ them, which is what keeps an export's memory near a few times the weights' size.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
@@ -39,7 +40,8 @@ def convert_function(function: tf.types.experimental.PolymorphicFunction,
                      input_specs: Sequence[tf.TensorSpec], opset: int = DEFAULT_OPSET,
                      dim_names: Mapping[str, Sequence[str | None]] | None = None,
                      describe_node: Callable[[str], str] | None = None,
-                     initializers: Mapping[str, np.ndarray] | None = None) -> onnx.ModelProto:
+                     initializers: Mapping[str, np.ndarray] | None = None,
+                     defer: bool = False) -> onnx.ModelProto | Deferred:
     """Convert ``function`` (inputs named by ``input_specs``, outputs by its returned dict's keys).
 
     ``dim_names`` renames tf2onnx's ``unk__N`` symbolic dims per graph input/output
@@ -47,6 +49,8 @@ def convert_function(function: tf.types.experimental.PolymorphicFunction,
     for the error message (for Keras: which layer it belongs to). ``initializers`` names inputs of
     ``function`` that are really weights: they are converted as graph inputs and then bound to these
     arrays as ONNX initializers, so tf2onnx never handles the weights (see ``_from_function``).
+    ``defer``: the callables among ``initializers`` are read only as the file is written (a
+    ``Deferred``), so the weights are never in memory twice, in the source and in the model.
     """
     with tf_compat.traceable_keras(), tf_compat.released_gradients():
         try:  # tracing runs the user's Python: a layer that cannot be traced fails here
@@ -62,10 +66,11 @@ def convert_function(function: tf.types.experimental.PolymorphicFunction,
             except Exception as e:  # tf2onnx raises plain ValueError/KeyError/...: give the user the context
                 raise ExportError(f"tf2onnx could not convert the model (opset {opset}): "
                                   f"{type(e).__name__}: {first_line(e)}") from e
-    _bind_initializers(model, bound)
+    deferred = _bind_initializers(model, bound, defer)
     _raise_for_unconverted_ops(model, describe_node or (lambda name: f"node '{name}'"))
     _name_dims(model, dim_names or {})
-    return model  # onnx.checker runs on the written file (save_onnx): in memory it would copy it twice
+    # onnx.checker runs on the written file (check_file): in memory it would copy the model twice
+    return Deferred(model, deferred) if defer else model
 
 
 def _from_function(function: tf.types.experimental.PolymorphicFunction, input_specs: Sequence[tf.TensorSpec],
@@ -99,24 +104,62 @@ def _from_function(function: tf.types.experimental.PolymorphicFunction, input_sp
             os.environ[_CATCH_ERRORS_ENV] = previous_env
 
 
-def _bind_initializers(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray | Callable[[], np.ndarray]]) -> None:
+def _bind_initializers(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray | Callable[[], np.ndarray]],
+                       defer: bool = False) -> dict[str, Callable[[], np.ndarray]]:
     """Graph inputs named in ``arrays`` become initializers; initializers no node reads are dropped.
 
     A callable value is called only then, and its array is freed before the protobuf copy is made:
     at most two copies of one weight exist outside the model at any time (VGG16's 411 MB fc1 is
-    the largest of any keras.applications model)."""
+    the largest of any keras.applications model). With ``defer``, a callable whose graph input has a
+    static shape is not called at all: its initializer is left without data, and the callables that
+    fill them as the file is written (``Deferred``) are returned."""
+    deferred = {}
     for value in list(model.graph.input):
         if value.name in arrays:
             model.graph.input.remove(value)
-            dtype, shape, raw = _raw(arrays[value.name])
             tensor = model.graph.initializer.add()  # add(), not append(): append copies the message
-            tensor.name, tensor.data_type = value.name, onnx.helper.np_dtype_to_tensor_dtype(dtype)
+            tensor.name = value.name
+            source = arrays[value.name]
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+            if defer and callable(source) and None not in dims:
+                tensor.data_type = value.type.tensor_type.elem_type
+                tensor.dims.extend(dims)
+                deferred[value.name] = source
+                continue
+            dtype, shape, raw = _raw(source)
+            tensor.data_type = onnx.helper.np_dtype_to_tensor_dtype(dtype)
             tensor.dims.extend(shape)
             tensor.raw_data = raw
             del raw
     used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
     for initializer in [i for i in model.graph.initializer if i.name not in used]:
         model.graph.initializer.remove(initializer)
+        deferred.pop(initializer.name, None)
+    return deferred
+
+
+@dataclasses.dataclass
+class Deferred:
+    """A converted model whose weights (``weights``: name -> a function reading it from the source)
+    are read one at a time as the file is written (``write_onnx``), never all held in the model."""
+
+    model: onnx.ModelProto
+    weights: dict[str, Callable[[], np.ndarray]]
+
+    def materialize(self) -> onnx.ModelProto:
+        """The model with every weight in it (for the writers that need them all at once)."""
+        for tensor in self.model.graph.initializer:
+            if tensor.name in self.weights:
+                tensor.raw_data = _checked_raw(tensor, self.weights.pop(tensor.name))
+        return self.model
+
+
+def _checked_raw(tensor: onnx.TensorProto, read: Callable[[], np.ndarray]) -> bytes:
+    dtype, shape, raw = _raw(read)
+    if onnx.helper.np_dtype_to_tensor_dtype(dtype) != tensor.data_type or list(shape) != list(tensor.dims):
+        raise ExportError(f"internal: weight {tensor.name} is {dtype}{list(shape)}, its graph input says "
+                          f"{onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)}{list(tensor.dims)}")
+    return raw
 
 
 def _raw(value: np.ndarray | Callable[[], np.ndarray]) -> tuple[np.dtype, tuple[int, ...], bytes]:
@@ -193,17 +236,24 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:
     return files
 
 
-def write_onnx(model: onnx.ModelProto, path: Path, extra_initializers: Sequence[onnx.TensorProto] = ()) -> list[Path]:
+def write_onnx(model: onnx.ModelProto | Deferred, path: Path,
+               extra_initializers: Sequence[onnx.TensorProto] = ()) -> list[Path]:
     """Write ``model``, with ``extra_initializers`` (tensors of another model, e.g. the weights held
-    out of an optimizer) added to its graph in the file without copying them in memory."""
+    out of an optimizer) added to its graph in the file without copying them in memory. A
+    ``Deferred`` model's weights are read and written one at a time."""
     path = Path(path)
+    deferred = {}
+    if isinstance(model, Deferred):
+        deferred, model = model.weights, model.model
+        if weights_bytes(model) + sum(tensor_bytes(t) for t in extra_initializers) >= _PROTOBUF_LIMIT:
+            model, deferred = Deferred(model, deferred).materialize(), {}
     try:
         if weights_bytes(model) + sum(tensor_bytes(t) for t in extra_initializers) >= _PROTOBUF_LIMIT:
             model.graph.initializer.extend(extra_initializers)  # a copy: only models past 2 GB
             onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=f"{path.name}.data", size_threshold=1024)
             return [path, path.with_name(f"{path.name}.data")]
-        _write_streamed(model, path, extra_initializers)
+        _write_streamed(model, path, extra_initializers, deferred)
     except (OSError, ValueError) as e:
         raise ExportError(f"cannot write {path}: {e}") from e
     return [path]
@@ -219,7 +269,8 @@ def check_file(path: Path) -> None:
         raise ExportError(f"cannot read back {path}: {e}") from e
 
 
-def _write_streamed(model: onnx.ModelProto, path: Path, extra: Sequence[onnx.TensorProto] = ()) -> None:
+def _write_streamed(model: onnx.ModelProto, path: Path, extra: Sequence[onnx.TensorProto] = (),
+                    deferred: Mapping[str, Callable[[], np.ndarray]] | None = None) -> None:
     """``onnx.save`` without its memory: serializing a whole model at once holds the weights about
     four times over (upb grows its buffer by doubling, then copies it into Python bytes). The same
     bytes a parser reads are written piece by piece: the model without its graph, then the graph
@@ -228,8 +279,16 @@ def _write_streamed(model: onnx.ModelProto, path: Path, extra: Sequence[onnx.Ten
     graph = model.graph
     head, rest = copy_without(model, "graph"), copy_without(graph, "initializer")
     rest_bytes = rest.SerializeToString()
+    deferred = deferred or {}
     tensors = [*graph.initializer, *extra]
-    sizes = [tensor.ByteSize() for tensor in tensors]
+
+    def size(tensor: onnx.TensorProto) -> int:
+        if tensor.name not in deferred:
+            return tensor.ByteSize()
+        n = tensor_bytes(tensor)  # its raw_data, written after the rest (field 9: the last one set)
+        return tensor.ByteSize() + 1 + len(_varint(n)) + n
+
+    sizes = [size(tensor) for tensor in tensors]
     graph_size = len(rest_bytes) + sum(1 + len(_varint(n)) + n for n in sizes)
     with open(path, "wb") as f:
         f.write(head.SerializeToString())
@@ -238,6 +297,11 @@ def _write_streamed(model: onnx.ModelProto, path: Path, extra: Sequence[onnx.Ten
         for tensor, size in zip(tensors, sizes, strict=True):
             f.write(b"\x2a" + _varint(size))  # GraphProto field 5 (initializer)
             f.write(tensor.SerializeToString())
+            if tensor.name in deferred:
+                raw = _checked_raw(tensor, deferred[tensor.name])
+                f.write(b"\x4a" + _varint(len(raw)))  # TensorProto field 9 (raw_data)
+                f.write(raw)
+                del raw
 
 
 def tensor_bytes(tensor: onnx.TensorProto) -> int:
