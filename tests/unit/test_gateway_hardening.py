@@ -9,6 +9,7 @@ import gzip
 import json
 import logging
 import random
+import time
 from collections import Counter
 
 import pytest
@@ -86,6 +87,30 @@ def test_an_apps_rate_limit_answers_9810_with_429_and_spares_other_apps():
     assert codes[:2] == [0, 0] and set(codes[2:]) == {9810}
     assert limited.status_code == 429 and limited.headers["retry-after"] == "1"
     assert set(plain) == {0}  # PerSecond 0: unlimited for that app
+
+
+def test_a_request_refused_429_is_served_when_sent_again_unchanged():
+    test_client, backend = make_client(RateLimit={"PerSecond": 4, "Burst": 1})
+    with test_client:
+        first = post(test_client, "embedding", signed({"text": "first"}))[1]["code"]
+        second = signed({"text": "second"})
+        refused = post(test_client, "embedding", second)
+        time.sleep(0.5)  # the bucket refills one token per 0.25 s
+        again = post(test_client, "embedding", second)
+        replayed = post(test_client, "embedding", second)
+    assert first == 0 and refused[0] == 429 and refused[1]["code"] == 9810
+    assert again[1]["code"] == 0, again        # its signature was not spent by the 429
+    assert replayed[1]["code"] == 9800          # but is once it has been served
+    assert backend.calls == 2
+
+
+def test_replays_do_not_spend_the_apps_rate():
+    test_client, backend = make_client(RateLimit={"PerSecond": 0.01, "Burst": 2})
+    with test_client:
+        once = signed({"text": "once"})
+        codes = [post(test_client, "embedding", once)[1]["code"] for _ in range(5)]
+        other = post(test_client, "embedding", signed({"text": "other"}))[1]["code"]
+    assert codes == [0, 9800, 9800, 9800, 9800] and other == 0 and backend.calls == 2
 
 
 def test_rate_limiter_refills_at_its_rate():

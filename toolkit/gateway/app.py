@@ -40,6 +40,7 @@ from toolkit.client.retry import retry_pause
 from toolkit.gateway.auth import Authenticator
 from toolkit.gateway.body import ClientGone, printable, read_body
 from toolkit.gateway.envelope import SUCCESS, RequestError, envelope, new_request_id, render
+from toolkit.gateway.fairness import ClientBudget
 from toolkit.gateway.mapping import ApiRoute, variant_key
 from toolkit.gateway.metrics import GatewayMetrics
 from toolkit.gateway.settings import ErrorCodes, GatewaySettings
@@ -135,6 +136,8 @@ class Gateway:
         self.settings, self.routes, self.backend = settings, dict(routes), backend
         self.codes = settings.err_code
         self.auth = Authenticator(settings)
+        self.budget = ClientBudget(settings.api.max_pending_checks_per_client,
+                                   settings.api.max_pending_bytes_per_client)
         self.endpoints = parse_endpoints(settings.endpoints)
         self.metrics = GatewayMetrics()
 
@@ -194,8 +197,20 @@ class Gateway:
 
     async def _serve(self, request: Request, path: str, call: _Call) -> dict[str, Any]:
         api = self.settings.api
-        body = await read_body(request, api.max_body_bytes, self.codes, api.body_read_timeout)
-        caller = await self.auth.authenticate(body)
+        client = request.client.host if request.client else ""
+        declared = request.headers.get("content-length", "")
+        # Reserved before the body is read: the declared size, or the most a body may be.
+        reserved = int(declared) if declared.isdigit() and int(declared) <= api.max_body_bytes else api.max_body_bytes
+        if not self.budget.reserve(client, reserved):
+            raise RequestError(self.codes.unavailable, "too many requests from your address are being checked, "
+                               "retry later", status=503)
+        try:
+            body = await read_body(request, api.max_body_bytes, self.codes, api.body_read_timeout)
+            self.budget.resize(client, reserved, len(body))
+            reserved = len(body)
+            caller = await self.auth.authenticate(body, client)
+        finally:
+            self.budget.release(client, reserved)
         call.app_id = caller.app_id
         endpoint = self.endpoints.get(path)
         if endpoint is not None:
