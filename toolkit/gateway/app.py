@@ -142,18 +142,22 @@ class Gateway:
         self.metrics = GatewayMetrics()
 
     def reload_endpoints(self, settings: GatewaySettings) -> list[str]:
-        """Take new weights (and stickiness) from ``settings`` without a restart; changes that need
-        routes the gateway did not discover at start (other variants, models) are refused, listed."""
-        refused = []
+        """Take ``settings``' Endpoints (weights, stickiness, endpoints removed) without a restart, all
+        or nothing: returns why not when a change needs routes not discovered at start (a new
+        endpoint or variant, another model or version), applying nothing then."""
         endpoints = parse_endpoints(settings.endpoints)
+        problems = []
         for path, endpoint in endpoints.items():
-            known = self.endpoints.get(path)
-            if known is None or {v.name for v in known.variants} != {v.name for v in endpoint.variants} or any(
-                    self.routes[variant_key(path, v.name)].model != v.model for v in endpoint.variants):
-                refused.append(path)
-                continue
-            self.endpoints[path] = endpoint
-        return refused
+            for v in endpoint.variants:
+                route = self.routes.get(variant_key(path, v.name))
+                if route is None or route.model != v.model or route.version != v.version:
+                    problems.append(f"Endpoints.{path}: variant '{v.name}' ({v.model}) was not routed at start")
+        for path in sorted(set(self.endpoints) - set(endpoints)):
+            if path not in self.routes:
+                problems.append(f"Endpoints.{path} removed, but no single model serves /api/{path} without it")
+        if not problems:
+            self.endpoints = endpoints
+        return problems
 
     async def handle(self, request: Request) -> Response:
         started = time.perf_counter()
@@ -293,11 +297,16 @@ def create_app(settings: GatewaySettings, routes: Mapping[str, ApiRoute], *,
 
 
 async def _watch_settings(gateway: Gateway, path: Path, interval: float = 1.0) -> None:
-    """Apply new endpoint weights when the settings file changes (Paddle Serving's hot reload)."""
+    """Apply a changed settings file when only what can change live changed (Endpoints: weights,
+    stickiness, removals); otherwise keep the running settings and say why, in one log line."""
     from toolkit.errors import GatewayError
-    from toolkit.gateway.settings import load_settings
+    from toolkit.gateway.settings import load_settings, restart_needed
 
     seen = path.stat().st_mtime_ns if path.exists() else 0
+    try:  # what the file said at start, before the command line's overrides
+        running = await asyncio.to_thread(load_settings, path)
+    except GatewayError:
+        running = gateway.settings
     while True:
         await asyncio.sleep(interval)
         try:
@@ -310,9 +319,15 @@ async def _watch_settings(gateway: Gateway, path: Path, interval: float = 1.0) -
         try:
             settings = await asyncio.to_thread(load_settings, path)
         except GatewayError as e:
-            log.warning("settings changed but were not applied: %s", e)
+            log.warning("settings file changed but was not applied (the gateway keeps its running settings): %s",
+                        "; ".join(line.strip() for line in str(e).splitlines()))
             continue
-        refused = gateway.reload_endpoints(settings)
-        log.info("settings reloaded: endpoint weights %s%s",
-                 {p: {v.name: v.weight for v in e.variants} for p, e in gateway.endpoints.items()},
-                 f"; not applied (restart needed): {', '.join(refused)}" if refused else "")
+        problems = restart_needed(running, settings)
+        problems += [] if problems else gateway.reload_endpoints(settings)
+        if problems:
+            log.warning("settings file changed but was not applied (the gateway keeps its running settings): %s",
+                        "; ".join(problems))
+            continue
+        running = settings
+        log.info("settings reloaded: endpoint weights %s",
+                 {p: {v.name: v.weight for v in e.variants} for p, e in gateway.endpoints.items()} or "none")
