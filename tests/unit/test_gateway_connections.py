@@ -15,7 +15,7 @@ import pytest
 import uvicorn
 from serving import free_ports
 
-from toolkit.gateway.connections import guarded_protocol
+from toolkit.gateway.connections import ACCEPT_BATCH, GatewayServer, guarded_protocol
 from toolkit.gateway.settings import ErrorCodes
 
 pytestmark = pytest.mark.timeout(60)
@@ -31,12 +31,15 @@ async def hello(scope, receive, send):
 
 
 @contextlib.contextmanager
-def serving(header_timeout: float, per_client: int, keep_alive: float = 5) -> Iterator[int]:
+def serving(header_timeout: float, per_client: int, keep_alive: float = 5, *,
+            server_out: list | None = None) -> Iterator[int]:
     (port,) = free_ports(1)
     config = uvicorn.Config(hello, host="127.0.0.1", port=port, lifespan="off", log_level="warning",
                             http=guarded_protocol(header_timeout, per_client, ErrorCodes()),
-                            limit_concurrency=100, timeout_keep_alive=keep_alive)
-    server = uvicorn.Server(config)
+                            limit_concurrency=100, timeout_keep_alive=keep_alive, backlog=ACCEPT_BATCH)
+    server = GatewayServer(config)
+    if server_out is not None:
+        server_out.append(server)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -51,11 +54,12 @@ def serving(header_timeout: float, per_client: int, keep_alive: float = 5) -> It
         assert not thread.is_alive()
 
 
-def connect(port: int, source: str = "127.0.0.1") -> socket.socket:
+def connect(port: int, source: str = "127.0.0.1", timeout: float = 5) -> socket.socket:
     s = socket.socket()
-    s.settimeout(5)
+    s.settimeout(timeout)
     s.bind((source, 0))
     s.connect(("127.0.0.1", port))
+    s.settimeout(5)
     return s
 
 
@@ -98,6 +102,49 @@ def test_connections_beyond_the_per_address_cap_get_503_9996_and_other_addresses
     assert [envelope_of(a)[0] for a in answers] == [503] * 5
     assert {envelope_of(a)[1]["code"] for a in answers} == {9996}
     assert served.startswith(b"HTTP/1.1 200") and all(k.startswith(b"HTTP/1.1 200") for k in kept)
+
+
+def test_refused_connections_never_count_towards_the_global_cap():
+    """uvicorn answers everyone 503 once it holds limit_concurrency (100 here) connections: 500
+    connections from one address, refused beyond 3, must never bring it there, even for a moment."""
+    servers: list = []
+    peak, stop = [0], threading.Event()
+    with serving(header_timeout=30, per_client=3, server_out=servers) as port:
+        connections = servers[0].server_state.connections
+
+        def watch():
+            while not stop.is_set():
+                peak[0] = max(peak[0], len(connections))
+                time.sleep(0.0005)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        flood = [connect(port) for _ in range(500)]
+        time.sleep(0.5)
+        stop.set()
+        watcher.join(5)
+        other = connect(port, "127.0.0.2")
+        other.sendall(REQUEST)
+        served = one_answer(other)
+        for s in [*flood, other]:
+            s.close()
+    assert served.startswith(b"HTTP/1.1 200") and peak[0] <= 5, (served[:40], peak[0])
+
+
+def test_a_burst_of_1000_connections_waits_in_the_kernel_queue_and_none_is_dropped():
+    """uvicorn accepts 32 per turn of the loop here; the kernel's queue must still hold a burst
+    (with a queue of 32, connects timed out and other clients' SYNs were dropped)."""
+    with serving(header_timeout=30, per_client=3) as port:
+        burst = []
+        with contextlib.suppress(OSError):
+            for _ in range(1000):   # a dropped SYN is sent again after 1 s: over the timeout
+                burst.append(connect(port, timeout=0.9))
+        other = connect(port, "127.0.0.2")
+        other.sendall(REQUEST)
+        served = one_answer(other)
+        for s in [*burst, other]:
+            s.close()
+    assert len(burst) == 1000 and served.startswith(b"HTTP/1.1 200")
 
 
 def test_a_closed_connection_gives_its_place_back():

@@ -45,7 +45,7 @@ def run_gateway(settings: GatewaySettings, routes: Mapping[str, ApiRoute] | None
     import uvicorn
 
     from toolkit.gateway.app import create_app
-    from toolkit.gateway.connections import guarded_protocol
+    from toolkit.gateway.connections import ACCEPT_BATCH, GatewayServer, guarded_protocol
 
     routes = discover_routes(settings) if routes is None else routes
     app = create_app(settings, routes, settings_file=settings_file)
@@ -58,7 +58,7 @@ def run_gateway(settings: GatewaySettings, routes: Mapping[str, ApiRoute] | None
                             http=guarded_protocol(api.header_timeout, api.max_connections_per_client,
                                                   settings.err_code),
                             limit_concurrency=api.max_connections, timeout_keep_alive=api.keep_alive_timeout,
-                            h11_max_incomplete_event_size=64 * 1024)
+                            h11_max_incomplete_event_size=64 * 1024, backlog=ACCEPT_BATCH)
     # uvicorn raises the signal that stopped it again once it has shut down, which made Ctrl-C end
     # a clean shutdown in KeyboardInterrupt ("Aborted!", exit 1). The handlers it restores, and so
     # calls, are these: they note the signal and the gateway returns normally.
@@ -66,7 +66,7 @@ def run_gateway(settings: GatewaySettings, routes: Mapping[str, ApiRoute] | None
     handlers = {sig: signal.signal(sig, lambda number, _frame: stopped_by.append(signal.Signals(number).name))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        uvicorn.Server(config).run()
+        GatewayServer(config).run()
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
