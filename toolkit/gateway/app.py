@@ -176,6 +176,8 @@ class Gateway:
             body = envelope(call.app_id, call.request_id, e.code, msg=e.message)
             if e.status in (429, 503):
                 headers["Retry-After"] = "1"
+            if e.close:
+                headers["Connection"] = "close"
         except Exception:
             log.exception("%s POST /api/%s failed unexpectedly", call.request_id, printable(path))
             body = envelope(call.app_id, call.request_id, self.codes.inference_failed,
@@ -207,7 +209,7 @@ class Gateway:
         reserved = int(declared) if declared.isdigit() and int(declared) <= api.max_body_bytes else api.max_body_bytes
         if not self.budget.reserve(client, reserved):
             raise RequestError(self.codes.unavailable, "too many requests from your address are being checked, "
-                               "retry later", status=503)
+                               "retry later", status=503, close=True)
         try:
             body = await read_body(request, api.max_body_bytes, self.codes, api.body_read_timeout)
             self.budget.resize(client, reserved, len(body))
@@ -271,6 +273,7 @@ def create_app(settings: GatewaySettings, routes: Mapping[str, ApiRoute], *,
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         gateway.auth.start()
+        await gateway.auth.warm_up()
         await gateway.backend.start()
         watcher = asyncio.create_task(_watch_settings(gateway, settings_file)) if settings_file else None
         try:

@@ -218,6 +218,10 @@ def _init_worker(raw_settings: dict[str, Any]) -> None:
     _WORKER = Checker(parse_settings(raw_settings, source="gateway settings"))
 
 
+def _ready() -> bool:
+    return _WORKER is not None
+
+
 def _check_in_worker(body: bytes) -> Verdict:
     assert _WORKER is not None
     return _WORKER.check(body, return_fields=len(body) < _RETURN_FIELDS_BELOW)
@@ -262,6 +266,15 @@ class Authenticator:
         if self._workers > 0:  # CheckWorkers 0: every check in threads of the gateway
             self._small = lane(self._workers)
             self._large = lane(self._large_workers) if self._large_workers > 0 else self._small
+
+    async def warm_up(self) -> None:
+        """Start every check worker now: spawning one and importing the gateway took 5 s on a
+        loaded VM, a wait the first request that needs it would otherwise pay."""
+        loop = asyncio.get_running_loop()
+        for pool, lane in zip(self._pools, (self._small, self._large), strict=False):
+            assert lane is not None
+            # Submitted together, each finds no idle worker and so starts one of its own.
+            await asyncio.gather(*(loop.run_in_executor(pool, _ready) for _ in range(lane.workers)))
 
     def close(self) -> None:
         # Waiting lets the pools' queues release their named semaphores (/dev/shm/sem.mp-*);
