@@ -58,7 +58,10 @@ def run_gateway(settings: GatewaySettings, routes: Mapping[str, ApiRoute] | None
                             http=guarded_protocol(api.header_timeout, api.max_connections_per_client,
                                                   settings.err_code),
                             limit_concurrency=api.max_connections, timeout_keep_alive=api.keep_alive_timeout,
-                            h11_max_incomplete_event_size=64 * 1024, backlog=ACCEPT_BATCH)
+                            h11_max_incomplete_event_size=64 * 1024, backlog=ACCEPT_BATCH,
+                            # No WebSockets: an upgrade would hand the connection to a protocol
+                            # that does not keep the per-address count.
+                            ws="none")
     # uvicorn raises the signal that stopped it again once it has shut down, which made Ctrl-C end
     # a clean shutdown in KeyboardInterrupt ("Aborted!", exit 1). The handlers it restores, and so
     # calls, are these: they note the signal and the gateway returns normally.
