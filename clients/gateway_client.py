@@ -27,9 +27,17 @@ SM2_PRIVATE_KEY = "JShsBOJL0RgPAoPttEB1hgtPAvCikOl0V1oTOYL7k5U="  # demo key: a 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("api", choices=["embedding", "mobile"])
 parser.add_argument("value", help="the text (embedding) or an image file (mobile)")
-parser.add_argument("--url", default="http://127.0.0.1:5000")
-parser.add_argument("--sign-type", choices=["SHA256", "SM2"], default="SHA256")
+parser.add_argument("--url", default="http://127.0.0.1:5000", metavar="URL",
+                    help="the gateway: host:port or http://host:port, as `toolkit gateway` prints it "
+                         "(default: %(default)s)")
+parser.add_argument("--sign-type", choices=["SHA256", "SM2"], default="SHA256",
+                    help="how to sign the request, as go-infer's clients do (default: %(default)s)")
 args = parser.parse_args()
+url = args.url.strip().rstrip("/")
+if "://" not in url:
+    url = f"http://{url}"  # host:port, as the gateway's address is usually written
+elif not url.startswith(("http://", "https://")):
+    parser.error(f"--url {args.url!r}: use host:port or http://host:port")
 
 if args.api == "embedding":
     data = {"text": args.value}
@@ -45,7 +53,7 @@ signing_string = canonical_string(body, APP_SECRET)
 body["signData"] = (sha256_signature(signing_string) if args.sign_type == "SHA256"
                     else sm2_sign(signing_string, SM2_PRIVATE_KEY))
 
-request = urllib.request.Request(f"{args.url}/api/{args.api}", data=gzip.compress(json.dumps(body).encode("utf-8")),
+request = urllib.request.Request(f"{url}/api/{args.api}", data=gzip.compress(json.dumps(body).encode("utf-8")),
                                  headers={"Content-Type": "application/json", "Content-Encoding": "gzip",
                                           "Accept-Encoding": "gzip"}, method="POST")
 started = time.perf_counter()
@@ -58,10 +66,10 @@ except urllib.error.HTTPError as e:  # the gateway answers its envelope with 4xx
         raw = e.read()
         answer = json.loads(gzip.decompress(raw) if e.headers.get("Content-Encoding") == "gzip" else raw)
     except ValueError:
-        sys.exit(f"Error: {args.url}: HTTP {e.code} {e.reason}")
+        sys.exit(f"Error: {url}: HTTP {e.code} {e.reason}")
 except (OSError, ValueError) as e:
     reason = getattr(e, "reason", None) or e
-    sys.exit(f"Error: cannot reach the gateway at {args.url} ({reason}): is `toolkit gateway` running?")
+    sys.exit(f"Error: cannot reach the gateway at {url} ({reason}): is `toolkit gateway` running?")
 print(f"[{(time.perf_counter() - started) * 1000:.0f} ms] code {answer['code']}, {answer['data']['msg']}, "
       f"request {answer['data']['requestId']}" + (f", variant {answer['data']['variant']}"
                                                   if "variant" in answer["data"] else ""))

@@ -162,6 +162,51 @@ def test_gateway_client_says_error_for_a_missing_image_or_a_gateway_that_is_down
                      f"cannot reach the gateway at http://127.0.0.1:{port}")
 
 
+def test_gateway_client_help_describes_url():
+    result = client("gateway_client.py", "--help")
+    assert result.returncode == 0 and "--url URL" in result.stdout, result.stdout
+    assert "host:port or http://host:port" in " ".join(result.stdout.split())
+
+
+def test_gateway_client_refuses_a_url_it_cannot_use_in_one_usage_line():
+    result = client("gateway_client.py", "embedding", "hi", "--url", "ftp://127.0.0.1:5000")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "use host:port or http://host:port" in result.stderr.splitlines()[-1]
+
+
+@pytest.mark.timeout(180)
+def test_gateway_as_the_readme_types_it_serves_a_host_port_client_and_stops_on_ctrl_c_with_exit_0(example_server):
+    """`toolkit gateway --settings gateway.yaml ...`, then `clients/gateway_client.py --url 127.0.0.1:PORT`
+    (no scheme: it said "unknown url type"), then Ctrl-C (it printed `Aborted!` and exited 1)."""
+    import signal
+
+    import httpx
+
+    (port,) = free_ports(1)
+    process = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "gateway", "--settings", "gateway.yaml",
+                                "--triton", example_server.grpc_url, "--port", str(port)], cwd=ROOT, env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        served = client("gateway_client.py", "embedding", "Triton serves this sentence.", "--url", f"127.0.0.1:{port}")
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert served.returncode == 0 and "code 0, success" in served.stdout, (served.stdout, served.stderr)
+    assert process.returncode == 0, (process.returncode, out, err[-2000:])
+    assert out.strip().splitlines()[-1] == "Gateway stopped (SIGINT).", out
+    assert "Aborted" not in out + err and "Traceback" not in out + err
+
+
 class _Refusing(BaseHTTPRequestHandler):
     """A gateway stand-in answering go-infer's envelope with an error code (HTTP 200, as go-infer does)."""
 

@@ -9,6 +9,7 @@ import gzip
 import json
 import logging
 import random
+import time
 from collections import Counter
 
 import pytest
@@ -88,6 +89,30 @@ def test_an_apps_rate_limit_answers_9810_with_429_and_spares_other_apps():
     assert set(plain) == {0}  # PerSecond 0: unlimited for that app
 
 
+def test_a_request_refused_429_is_served_when_sent_again_unchanged():
+    test_client, backend = make_client(RateLimit={"PerSecond": 4, "Burst": 1})
+    with test_client:
+        first = post(test_client, "embedding", signed({"text": "first"}))[1]["code"]
+        second = signed({"text": "second"})
+        refused = post(test_client, "embedding", second)
+        time.sleep(0.5)  # the bucket refills one token per 0.25 s
+        again = post(test_client, "embedding", second)
+        replayed = post(test_client, "embedding", second)
+    assert first == 0 and refused[0] == 429 and refused[1]["code"] == 9810
+    assert again[1]["code"] == 0, again        # its signature was not spent by the 429
+    assert replayed[1]["code"] == 9800          # but is once it has been served
+    assert backend.calls == 2
+
+
+def test_replays_do_not_spend_the_apps_rate():
+    test_client, backend = make_client(RateLimit={"PerSecond": 0.01, "Burst": 2})
+    with test_client:
+        once = signed({"text": "once"})
+        codes = [post(test_client, "embedding", once)[1]["code"] for _ in range(5)]
+        other = post(test_client, "embedding", signed({"text": "other"}))[1]["code"]
+    assert codes == [0, 9800, 9800, 9800, 9800] and other == 0 and backend.calls == 2
+
+
 def test_rate_limiter_refills_at_its_rate():
     now = [0.0]
     limiter = RateLimiter(2, 2, {}, clock=lambda: now[0])
@@ -158,13 +183,19 @@ def test_new_weights_apply_without_a_restart_and_a_new_variant_is_refused():
     gateway = client.app.state.gateway
     raw = settings_dict(CheckWorkers=0)
     raw["Endpoints"] = {"embedding": {"Variants": [{"Name": "stable", "Model": "embedding", "Weight": 0},
-                                                   {"Name": "canary", "Model": "embedding_v2", "Weight": 1}]}}
+                                                   {"Name": "canary", "Model": "embedding_v2", "Version": "2",
+                                                    "Weight": 1}]}}
     assert gateway.reload_endpoints(parse_settings(raw)) == []
     with client:
         assert {post(client, "embedding", signed({"text": f"t{i}"}))[1]["data"]["variant"]
                 for i in range(20)} == {"canary"}
+    other_version = {**raw["Endpoints"]["embedding"]["Variants"][1], "Version": "3"}
+    assert gateway.reload_endpoints(parse_settings({**raw, "Endpoints": {"embedding": {"Variants": [
+        raw["Endpoints"]["embedding"]["Variants"][0], other_version]}}})) == [
+        "Endpoints.embedding: variant 'canary' (embedding_v2) was not routed at start"]
     raw["Endpoints"]["embedding"]["Variants"].append({"Name": "other", "Model": "x", "Weight": 1})
-    assert gateway.reload_endpoints(parse_settings(raw)) == ["embedding"]
+    assert gateway.reload_endpoints(parse_settings(raw)) == [
+        "Endpoints.embedding: variant 'other' (x) was not routed at start"]
 
 
 @pytest.mark.parametrize(("variants", "message"), [
@@ -193,3 +224,71 @@ def test_a_sign_check_in_a_worker_process_gives_the_same_answers():
         resigned = {**tampered, "signData": sm2_sign(canonical_string(tampered, SECRET), SM2_PRIVATE)}
         assert post(test_client, "embedding", resigned)[1]["code"] == 0
     assert backend.calls == 3
+
+
+def watched_client(tmp_path, raw):
+    """A gateway whose settings file ``tmp_path/gateway.yaml`` is watched, with ``embedding``'s
+    variants and its plain route (what discovery keeps for a removed endpoint)."""
+    import yaml
+
+    client, _ = variant_client()
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    gateway = client.app.state.gateway
+    routes = {**gateway.routes, "embedding": build_route("embedding", "embedding", EMBEDDING_CONFIG,
+                                                         EMBEDDING_METADATA, None, 5)}
+    app = create_app(parse_settings(raw), routes, backend=FakeTriton(), settings_file=path)
+    return TestClient(app), path
+
+
+def variant_settings():
+    raw = settings_dict(CheckWorkers=0, RateLimit={"PerSecond": 0, "Burst": 1})
+    raw["Endpoints"] = {"embedding": {"Variants": [
+        {"Name": "stable", "Model": "embedding", "Weight": 90},
+        {"Name": "canary", "Model": "embedding_v2", "Version": "2", "Weight": 10}]}}
+    return raw
+
+
+def reload_lines(caplog, path, raw, before: int) -> list[str]:
+    """Write ``raw`` to the watched file and wait (at most 10 s) for the watcher's next line."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(raw) if isinstance(raw, dict) else raw)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("settings")]
+        if len(lines) > before:
+            return lines
+        time.sleep(0.1)
+    raise AssertionError("the settings watcher said nothing within 10 s")
+
+
+def test_a_reload_applies_removed_endpoints_or_refuses_the_file_in_one_line(tmp_path, caplog):
+    raw = variant_settings()
+    client, path = watched_client(tmp_path, raw)
+    with caplog.at_level(logging.INFO, logger="toolkit.gateway"), client:
+        gateway = client.app.state.gateway
+        assert post(client, "embedding", signed({"text": "a"}))[1]["data"]["variant"] in {"stable", "canary"}
+        # Another section changed with the weights: nothing applied, and one line says why.
+        changed = variant_settings()
+        changed["API"]["RateLimit"] = {"PerSecond": 5, "Burst": 5}
+        changed["Endpoints"]["embedding"]["Variants"][0]["Weight"] = 0
+        lines = reload_lines(caplog, path, changed, 0)
+        assert lines[-1].startswith("settings file changed but was not applied") and "\n" not in lines[-1]
+        assert "API.RateLimit changed (needs a restart)" in lines[-1]
+        assert gateway.endpoints["embedding"].variants[0].weight == 90
+        # A file that does not load: refused, one line naming the field.
+        broken = variant_settings()
+        broken["API"]["MaxBodyBytes"] = -1
+        broken["API"]["ReqTimeDiff"] = 0
+        lines = reload_lines(caplog, path, broken, len(lines))
+        assert "not applied" in lines[-1] and "API.MaxBodyBytes" in lines[-1] and "API.ReqTimeDiff" in lines[-1]
+        # Endpoints deleted: applied, the API served by its model again.
+        removed = variant_settings()
+        del removed["Endpoints"]
+        lines = reload_lines(caplog, path, removed, len(lines))
+        assert lines[-1].startswith("settings reloaded"), lines[-1]
+        answer = post(client, "embedding", signed({"text": "b"}))[1]
+    assert answer["code"] == 0 and "variant" not in answer["data"]
+    assert gateway.endpoints == {}
+    assert sum("settings reloaded" in r.getMessage() for r in caplog.records) == 1

@@ -30,4 +30,5 @@ def gateway(settings_file: Path, triton_url: str | None, host: str | None, port:
     click.echo(f"Gateway on http://{settings.api.addr}:{settings.api.port} -> Triton {settings.triton.url}")
     for route in routes.values():
         click.echo(f"  POST /api/{route.path:<20} -> {route.model}")
-    run_gateway(settings, routes, settings_file=settings_file)
+    stopped_by = run_gateway(settings, routes, settings_file=settings_file)
+    click.echo(f"Gateway stopped{f' ({stopped_by})' if stopped_by else ''}.")

@@ -40,6 +40,7 @@ from toolkit.client.retry import retry_pause
 from toolkit.gateway.auth import Authenticator
 from toolkit.gateway.body import ClientGone, printable, read_body
 from toolkit.gateway.envelope import SUCCESS, RequestError, envelope, new_request_id, render
+from toolkit.gateway.fairness import ClientBudget
 from toolkit.gateway.mapping import ApiRoute, variant_key
 from toolkit.gateway.metrics import GatewayMetrics
 from toolkit.gateway.settings import ErrorCodes, GatewaySettings
@@ -135,22 +136,28 @@ class Gateway:
         self.settings, self.routes, self.backend = settings, dict(routes), backend
         self.codes = settings.err_code
         self.auth = Authenticator(settings)
+        self.budget = ClientBudget(settings.api.max_pending_checks_per_client,
+                                   settings.api.max_pending_bytes_per_client)
         self.endpoints = parse_endpoints(settings.endpoints)
         self.metrics = GatewayMetrics()
 
     def reload_endpoints(self, settings: GatewaySettings) -> list[str]:
-        """Take new weights (and stickiness) from ``settings`` without a restart; changes that need
-        routes the gateway did not discover at start (other variants, models) are refused, listed."""
-        refused = []
+        """Take ``settings``' Endpoints (weights, stickiness, endpoints removed) without a restart, all
+        or nothing: returns why not when a change needs routes not discovered at start (a new
+        endpoint or variant, another model or version), applying nothing then."""
         endpoints = parse_endpoints(settings.endpoints)
+        problems = []
         for path, endpoint in endpoints.items():
-            known = self.endpoints.get(path)
-            if known is None or {v.name for v in known.variants} != {v.name for v in endpoint.variants} or any(
-                    self.routes[variant_key(path, v.name)].model != v.model for v in endpoint.variants):
-                refused.append(path)
-                continue
-            self.endpoints[path] = endpoint
-        return refused
+            for v in endpoint.variants:
+                route = self.routes.get(variant_key(path, v.name))
+                if route is None or route.model != v.model or route.version != v.version:
+                    problems.append(f"Endpoints.{path}: variant '{v.name}' ({v.model}) was not routed at start")
+        for path in sorted(set(self.endpoints) - set(endpoints)):
+            if path not in self.routes:
+                problems.append(f"Endpoints.{path} removed, but no single model serves /api/{path} without it")
+        if not problems:
+            self.endpoints = endpoints
+        return problems
 
     async def handle(self, request: Request) -> Response:
         started = time.perf_counter()
@@ -169,6 +176,8 @@ class Gateway:
             body = envelope(call.app_id, call.request_id, e.code, msg=e.message)
             if e.status in (429, 503):
                 headers["Retry-After"] = "1"
+            if e.close:
+                headers["Connection"] = "close"
         except Exception:
             log.exception("%s POST /api/%s failed unexpectedly", call.request_id, printable(path))
             body = envelope(call.app_id, call.request_id, self.codes.inference_failed,
@@ -194,8 +203,20 @@ class Gateway:
 
     async def _serve(self, request: Request, path: str, call: _Call) -> dict[str, Any]:
         api = self.settings.api
-        body = await read_body(request, api.max_body_bytes, self.codes, api.body_read_timeout)
-        caller = await self.auth.authenticate(body)
+        client = request.client.host if request.client else ""
+        declared = request.headers.get("content-length", "")
+        # Reserved before the body is read: the declared size, or the most a body may be.
+        reserved = int(declared) if declared.isdigit() and int(declared) <= api.max_body_bytes else api.max_body_bytes
+        if not self.budget.reserve(client, reserved):
+            raise RequestError(self.codes.unavailable, "too many requests from your address are being checked, "
+                               "retry later", status=503, close=True)
+        try:
+            body = await read_body(request, api.max_body_bytes, self.codes, api.body_read_timeout)
+            self.budget.resize(client, reserved, len(body))
+            reserved = len(body)
+            caller = await self.auth.authenticate(body, client)
+        finally:
+            self.budget.release(client, reserved)
         call.app_id = caller.app_id
         endpoint = self.endpoints.get(path)
         if endpoint is not None:
@@ -252,6 +273,7 @@ def create_app(settings: GatewaySettings, routes: Mapping[str, ApiRoute], *,
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         gateway.auth.start()
+        await gateway.auth.warm_up()
         await gateway.backend.start()
         watcher = asyncio.create_task(_watch_settings(gateway, settings_file)) if settings_file else None
         try:
@@ -278,11 +300,16 @@ def create_app(settings: GatewaySettings, routes: Mapping[str, ApiRoute], *,
 
 
 async def _watch_settings(gateway: Gateway, path: Path, interval: float = 1.0) -> None:
-    """Apply new endpoint weights when the settings file changes (Paddle Serving's hot reload)."""
+    """Apply a changed settings file when only what can change live changed (Endpoints: weights,
+    stickiness, removals); otherwise keep the running settings and say why, in one log line."""
     from toolkit.errors import GatewayError
-    from toolkit.gateway.settings import load_settings
+    from toolkit.gateway.settings import load_settings, restart_needed
 
     seen = path.stat().st_mtime_ns if path.exists() else 0
+    try:  # what the file said at start, before the command line's overrides
+        running = await asyncio.to_thread(load_settings, path)
+    except GatewayError:
+        running = gateway.settings
     while True:
         await asyncio.sleep(interval)
         try:
@@ -295,9 +322,15 @@ async def _watch_settings(gateway: Gateway, path: Path, interval: float = 1.0) -
         try:
             settings = await asyncio.to_thread(load_settings, path)
         except GatewayError as e:
-            log.warning("settings changed but were not applied: %s", e)
+            log.warning("settings file changed but was not applied (the gateway keeps its running settings): %s",
+                        "; ".join(line.strip() for line in str(e).splitlines()))
             continue
-        refused = gateway.reload_endpoints(settings)
-        log.info("settings reloaded: endpoint weights %s%s",
-                 {p: {v.name: v.weight for v in e.variants} for p, e in gateway.endpoints.items()},
-                 f"; not applied (restart needed): {', '.join(refused)}" if refused else "")
+        problems = restart_needed(running, settings)
+        problems += [] if problems else gateway.reload_endpoints(settings)
+        if problems:
+            log.warning("settings file changed but was not applied (the gateway keeps its running settings): %s",
+                        "; ".join(problems))
+            continue
+        running = settings
+        log.info("settings reloaded: endpoint weights %s",
+                 {p: {v.name: v.weight for v in e.variants} for p, e in gateway.endpoints.items()} or "none")

@@ -1,15 +1,20 @@
 """Checking a signed go-infer request, in go-infer's order, with its codes, off the event loop.
 
 fields (9801) -> timestamp window (9802) -> appId (9805) -> version (9806) -> signType (9803)
--> signature (9800) -> not seen before (replay; 9800 by default) -> the app's rate limit (9810).
+-> signature (9800) -> not seen before (replay; 9800 by default) -> the app's rate limit (9810),
+and only a request that passes the rate limit spends its signature: a 429 sent again unchanged is
+served once the bucket refills.
 
 No single request can stall the gateway: parsing the body, building the string to sign (which
-walks all of ``data``) and verifying the signature run in worker processes (``CheckPool``), never on
-the event loop, and never more than ``MaxPendingChecks`` at once (more are answered 9996, "busy",
-at once). A 16 MB body of small numbers or a flood of forged SM2 signatures (~15 ms of CPU each)
-therefore costs the workers' CPU, bounded, and delays nobody else's ``GET /`` or request. Small
-SHA256 requests, the common case, are checked in a thread of the gateway itself (a pool process
-would add its own latency for nothing).
+walks all of ``data``) and verifying the signature run in worker processes, never on the event
+loop, and never more than ``MaxPendingChecks`` at once (more are answered 9996, "busy", at once).
+The workers form two lanes (``fairness.FairLane``): small SM2 bodies in ``CheckWorkers``
+processes, bodies of ``LargeBodyBytes`` or more in ``LargeCheckWorkers`` others, each served
+round-robin between client addresses, so a client posting forged 16 MB bodies (~15 s of a worker
+each) delays neither small checks nor another address's large ones. Small SHA256 requests, the
+common case, are checked in a thread of the gateway itself (a pool process would add its own
+latency for nothing). SM3 is OpenSSL's (``signing.py``): gmssl's pure-Python hash took 1.5 s for
+a 300 KB body and 87 s for 16 MB.
 
 Safer than go-infer, still compatible: signatures are compared in constant time; a signature may
 be used once within the timestamp window, keyed by its decoded bytes (SHA256: the digest; SM2:
@@ -31,6 +36,7 @@ from typing import Any
 
 from toolkit.gateway.body import parse_body
 from toolkit.gateway.envelope import RequestError
+from toolkit.gateway.fairness import FairLane
 from toolkit.gateway.settings import GatewaySettings
 from toolkit.gateway.signing import Sm2Verifier, canonical_string, decode_signature, sha256_matches
 
@@ -76,13 +82,16 @@ class ReplayCache:
     def __len__(self) -> int:
         return len(self._expiry)
 
-    def seen(self, key: tuple[str, Any], expires: float, now: float) -> bool:
-        """True if ``key`` was recorded and is still live; otherwise record it."""
+    def seen(self, key: tuple[str, Any], expires: float, now: float, *, record: bool = True) -> bool:
+        """True if ``key`` was recorded and is still live; otherwise record it (unless ``record``
+        is False: the caller records it once the request is certain to be served)."""
         while self._expiry and next(iter(self._expiry.values())) < now:
             self._expiry.popitem(last=False)
         previous = self._expiry.get(key)
         if previous is not None and previous >= now:
             return True
+        if not record:
+            return False
         self._expiry[key] = expires
         while len(self._expiry) > self.max_entries:
             self._expiry.popitem(last=False)
@@ -209,6 +218,10 @@ def _init_worker(raw_settings: dict[str, Any]) -> None:
     _WORKER = Checker(parse_settings(raw_settings, source="gateway settings"))
 
 
+def _ready() -> bool:
+    return _WORKER is not None
+
+
 def _check_in_worker(body: bytes) -> Verdict:
     assert _WORKER is not None
     return _WORKER.check(body, return_fields=len(body) < _RETURN_FIELDS_BELOW)
@@ -228,54 +241,84 @@ class Authenticator:
                                    {app: (o.per_second, o.burst) for app, o in limit.apps.items()})
         self._settings = settings
         self._workers = self.api.check_workers if workers is None else workers
-        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._large_workers = self.api.large_check_workers if workers is None else workers
+        self._pools: list[concurrent.futures.ProcessPoolExecutor] = []
+        self._small: FairLane | None = None
+        self._large: FairLane | None = None
         self._pending = 0
 
     def start(self) -> None:
-        if self._workers > 0 and self._pool is None:
-            raw = self._settings.model_dump(by_alias=True, mode="python")
-            raw["API"]["AppIdSecret"] = {k: v.get_secret_value() for k, v in self.api.app_id_secret.items()}
-            if self.api.sm2_private_key is not None:
-                raw["API"]["SM2PrivateKey"] = self.api.sm2_private_key.get_secret_value()
-            if raw.get("Triton", {}).get("AdminHeader") is not None:
-                raw["Triton"]["AdminHeader"] = None
-            self._pool = concurrent.futures.ProcessPoolExecutor(
-                self._workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker, initargs=(raw,))
+        if self._pools:
+            return
+        raw = self._settings.model_dump(by_alias=True, mode="python")
+        raw["API"]["AppIdSecret"] = {k: v.get_secret_value() for k, v in self.api.app_id_secret.items()}
+        if self.api.sm2_private_key is not None:
+            raw["API"]["SM2PrivateKey"] = self.api.sm2_private_key.get_secret_value()
+        if raw.get("Triton", {}).get("AdminHeader") is not None:
+            raw["Triton"]["AdminHeader"] = None
+
+        def lane(workers: int) -> FairLane:
+            pool = concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(raw,))
+            self._pools.append(pool)
+            return FairLane(pool, workers)
+
+        if self._workers > 0:  # CheckWorkers 0: every check in threads of the gateway
+            self._small = lane(self._workers)
+            self._large = lane(self._large_workers) if self._large_workers > 0 else self._small
+
+    async def warm_up(self) -> None:
+        """Start every check worker now: spawning one and importing the gateway took 5 s on a
+        loaded VM, a wait the first request that needs it would otherwise pay."""
+        loop = asyncio.get_running_loop()
+        for pool, lane in zip(self._pools, (self._small, self._large), strict=False):
+            assert lane is not None
+            # Submitted together, each finds no idle worker and so starts one of its own.
+            await asyncio.gather(*(loop.run_in_executor(pool, _ready) for _ in range(lane.workers)))
 
     def close(self) -> None:
-        if self._pool is not None:
-            # Waiting lets the pool's queues release their named semaphores (/dev/shm/sem.mp-*);
-            # without it a clean exit left five per gateway. The exit joins the workers anyway, and
-            # cancel_futures leaves only the checks already running (bounded by MaxBodyBytes).
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        # Waiting lets the pools' queues release their named semaphores (/dev/shm/sem.mp-*);
+        # without it a clean exit left five per gateway. The exit joins the workers anyway, and
+        # cancel_futures leaves only the checks already running (bounded by MaxBodyBytes).
+        for pool in self._pools:
+            pool.shutdown(wait=True, cancel_futures=True)
+        self._pools, self._small, self._large = [], None, None
 
-    async def authenticate(self, body: bytes) -> Authenticated:
+    def _lane(self, body: bytes) -> FairLane | None:
+        """Where a body is checked: None (a thread here) for small SHA256 ones."""
+        if len(body) >= self.api.large_body_bytes:
+            return self._large
+        if len(body) < _IN_PROCESS_BELOW and b'"SM2"' not in body:
+            return None
+        return self._small
+
+    async def authenticate(self, body: bytes, client: str = "") -> Authenticated:
         if self._pending >= self.api.max_pending_checks:
             raise RequestError(self.codes.unavailable, "gateway busy: too many requests being checked, retry later",
                                status=503)
         self._pending += 1
         try:
-            small_sha = len(body) < _IN_PROCESS_BELOW and b'"SM2"' not in body
-            if self._pool is None or small_sha:
+            lane = self._lane(body)
+            if lane is None:
                 verdict = await asyncio.to_thread(self.checker.check, body)
             else:
-                loop = asyncio.get_running_loop()
-                verdict = await loop.run_in_executor(self._pool, _check_in_worker, body)
+                verdict = await lane.run(client, _check_in_worker, body)
         finally:
             self._pending -= 1
         if verdict.error is not None:
             code, message, status = verdict.error
             raise RequestError(code, message, status=status)
-        if self.api.reject_replay and verdict.replay_key and self._replays.seen(
-                (verdict.app_id, verdict.replay_key), expires=verdict.expires, now=self.clock()):
+        replay_key = (verdict.app_id, verdict.replay_key)
+        check_replay = self.api.reject_replay and verdict.replay_key
+        if check_replay and self._replays.seen(replay_key, expires=verdict.expires, now=self.clock(), record=False):
             raise RequestError(self.codes.replayed_signature, "invalid signature: already used (replayed request)")
         wait = self.limiter.allow(verdict.app_id)
-        if wait > 0:
+        if wait > 0:  # refused before its signature is spent: the same request may come again
             raise RequestError(self.codes.rate_limited, f"rate limit of this appId exceeded; retry in {wait:.2f}s",
                                status=429)
+        if check_replay and self._replays.seen(replay_key, expires=verdict.expires, now=self.clock()):
+            raise RequestError(self.codes.replayed_signature, "invalid signature: already used (replayed request)")
         fields = verdict.fields
         if fields is None:  # a large body: parsed again here, now that it is authenticated
-                fields = await asyncio.to_thread(parse_body, body, self.api.max_json_depth, self.codes)
+            fields = await asyncio.to_thread(parse_body, body, self.api.max_json_depth, self.codes)
         return Authenticated(verdict.app_id, fields["data"], fields)

@@ -21,9 +21,10 @@ SUCCESS = 0
 class RequestError(Exception):
     """One request failed: the client gets ``code`` and ``message`` in an envelope."""
 
-    def __init__(self, code: int, message: str, *, status: int = 200):
+    def __init__(self, code: int, message: str, *, status: int = 200, close: bool = False):
         super().__init__(message)
         self.code, self.message, self.status = code, message, status
+        self.close = close  # answer, then close the connection rather than read the rest of the body
 
 
 def new_request_id() -> str:

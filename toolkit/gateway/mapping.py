@@ -341,9 +341,15 @@ def discover_routes(settings: GatewaySettings, url: str | None = None, *, timeou
                 claims.setdefault(normalise_api_path(declared), []).append(name)
         models: dict[str, str] = {}
         for path in sorted(set(claims) | set(settings.apis)):
-            if path in settings.endpoints:  # its variants name their models
-                continue
             configured = settings.apis.get(path)
+            if path in settings.endpoints:
+                # Its variants name their models; the one model the path would have without them is
+                # routed too (unused meanwhile), so a reload that removes the endpoint can apply.
+                plain = configured.model if configured is not None and configured.model else (
+                    claims[path][0] if len(claims.get(path, [])) == 1 else None)
+                if plain in configs:
+                    models[path] = plain
+                continue
             if configured is not None and configured.model:
                 models[path] = configured.model
             elif len(claims.get(path, [])) == 1:

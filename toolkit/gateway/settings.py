@@ -80,10 +80,26 @@ class ApiSection(_Section):
     body_read_timeout: float = Field(10.0, alias="BodyReadTimeout", gt=0)
     #: Open connections beyond this are answered 503 by the server (uvicorn's limit_concurrency).
     max_connections: int = Field(256, alias="MaxConnections", gt=0)
-    #: Processes that parse and verify requests off the event loop (0: threads of the gateway).
+    #: Connections from one client address beyond this are answered 503 (9996) and closed at once;
+    #: below MaxConnections, so one address never takes every connection (nginx's limit_conn).
+    max_connections_per_client: int = Field(64, alias="MaxConnectionsPerClient", gt=0)
+    #: Seconds for a request line and headers to arrive whole, from the connection opening or the
+    #: previous answer; then the connection is closed (408 if part arrived; nginx's client_header_timeout).
+    header_timeout: float = Field(10.0, alias="HeaderTimeout", gt=0)
+    #: Seconds an idle keep-alive connection stays open after an answer (uvicorn's timeout_keep_alive).
+    keep_alive_timeout: float = Field(5.0, alias="KeepAliveTimeout", gt=0)
+    #: Processes that parse and verify small SM2 requests off the event loop (0: threads of the gateway).
     check_workers: int = Field(1, alias="CheckWorkers", ge=0, le=64)
+    #: Processes that check bodies of LargeBodyBytes or more, apart from the small ones (0: with them).
+    #: Each lane serves client addresses round-robin, at most workers - 1 (at least 1) busy with one.
+    large_check_workers: int = Field(2, alias="LargeCheckWorkers", ge=0, le=64)
+    large_body_bytes: int = Field(64 * 1024, alias="LargeBodyBytes", gt=0)
     #: Requests being checked at once; more are answered 9996 (busy) at once.
     max_pending_checks: int = Field(64, alias="MaxPendingChecks", gt=0)
+    #: Requests and body bytes one client address may have being read or checked at once; more are
+    #: answered 9996 (HTTP 503) at once, before the body is read when Content-Length says so.
+    max_pending_checks_per_client: int = Field(32, alias="MaxPendingChecksPerClient", gt=0)
+    max_pending_bytes_per_client: int = Field(32 * 1024 * 1024, alias="MaxPendingBytesPerClient", gt=0)
     #: Token bucket per appId, applied after authentication; 429 and RateLimited when empty.
     rate_limit: RateLimit = Field(default_factory=lambda: RateLimit(), alias="RateLimit")
 
@@ -100,6 +116,22 @@ class ApiSection(_Section):
         unknown = sorted(set(self.plain_app_ids) - set(self.app_id_secret))
         if unknown:
             raise ValueError(f"PlainAppIds not in AppIdSecret: {unknown}")
+        return self
+
+    @model_validator(mode="after")
+    def _per_client_below_global(self) -> ApiSection:
+        problems = []
+        if self.max_connections_per_client >= self.max_connections:
+            problems.append(f"MaxConnectionsPerClient ({self.max_connections_per_client}) must be below "
+                            f"MaxConnections ({self.max_connections})")
+        if self.max_pending_checks_per_client > self.max_pending_checks:
+            problems.append(f"MaxPendingChecksPerClient ({self.max_pending_checks_per_client}) must not exceed "
+                            f"MaxPendingChecks ({self.max_pending_checks})")
+        if self.max_pending_bytes_per_client < self.max_body_bytes:
+            problems.append(f"MaxPendingBytesPerClient ({self.max_pending_bytes_per_client}) must be at least "
+                            f"MaxBodyBytes ({self.max_body_bytes})")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 
@@ -240,6 +272,24 @@ def with_overrides(settings: GatewaySettings, *, addr: str | None = None, port: 
         if value is not None:
             raw[section][key] = value
     return parse_settings(raw, source="command line")
+
+
+def restart_needed(running: GatewaySettings, new: GatewaySettings) -> list[str]:
+    """What changed between two settings that a running gateway cannot apply: everything but
+    ``Endpoints``, named by section and key (never by value: some are secrets)."""
+    before = running.model_dump(by_alias=True, exclude={"endpoints"})
+    after = new.model_dump(by_alias=True, exclude={"endpoints"})
+    changed = []
+    for section in sorted(set(before) | set(after)):
+        old, value = before.get(section), after.get(section)
+        if old == value:
+            continue
+        if isinstance(old, dict) and isinstance(value, dict):
+            keys = sorted(k for k in set(old) | set(value) if old.get(k) != value.get(k))
+            changed.append(f"{section}.{{{', '.join(keys)}}}" if len(keys) > 1 else f"{section}.{keys[0]}")
+        else:
+            changed.append(section)
+    return [f"{', '.join(changed)} changed (needs a restart)"] if changed else []
 
 
 def load_settings(path: Path) -> GatewaySettings:
