@@ -181,7 +181,8 @@ def test_a_crash_loop_ends_serving_while_the_other_model_answers_everything_and_
     assert failures == {} and answered > 100, traffic.counts          # the other model: 0 failed
     violations = traffic.violations()
     assert violations == [], violations[:5]
-    assert server.http("GET", "/v2/models/victim/ready")[0] == 200
+    # a death seen late on a busy machine may still be healing (a reload: not ready for a moment)
+    assert wait_for(lambda: server.http("GET", "/v2/models/victim/ready")[0] == 200, 30), server.events[-5:]
     assert "victim" not in server.watchdog.failed
     ready_polls = sum(1 for _, r, _ in traffic.polls if r == 200)
     print(f"\ncrash loop: {len(kills)} kills; victim serving again {took:.1f}s after the last kill; "
