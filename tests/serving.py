@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from onnx_models import write_linear_onnx
 
 from toolkit.client import TritonClient
@@ -16,7 +20,8 @@ from toolkit.repository.generate import generate_repository
 from toolkit.repository.project import load_project
 from toolkit.server import free_ports
 
-__all__ = ["build_project", "call_concurrently", "example_repository", "free_port_run", "free_ports"]
+__all__ = ["build_project", "call_concurrently", "example_repository", "free_port_run", "free_ports",
+           "infer_outcome", "raw_http_infer"]
 
 PROJECT = Path(__file__).parent / "e2e" / "project"
 ROOT = Path(__file__).parents[1]
@@ -86,3 +91,31 @@ def free_port_run(count: int) -> int:
         if base + count < 65000 and all(bindable(p) for p in range(base, base + count)):
             return base
     raise AssertionError(f"no run of {count} free ports")
+
+
+_DATATYPES = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
+
+
+def raw_http_infer(url: str, model: str, tensors: dict[str, np.ndarray],
+                   parameters: dict[str, Any] | None = None) -> tuple[int, str]:
+    """Triton's own HTTP status and body for an infer request (no client library between)."""
+    body: dict[str, Any] = {"inputs": [{"name": k, "shape": list(v.shape), "datatype": _DATATYPES[v.dtype],
+                                        "data": v.ravel().tolist()} for k, v in tensors.items()]}
+    if parameters:
+        body["parameters"] = parameters
+    request = urllib.request.Request(f"http://{url}/v2/models/{model}/infer", data=json.dumps(body).encode(),
+                                     method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def infer_outcome(client: TritonClient, model: str, inputs: dict[str, Any]) -> str:
+    """One call as a load loop counts it: "answered", or "failed <code>"."""
+    try:
+        client.infer(model, inputs)
+        return "answered"
+    except InferenceError as e:
+        return f"failed {e.code}"

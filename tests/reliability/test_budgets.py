@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from bounded import Background
 from PIL import Image
+from serving import raw_http_infer
 
 from toolkit.client import TritonClient
 from toolkit.errors import InferenceError
@@ -83,24 +84,6 @@ def test_pooling_called_directly_refuses_nan(example_server):
         client.infer("pooling", {"last_hidden_state": np.full((1, 3, 384), np.nan, np.float32),
                                  "attention_mask": np.ones((1, 3), np.int64)})
     assert refused.value.code == 1203
-
-
-def raw_http_infer(url: str, model: str, tensors: dict[str, np.ndarray]) -> tuple[int, str]:
-    """Triton's own HTTP status and body (no client library between)."""
-    import json
-    import urllib.error
-    import urllib.request
-
-    dtypes = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32"}
-    body = {"inputs": [{"name": k, "shape": list(v.shape), "datatype": dtypes[v.dtype], "data": v.ravel().tolist()}
-                       for k, v in tensors.items()]}
-    request = urllib.request.Request(f"http://{url}/v2/models/{model}/infer", data=json.dumps(body).encode(),
-                                     method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
 
 
 @pytest.mark.parametrize(("lengths", "code", "message"), [

@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 from bounded import Background
 from projects import write_ensemble, write_model
-from serving import free_ports
+from serving import free_ports, infer_outcome
 
 from toolkit.client import TritonClient
-from toolkit.errors import InferenceError
 from toolkit.hooks import QUEUE_TIMEOUT, UNAVAILABLE
 from toolkit.repository.generate import generate_repository
 from toolkit.repository.project import load_project
@@ -77,11 +76,7 @@ def test_requests_whose_callers_gave_up_are_dropped_and_leave_no_tail(server, pr
     x = np.array([[1.0]], dtype=np.float32)
 
     def flood(client: TritonClient) -> str:
-        try:
-            client.infer("slowpipe", {"X": x})
-            return "answered"
-        except InferenceError as e:
-            return f"failed {e.code}"
+        return infer_outcome(client, "slowpipe", {"X": x})
 
     with TritonClient(url, protocol=protocol, timeout=30, retries=0) as probe:
         executed_before = executions(probe)

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import threading
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from serving import raw_http_infer
 from tritonclient.utils import InferenceServerException
 
 from toolkit.client.failures import classify_triton_error
@@ -24,17 +23,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.reliability]
 
 
 def http_infer(url: str, model: str, x: list[list[float]], timeout_us: int | None = None) -> tuple[int, str]:
-    body: dict = {"inputs": [{"name": "X", "shape": [len(x), len(x[0])], "datatype": "FP32",
-                              "data": [v for row in x for v in row]}]}
-    if timeout_us is not None:
-        body["parameters"] = {"timeout": timeout_us}
-    request = urllib.request.Request(f"http://{url}/v2/models/{model}/infer", data=json.dumps(body).encode(),
-                                     method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
+    return raw_http_infer(url, model, {"X": np.array(x, dtype=np.float32)},
+                          {"timeout": timeout_us} if timeout_us is not None else None)
 
 
 def grpc_infer(url: str, model: str, x: np.ndarray) -> tuple[str, str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from bounded import Background, wait_for
-from serving import example_repository, free_ports
+from serving import example_repository, free_ports, infer_outcome
 
 from toolkit.client import TritonClient
 from toolkit.errors import InferenceError
@@ -152,11 +152,7 @@ def test_client_retry_hides_a_killed_tokenizer_from_its_callers(server):
     stub = stub_of(server, "tokenizer_0_0")
 
     def client(c: TritonClient) -> str:
-        try:
-            c.infer("embedding", {"TEXT": TEXT})
-            return "answered"
-        except InferenceError as e:
-            return f"failed {e.code}"
+        return infer_outcome(c, "embedding", {"TEXT": TEXT})
 
     with Background(seconds=60, join_timeout=30, name="callers") as load:   # calls: 20 s with retries
         load.loop(client, threads=4, context=lambda: TritonClient(server.grpc_url, protocol="grpc", timeout=20))
