@@ -101,6 +101,8 @@ def test_connections_beyond_the_per_address_cap_get_503_9996_and_other_addresses
             s.close()
     assert [envelope_of(a)[0] for a in answers] == [503] * 5
     assert {envelope_of(a)[1]["code"] for a in answers} == {9996}
+    ids = [envelope_of(a)[1]["data"]["requestId"] for a in answers]  # one pre-rendered answer, its own id each
+    assert len(set(ids)) == 5 and all(len(i) == 40 and "@" not in i for i in ids), ids
     assert served.startswith(b"HTTP/1.1 200") and all(k.startswith(b"HTTP/1.1 200") for k in kept)
 
 
