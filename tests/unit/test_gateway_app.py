@@ -228,10 +228,13 @@ def test_api_rejects_second_use_of_a_signature_when_replayed_inside_the_window(c
     (b'["a list"]', 200, "request body must be a JSON object"),
     (b'{"appId": NaN}', 200, "request body is not valid JSON"),
     (b'{"timestamp": 1e400}', 200, "request body is not valid JSON"),
+    (b'{"data": {"a": [1, 2, ' + b"9" * 400 + b']}}', 200, "request body is not valid JSON"),
+    (b'{"data": {"a": ["x", -' + b"9" * 400 + b', 0.5]}}', 200, "request body is not valid JSON"),
     (b'{"data": {"a": [[[[[[1]]]]]]}}', 200, "request JSON is nested deeper than 6 levels"),
     (b'{"a":' + b"[" * 2000 + b"]" * 2000 + b"}", 200, "request JSON is nested deeper than 6 levels"),
     (b'{"pad": "' + b"x" * 5000 + b'"}', 413, "request body is larger than 4096 bytes"),
-], ids=["not-json", "not-utf8", "not-object", "nan", "overflow", "deep", "very-deep", "too-large"])
+], ids=["not-json", "not-utf8", "not-object", "nan", "overflow", "int-overflow", "mixed-int-overflow", "deep",
+       "very-deep", "too-large"])
 def test_api_answers_9801_envelope_when_body_is_not_acceptable_json(client, body, status, message):
     got_status, answer = post(client, "embedding", body)
     assert (got_status, answer["code"], answer["data"]["msg"]) == (status, 9801, message)

@@ -8,9 +8,12 @@ key; examples/utils/sm2.py: the demo key's public key), so they do not come from
 from __future__ import annotations
 
 import base64
+import math
+import random
 
 import pytest
 
+from toolkit.gateway import signing
 from toolkit.gateway.signing import (
     Sm2KeyError,
     Sm2Verifier,
@@ -159,3 +162,26 @@ def test_sm2_verifier_from_settings_raises_naming_the_problem_when_a_key_is_unus
 ])
 def test_decode_signature_accepts_only_canonical_base64(text, expected):
     assert decode_signature(text) == expected
+
+
+def _slow_number(f: float) -> str:
+    """go_json_number's digit-by-digit path alone (what the fast paths must equal)."""
+    sign = "-" if math.copysign(1.0, f) < 0 else ""
+    if f == 0:
+        return sign + "0"
+    digits, point = signing._shortest_digits(f)
+    if abs(f) < 1e-6 or abs(f) >= 1e21:
+        return sign + signing._scientific(digits, point).replace("e-0", "e-")
+    return sign + signing._fixed(digits, point)
+
+
+def test_go_json_fast_paths_spell_numbers_as_the_digit_by_digit_path_does():
+    rng = random.Random(7)
+    floats = [rng.uniform(-1, 1) * 10.0 ** rng.randint(-8, 22) for _ in range(20000)]
+    floats += [1e-4, 9.999999999999999e-05, 1e16, 9999999999999998.0, 123.0, -0.5, 0.1 + 0.2, 2.0**53]
+    assert [go_json_number(f) for f in floats] == [_slow_number(f) for f in floats]
+    ints = [rng.randint(-2**53, 2**53) for _ in range(5000)] + [0, 2**53, -2**53, 255]
+    assert go_json(ints) == "[" + ",".join(_slow_number(float(i)) for i in ints) + "]"
+    beyond = [1, 2**53 + 1, 10**22]  # not exact in a float64: Go prints the float64's digits
+    assert go_json(beyond) == "[1,9007199254740992,1e+22]"
+    assert go_json([True, 1, None]) == "[true,1,null]"

@@ -95,6 +95,9 @@ def go_json_number(f: float) -> str:
     a one-digit negative exponent unpadded (``1e-7``, not ``1e-07``)."""
     if math.isnan(f) or math.isinf(f):
         raise ValueError(f"{f} is not representable in JSON")
+    if 1e-4 <= abs(f) < 1e16:  # repr's fixed range, inside Go's: the same shortest digits
+        text = repr(f)
+        return text[:-2] if text.endswith(".0") else text
     sign = "-" if math.copysign(1.0, f) < 0 else ""
     if f == 0:
         return sign + "0"
@@ -108,6 +111,11 @@ def go_json_number(f: float) -> str:
 
 
 # --- JSON as Go's json.Marshal writes it ----------------------------------------------------------
+
+#: Integers up to this magnitude are exact in a float64 (an array of them, such as an image's
+#: bytes, is written in one join: a forged 16 MB body costs a check worker seconds, not minutes).
+_EXACT = 2**53
+
 
 def _go_string(text: str) -> str:
     text = _LONE_SURROGATE.sub("\ufffd", text)  # Go decodes a lone surrogate escape to U+FFFD
@@ -128,6 +136,8 @@ def go_json(value: Any) -> str:
     if isinstance(value, Mapping):
         return "{" + ",".join(f"{_go_string(k)}:{go_json(value[k])}" for k in sorted(value)) + "}"
     if isinstance(value, list | tuple):
+        if value and set(map(type, value)) == {int} and max(map(abs, value)) <= _EXACT:
+            return "[" + ",".join(map(str, value)) + "]"  # float64 holds each exactly: Go prints its digits
         return "[" + ",".join(go_json(v) for v in value) + "]"
     raise TypeError(f"not a JSON value: {type(value).__name__}")
 
