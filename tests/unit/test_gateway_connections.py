@@ -32,11 +32,11 @@ async def hello(scope, receive, send):
 
 @contextlib.contextmanager
 def serving(header_timeout: float, per_client: int, keep_alive: float = 5, *,
-            server_out: list | None = None) -> Iterator[int]:
+            server_out: list | None = None, limit: int = 100) -> Iterator[int]:
     (port,) = free_ports(1)
     config = uvicorn.Config(hello, host="127.0.0.1", port=port, lifespan="off", log_level="warning",
                             http=guarded_protocol(header_timeout, per_client, ErrorCodes()),
-                            limit_concurrency=100, timeout_keep_alive=keep_alive, backlog=ACCEPT_BATCH)
+                            limit_concurrency=limit, timeout_keep_alive=keep_alive, backlog=ACCEPT_BATCH)
     server = GatewayServer(config)
     if server_out is not None:
         server_out.append(server)
@@ -104,6 +104,20 @@ def test_connections_beyond_the_per_address_cap_get_503_9996_and_other_addresses
     ids = [envelope_of(a)[1]["data"]["requestId"] for a in answers]  # one pre-rendered answer, its own id each
     assert len(set(ids)) == 5 and all(len(i) == 40 and "@" not in i for i in ids), ids
     assert served.startswith(b"HTTP/1.1 200") and all(k.startswith(b"HTTP/1.1 200") for k in kept)
+
+
+def test_connections_beyond_max_connections_get_the_503_9996_envelope_not_plain_text():
+    with serving(header_timeout=30, per_client=4, limit=6) as port:
+        held = [connect(port, f"127.0.0.{1 + i // 3}") for i in range(6)]  # two addresses, within their caps
+        time.sleep(0.2)
+        beyond = connect(port, "127.0.0.3")
+        answer = read_all(beyond)
+        for s in held:
+            s.close()
+        beyond.close()
+    status, body = envelope_of(answer)
+    assert (status, body["code"]) == (503, 9996), answer
+    assert body["data"]["msg"] == "the gateway is at its connection limit, retry later"
 
 
 def test_refused_connections_never_count_towards_the_global_cap():

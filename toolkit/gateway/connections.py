@@ -64,18 +64,20 @@ class GatewayServer(uvicorn.Server):
                 with socket.socket(fileno=os.dup(listening.fileno())) as same:  # the same socket, another fd
                     same.listen(max(LISTEN_BACKLOG, self.config.backlog))
                 if isinstance(protocol, type) and issubclass(protocol, GuardedH11Protocol):
-                    _Acceptor(loop, listening, server, protocol).start()
+                    _Acceptor(loop, listening, server, protocol, self.server_state.connections,
+                              self.config.limit_concurrency).start()
 
 
 class _Acceptor:
     """Accepts for one listening socket in place of asyncio's own reader, refusing a connection over
-    its address's cap with a raw ``send`` and ``close``: no task, transport or protocol is made for it
-    (a tenth of the ~100 µs each costs on asyncio's path). Every other connection goes to asyncio's
-    ``connect_accepted_socket`` with the server's protocol, as asyncio itself would hand it on."""
+    its address's cap, or over ``MaxConnections``, with a raw ``send`` of a 503 envelope and ``close``:
+    no task, transport or protocol is made for it (half the ~100 µs each costs on asyncio's path),
+    and the answer is the gateway's envelope, not uvicorn's plain-text 503. Every other connection
+    goes to asyncio's ``connect_accepted_socket`` with the server's protocol, as asyncio would."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, listening: Any, server: Any,
-                 protocol: type[GuardedH11Protocol]) -> None:
-        self.loop, self.protocol = loop, protocol
+                 protocol: type[GuardedH11Protocol], connections: Any, limit: int | None) -> None:
+        self.loop, self.protocol, self.connections, self.limit = loop, protocol, connections, limit
         self.factory = server._protocol_factory  # uvicorn's partial(http_protocol_class, config=...)
         self.ssl = getattr(server, "_ssl_context", None)
         self.fd = listening.fileno()
@@ -84,6 +86,8 @@ class _Acceptor:
         # The answer rendered once; each refusal gets its own request id in the slot.
         self.refusal = _raw_answer(503, "Service Unavailable", protocol.unavailable,
                                    "too many connections from your address, retry later", _ID_SLOT.decode())
+        self.full = _raw_answer(503, "Service Unavailable", protocol.unavailable,
+                                "the gateway is at its connection limit, retry later", _ID_SLOT.decode())
 
     def start(self) -> None:
         self.loop.remove_reader(self.fd)  # asyncio's own accept; uvicorn's shutdown removes ours
@@ -102,9 +106,10 @@ class _Acceptor:
                 return
             address = peer[0] if isinstance(peer, tuple) else ""
             conn.setblocking(False)
-            if counts[address] >= cap:
+            over = counts[address] >= cap
+            if over or (self.limit is not None and len(self.connections) >= self.limit):
                 with contextlib.suppress(OSError):
-                    conn.send(self.refusal.replace(_ID_SLOT, new_request_id().encode("ascii")))
+                    conn.send((self.refusal if over else self.full).replace(_ID_SLOT, new_request_id().encode()))
                 conn.close()
                 if not counts[address]:
                     del counts[address]
