@@ -88,3 +88,27 @@ def test_serve_runs_a_gpu_spec_on_the_cpu_only_when_it_allows_the_fallback(tmp_p
             os.kill(process.pid, signal.SIGKILL)
             process.communicate(timeout=30)
     assert process.returncode == 0
+
+
+def test_gpu_checks_repository_puts_both_berts_on_gpu_0_and_serve_refuses_it_here(tmp_path, minilm_export):
+    """What `./dev.sh gpu-check` serves, generated from the project's own specs on this machine: every
+    config Triton's, bert and bert_fp16 on GPU 0 behind their own embedding ensembles."""
+    from google.protobuf import text_format
+    from serving import ROOT
+    from tritonclient.grpc import model_config_pb2
+
+    from toolkit.bench.gpu_check import GpuCheck, _repository
+
+    check = GpuCheck(root=ROOT, gpu_python=Path(sys.executable), out=tmp_path / "gpu-check")
+    repo = _repository(check, minilm_export, minilm_export)
+    assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == [
+        "bert", "bert_fp16", "embedding", "embedding_fp16", "pooling", "tokenizer"]
+    for name in ("bert", "bert_fp16"):
+        config = text_format.Parse((repo / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        params = {k: v.string_value for k, v in config.parameters.items()}
+        assert params["gpu.devices"] == "0,0" and params["gpu.accelerator"] == "cuda"
+        assert "gpu.allow_cpu_fallback" not in params
+    ensemble = text_format.Parse((repo / "embedding_fp16" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert [s.model_name for s in ensemble.ensemble_scheduling.step] == ["tokenizer", "bert_fp16", "pooling"]
+    done = subprocess.run([*TOOLKIT, *serve_args(repo)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.startswith("Error: bert, bert_fp16: the spec asks for a GPU")

@@ -37,6 +37,7 @@ negative index around):
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -175,7 +176,12 @@ def execution_providers(ort, ctx: HookContext, available: list[str] | None = Non
     device = devices[ctx.instance_index % len(devices)] if devices else "0"
     if device == "cpu":
         return ["CPUExecutionProvider"]
-    available = ort.get_available_providers() if available is None else available
+    if available is None:
+        preload = getattr(ort, "preload_dlls", None)  # onnxruntime-gpu: CUDA and cuDNN from their pip wheels
+        if preload is not None:
+            with contextlib.suppress(Exception):  # a system CUDA may still serve; the check below says if not
+                preload()
+        available = ort.get_available_providers()
     if "CUDAExecutionProvider" not in available:
         if fallback:
             return ["CPUExecutionProvider"]
