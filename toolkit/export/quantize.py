@@ -99,10 +99,11 @@ class QuantizationReport:
                 f"{self.scheme}_mb": self.candidate_mb, "seconds": self.seconds, **self.extra}
 
     def summary_line(self) -> str:
-        g = self.gate
-        return (f"  {self.scheme} vs fp32   : over {self.sentences} {self.samples} min cosine {self.min_cosine:.6f} "
-                f"(>= {g.min_cosine}), mean {self.mean_cosine:.6f} (>= {g.min_mean_cosine}), rank agreement "
-                f"{self.rank_agreement:.6f} (>= {g.min_rank}); {self.fp32_mb:.0f} MB -> {self.candidate_mb:.0f} MB")
+        g, digits = self.gate, 4 if self.scheme == "int8" else 6  # fp16 differs in the 6th digit
+        return (f"  {self.scheme} vs fp32   : over {self.sentences} {self.samples} min cosine "
+                f"{self.min_cosine:.{digits}f} (>= {g.min_cosine}), mean {self.mean_cosine:.{digits}f} "
+                f"(>= {g.min_mean_cosine}), rank agreement {self.rank_agreement:.{digits}f} (>= {g.min_rank}); "
+                f"{self.fp32_mb:.0f} MB -> {self.candidate_mb:.0f} MB")
 
 
 def judge(report: QuantizationReport, over: str) -> None:
