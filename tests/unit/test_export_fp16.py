@@ -151,3 +151,22 @@ def test_cli_refuses_int8_with_fp16_and_a_gate_without_either(tmp_path):
     alone = runner.invoke(cli, ["export", "keras", "MobileNetV2", "--min-cosine", "0.9", "--out", str(tmp_path / "k")])
     assert alone.exit_code == 1 and "gate --quantize int8 or --fp16" in alone.output
     assert not Path(tmp_path / "b").exists() and not Path(tmp_path / "k").exists()
+
+
+def test_cli_keras_fp16_writes_the_gate_line_and_the_command_into_model_yaml(tmp_path):
+    import keras
+    from click.testing import CliRunner
+
+    from toolkit.cli.main import cli
+    from toolkit.repository.project import load_model
+
+    keras.utils.set_random_seed(0)
+    x = keras.Input((6,), name="x")
+    keras.Model(x, keras.layers.Dense(3, name="y")(x)).save(tmp_path / "m.keras")
+    out = tmp_path / "models" / "small"
+    result = CliRunner().invoke(cli, ["export", "keras", str(tmp_path / "m.keras"), "--out", str(out), "--fp16",
+                                      "--min-cosine", "0.9995", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "fp16 vs fp32   : over 4 output rows min cosine" in result.output and "(>= 0.9995)" in result.output
+    assert load_model(out).spec.export == f"toolkit export keras {tmp_path / 'm.keras'} --fp16 --min-cosine 0.9995"
+    assert json.loads((out / "1" / "export.json").read_text())["quantization"]["gate"]["min_cosine"] == 0.9995

@@ -17,7 +17,7 @@ from toolkit.repository.generate import generate_repository
 from toolkit.repository.project import load_project
 from toolkit.repository.render import build_config_text
 from toolkit.runtime.hooks import HookContext
-from toolkit.runtime.onnx_hook import GpuUnavailable, execution_providers
+from toolkit.runtime.onnx_hook import GpuUnavailable, confirm_gpu, execution_providers
 from toolkit.server.gpus import GpuInventory, check_gpus, gpu_demands
 
 GPU_GROUP = {"kind": "gpu", "gpus": [0, 1], "count": 2}
@@ -179,6 +179,24 @@ def test_hook_without_a_cuda_provider_fails_to_load_naming_onnxruntime_gpu_unles
     assert execution_providers(ort, context(fallback), cpu_only) == ["CPUExecutionProvider"]
     with pytest.raises(GpuUnavailable, match="no TensorrtExecutionProvider"):
         execution_providers(ort, context(PLACED), ["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
+class _Session:
+    def __init__(self, providers):
+        self.providers = providers
+
+    def get_providers(self):
+        return self.providers
+
+
+def test_a_session_that_onnxruntime_quietly_put_on_the_cpu_fails_the_load_unless_fallback_allowed():
+    requested = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    on_gpu = _Session(["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert confirm_gpu(on_gpu, requested, context(PLACED)) == requested
+    with pytest.raises(GpuUnavailable, match="started its session with CPUExecutionProvider only"):
+        confirm_gpu(_Session(["CPUExecutionProvider"]), requested, context(PLACED))
+    fallback = context({**PLACED, "gpu.allow_cpu_fallback": "true"})
+    assert confirm_gpu(_Session(["CPUExecutionProvider"]), requested, fallback) == ["CPUExecutionProvider"]
 
 
 def gpu_repository(tmp_path: Path, **spec) -> Path:

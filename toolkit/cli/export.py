@@ -61,7 +61,8 @@ def command_line(ctx: click.Context) -> str:
         if isinstance(param, click.Argument):
             words.append(str(value))
         elif isinstance(value, bool):
-            words.append(param.opts[0] if value else (param.secondary_opts or param.opts)[0])
+            if value or param.secondary_opts:  # a plain flag left off is not written
+                words.append(param.opts[0] if value else param.secondary_opts[0])
         elif isinstance(value, dict):
             words += [w for old, new in value.items() for w in (param.opts[0], f"{old}={new}")]
         elif isinstance(value, tuple) and getattr(param, "multiple", False):
@@ -207,7 +208,7 @@ def export() -> None:
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="Write an int8 model (MatMul weights per channel) if it passes the accuracy gate below "
                    "against the fp32 export on the calibration sentences; ~2x faster on CPU.")
-@click.option("--fp16", is_flag=True,
+@click.option("--fp16", is_flag=True, default=False,
               help="Write a float16 model (float32 inputs and outputs) for GPUs if it passes the accuracy gate "
                    "below against the fp32 export on the calibration sentences; half the size.")
 @_gate_options
@@ -262,7 +263,7 @@ def bert(source: Path | None, out: Path, lower_case: bool | None, no_pooler: boo
                    "drawn there [default: the application's own; else -1 1].")
 @click.option("--custom-module", "custom_modules", multiple=True, metavar="MODULE",
               help="Import MODULE first (registers custom Keras layers); repeatable.")
-@click.option("--fp16", is_flag=True,
+@click.option("--fp16", is_flag=True, default=False,
               help="Write a float16 model (float32 inputs and outputs) for GPUs if it passes the accuracy gate "
                    "below against the checked fp32 model on the check inputs.")
 @_gate_options

@@ -75,6 +75,7 @@ class OnnxModel(Hook):
         self.solo = None  # adaptive: the session with every core, for runs no peer overlaps
         self.providers = execution_providers(ort, ctx)
         self.session = session(ort, path, threads or share, spin, export.get(SERVING_KEY), self.providers)
+        self.providers = confirm_gpu(self.session, self.providers, ctx)
         if threads is None and default_threads(1) > share and ctx.occupancy.shared and self.on_cpu:
             self.solo = session(ort, path, default_threads(1), spin, export.get(SERVING_KEY))
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -206,6 +207,23 @@ def execution_providers(ort, ctx: HookContext, available: list[str] | None = Non
         else:
             trt[_TRT_OPTIONS.get(key, key)] = value
     return [("TensorrtExecutionProvider", trt), cuda, "CPUExecutionProvider"]
+
+
+def confirm_gpu(session, requested: list, ctx: HookContext) -> list:
+    """The providers ``session`` really got. onnxruntime's python API falls back to the CPU with only a
+    warning when a GPU provider fails to start (a missing CUDA library, no usable device): that is a
+    load error here too, unless the spec allows the CPU fallback."""
+    if requested == ["CPUExecutionProvider"]:
+        return requested
+    got = session.get_providers()
+    if "CUDAExecutionProvider" in got or "TensorrtExecutionProvider" in got:
+        return requested
+    placement = gpu_parameters(ctx.parameters)
+    if placement is not None and placement[3]:
+        return ["CPUExecutionProvider"]
+    raise GpuUnavailable(f"model '{ctx.model_name}' asks for a GPU, but onnxruntime started its session with "
+                         f"{', '.join(got)} only (a CUDA or cuDNN library missing, or no usable GPU: see the server "
+                         "log); fix the GPU set-up, or set allow_cpu_fallback: true in its model.yaml")
 
 
 def _graph_dims(inputs) -> tuple[dict[str, list[tuple[int, str]]], dict[str, list[tuple[str, int]]]]:
