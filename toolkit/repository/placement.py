@@ -153,7 +153,7 @@ def check_placement(groups: list[InstanceGroup], optimization: Optimization | No
             raise ValueError("optimization.gpu_execution_accelerator: only an onnx model runs on onnxruntime's "
                              "GPU accelerators")
         if not on_gpu:
-            raise ValueError("optimization.gpu_execution_accelerator needs an instance_group of kind gpu "
+            raise ValueError("optimization.gpu_execution_accelerator: needs an instance_group of kind gpu "
                              "(a CPU instance never uses it)")
     if allow_cpu_fallback and not on_gpu:
         raise ValueError("allow_cpu_fallback: says what to do when a GPU is missing, but no instance_group "
@@ -169,8 +169,8 @@ def resolve_groups(instance_group: list[InstanceGroup] | None, instance_count: i
     if instance_group is None:
         return [InstanceGroup(kind="cpu", count=instance_count)]
     if count_given:
-        raise ValueError("give either instance_count (that many CPU instances) or instance_group, not both: "
-                         "move the count into instance_group")
+        raise ValueError("instance_group: give either instance_count (that many CPU instances) or instance_group, "
+                         "not both: move the count into instance_group")
     if not instance_group:
         raise ValueError("instance_group: list at least one group")
     return list(instance_group)

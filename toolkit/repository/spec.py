@@ -47,6 +47,8 @@ _MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _TENSOR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$")
 _HOOK_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 RESERVED_PARAMETER_PREFIX = "toolkit."
+#: "allow_cpu_fallback: ..." - a model-level rule's message that names its field first.
+_FIELD_FIRST = re.compile(r"^([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)*): ")
 
 
 def check_model_name(name: str) -> str:
@@ -282,7 +284,7 @@ class ModelSpec(_ModelBase):
             check_onnx_parameters(self.parameters)
             reserved = sorted(k for k in self.parameters if k.startswith(GPU_PREFIX))
             if reserved:
-                raise ValueError(f"parameters {reserved}: 'gpu.' keys are written by gen-repo from instance_group "
+                raise ValueError(f"parameters: {reserved}: 'gpu.' keys are written by gen-repo from instance_group "
                                  "and optimization; set those instead")
         check_placement(self.groups, self.optimization, kind=self.kind, allow_cpu_fallback=self.allow_cpu_fallback)
         if self.dynamic_batching and self.max_batch_size == 0:
@@ -437,6 +439,9 @@ def parse_spec(data: dict[str, Any], cls: type[AnySpec], *, file: Path, default_
         for err in e.errors():
             field = ".".join(str(p) for p in err["loc"]) or None
             msg = err["msg"].removeprefix("Value error, ")
+            named = _FIELD_FIRST.match(msg)
+            if named and not (field or "").endswith(named.group(1)):  # a rule that names the field it blames
+                field, msg = ".".join(filter(None, (field, named.group(1)))), msg[named.end():]
             if err["type"] == "extra_forbidden":
                 msg = "unknown field (check its spelling)"
             elif err["type"] == "literal_error" and "input" in err:
