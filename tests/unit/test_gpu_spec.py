@@ -115,7 +115,7 @@ def test_instance_count_alone_still_renders_that_many_cpu_instances(tmp_path):
      "field 'optimization.gpu_execution_accelerator.precision_mode'"),
     ({"instance_group": {"kind": "gpu"},
       "optimization": {"gpu_execution_accelerator": {"name": "cuda", "precision_mode": "FP16"}}},
-     "field 'optimization.gpu_execution_accelerator.precision_mode': TensorRT options"),
+     "field 'optimization.gpu_execution_accelerator.precision_mode': a TensorRT option (precision_mode); name: cuda"),
     ({"instance_group": {"kind": "gpu"},
       "optimization": {"gpu_execution_accelerator": {"name": "tensorrt", "max_workspace_size_bytes": 10}}},
      "field 'optimization.gpu_execution_accelerator.max_workspace_size_bytes'"),

@@ -5,11 +5,17 @@
 What is done: onnxruntime's own converter (``onnxruntime.transformers.float16``) turns every float
 weight and activation to float16, keeps the graph's float inputs and outputs float32
 (``keep_io_types``: clients and the ensemble's other steps see no change) and its default block list
-(Min, Max, Range, TopK, ... stay float32). One clean-up follows: the converter puts a float32 ->
-float16 -> float32 pair of Casts between two float32-only nodes; such a pair only loses precision, and
-on tf2onnx's BERT it breaks the graph (the shape arithmetic that tf2onnx does in float clamps with
-1e9, which float16 turns into infinity: the position-embedding slice comes out empty). The pair is
-removed, so those values stay exactly as in the fp32 graph.
+(Min, Max, Range, TopK, ... stay float32). Around it:
+
+- range: the fp32 model runs on the gate's inputs with every float tensor exposed, and the nodes that
+  read or write a value within ``HEADROOM`` (4x) of float16's largest (65504) stay float32 (MiniLM:
+  its LayerNorm squares, up to 49,920). onnxruntime's CPU provider computes float16 graphs in float32
+  and would never show the overflow a GPU hits, so this is decided from the fp32 values;
+- clean-up: the converter puts a float32 -> float16 -> float32 pair of Casts between two float32
+  nodes; such a pair only loses precision, and on tf2onnx's BERT it breaks the graph (its shape
+  arithmetic in float clamps with 1e9, which float16 turns into infinity: the position-embedding
+  slice comes out empty). The pairs are removed, duplicate Casts it adds are dropped, and the nodes
+  are sorted again (it appends its Casts at the end).
 
 The gate is int8's (``toolkit.export.quantize``) with fp16's own defaults: a BERT is compared with its
 fp32 export on the 256 calibration sentences (min and mean cosine of the pooled embedding, rank

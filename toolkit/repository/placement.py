@@ -41,6 +41,15 @@ from toolkit.runtime.params import (
 )
 
 
+class FieldError(ValueError):
+    """A rule across fields, raised naming the field it blames (pydantic gives such a rule no location;
+    ``spec.parse_spec`` reports it under this field)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -68,15 +77,15 @@ class InstanceGroup(Strict):
         if v is None:
             return v
         if not v:
-            raise ValueError("gpus: list at least one device id, or leave the field out for every GPU")
+            raise ValueError("list at least one device id, or leave the field out for every GPU")
         if any(g < 0 for g in v) or len(set(v)) != len(v):
-            raise ValueError(f"gpus: expected distinct device ids >= 0 (nvidia-smi numbering), got {v}")
+            raise ValueError(f"expected distinct device ids >= 0 (nvidia-smi numbering), got {v}")
         return v
 
     @model_validator(mode="after")
     def _gpus_need_gpu(self) -> InstanceGroup:
         if self.gpus is not None and self.kind != "gpu":
-            raise ValueError("gpus: only a group of kind gpu runs on GPUs (set kind: gpu, or drop gpus)")
+            raise FieldError("gpus", "only a group of kind gpu runs on GPUs (set kind: gpu, or drop gpus)")
         return self
 
 
@@ -117,11 +126,11 @@ class GpuAccelerator(Strict):
         if self.name != "tensorrt":
             given = [f for f in ("precision_mode", "max_workspace_size_bytes") if getattr(self, f) is not None]
             if given:
-                raise ValueError(f"{', '.join(given)}: TensorRT options; name: {self.name} takes none "
-                                 "(use name: tensorrt)")
+                raise FieldError(given[0], f"a TensorRT option ({', '.join(given)}); name: {self.name} takes "
+                                 "none (use name: tensorrt)")
         clash = sorted({"precision_mode", "max_workspace_size_bytes"} & set(self.parameters))
         if clash:
-            raise ValueError(f"parameters {clash}: give them as fields of gpu_execution_accelerator")
+            raise FieldError("parameters", f"{clash}: give them as fields of gpu_execution_accelerator")
         return self
 
     def backend_parameters(self) -> dict[str, str]:
@@ -150,16 +159,16 @@ def check_placement(groups: list[InstanceGroup], optimization: Optimization | No
     accelerator = optimization.gpu_execution_accelerator if optimization else None
     if accelerator is not None:
         if kind != "onnx":
-            raise ValueError("optimization.gpu_execution_accelerator: only an onnx model runs on onnxruntime's "
+            raise FieldError("optimization.gpu_execution_accelerator", "only an onnx model runs on onnxruntime's "
                              "GPU accelerators")
         if not on_gpu:
-            raise ValueError("optimization.gpu_execution_accelerator: needs an instance_group of kind gpu "
+            raise FieldError("optimization.gpu_execution_accelerator", "needs an instance_group of kind gpu "
                              "(a CPU instance never uses it)")
     if allow_cpu_fallback and not on_gpu:
-        raise ValueError("allow_cpu_fallback: says what to do when a GPU is missing, but no instance_group "
+        raise FieldError("allow_cpu_fallback", "says what to do when a GPU is missing, but no instance_group "
                          "is of kind gpu")
     if allow_cpu_fallback and kind != "onnx":
-        raise ValueError("allow_cpu_fallback: only an onnx model can fall back (Triton cannot load a python "
+        raise FieldError("allow_cpu_fallback", "only an onnx model can fall back (Triton cannot load a python "
                          "model's GPU instances without a GPU)")
 
 
@@ -169,10 +178,10 @@ def resolve_groups(instance_group: list[InstanceGroup] | None, instance_count: i
     if instance_group is None:
         return [InstanceGroup(kind="cpu", count=instance_count)]
     if count_given:
-        raise ValueError("instance_group: give either instance_count (that many CPU instances) or instance_group, "
-                         "not both: move the count into instance_group")
+        raise FieldError("instance_group", "give either instance_count (that many CPU instances) or "
+                         "instance_group, not both: move the count into instance_group")
     if not instance_group:
-        raise ValueError("instance_group: list at least one group")
+        raise FieldError("instance_group", "list at least one group")
     return list(instance_group)
 
 

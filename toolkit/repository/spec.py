@@ -30,7 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from toolkit.errors import SpecError
-from toolkit.repository.placement import InstanceGroup, Optimization, check_placement, resolve_groups
+from toolkit.repository.placement import FieldError, InstanceGroup, Optimization, check_placement, resolve_groups
 from toolkit.runtime.params import GPU_PREFIX, thread_parameters
 
 #: Triton's data types (``TYPE_`` prefix dropped; BYTES is proto TYPE_STRING) -> numpy dtype name.
@@ -47,8 +47,6 @@ _MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _TENSOR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$")
 _HOOK_REF = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 RESERVED_PARAMETER_PREFIX = "toolkit."
-#: "allow_cpu_fallback: ..." - a model-level rule's message that names its field first.
-_FIELD_FIRST = re.compile(r"^([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)*): ")
 
 
 def check_model_name(name: str) -> str:
@@ -284,8 +282,8 @@ class ModelSpec(_ModelBase):
             check_onnx_parameters(self.parameters)
             reserved = sorted(k for k in self.parameters if k.startswith(GPU_PREFIX))
             if reserved:
-                raise ValueError(f"parameters: {reserved}: 'gpu.' keys are written by gen-repo from instance_group "
-                                 "and optimization; set those instead")
+                raise FieldError("parameters", f"{reserved}: 'gpu.' keys are written by gen-repo from "
+                                 "instance_group and optimization; set those instead")
         check_placement(self.groups, self.optimization, kind=self.kind, allow_cpu_fallback=self.allow_cpu_fallback)
         if self.dynamic_batching and self.max_batch_size == 0:
             raise ValueError("dynamic_batching needs max_batch_size > 0")
@@ -439,9 +437,9 @@ def parse_spec(data: dict[str, Any], cls: type[AnySpec], *, file: Path, default_
         for err in e.errors():
             field = ".".join(str(p) for p in err["loc"]) or None
             msg = err["msg"].removeprefix("Value error, ")
-            named = _FIELD_FIRST.match(msg)
-            if named and not (field or "").endswith(named.group(1)):  # a rule that names the field it blames
-                field, msg = ".".join(filter(None, (field, named.group(1)))), msg[named.end():]
+            blamed = (err.get("ctx") or {}).get("error")
+            if isinstance(blamed, FieldError):  # a rule across fields, raised naming the field it blames
+                field, msg = ".".join(filter(None, (field, blamed.field))), str(blamed)
             if err["type"] == "extra_forbidden":
                 msg = "unknown field (check its spelling)"
             elif err["type"] == "literal_error" and "input" in err:
