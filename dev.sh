@@ -11,6 +11,10 @@
 #                     (results in build/zoo/results.json; a rerun skips what is there; hours for all 40;
 #                     python -m toolkit.export.zoo --help for the options that may follow)
 #   ./dev.sh setup    only the set-up (with perf_analyzer in .venv-perf, for `toolkit bench perf`)
+#   ./dev.sh gpu-check  on a machine with an NVIDIA GPU: set up (+ onnxruntime-gpu in .venv-gpu), export,
+#                     serve bert and the embedding ensemble on the GPU (fp32 and fp16), compare with the
+#                     CPU, perf_analyzer at concurrency 1, 16, 64: build/gpu-check/report.md (< 8 minutes
+#                     after set-up). Without a GPU: one error line, exit 1. Not part of `./dev.sh test`.
 #
 # PORT_BASE=8100 ./dev.sh demo serves on 8100 (HTTP), 8101 (gRPC), 8102 (metrics) instead of 8000-8002
 # (any base: PORT_BASE, PORT_BASE + 1, PORT_BASE + 2).
@@ -20,6 +24,7 @@ cd "$(dirname "$0")"
 VENV="${VENV:-.venv}"
 LINT_VENV="${LINT_VENV:-.venv-lint}"
 PERF_VENV="${PERF_VENV:-.venv-perf}"
+GPU_VENV="${GPU_VENV:-.venv-gpu}"
 PYTHON="${PYTHON:-python3}"
 PORT_BASE="${PORT_BASE:-8000}"
 SERVER_PID=""
@@ -203,6 +208,47 @@ bench() {  # BENCHMARKS.md's run: ~40 minutes on 2 cores; keep the machine other
     "$VENV/bin/toolkit" bench compare --rate 40,80 --out build/bench "$@"
 }
 
+gpu_found() {  # the driver shows a GPU: nvidia-smi -L lists one, or /proc/driver/nvidia/gpus/ has one
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        nvidia-smi -L 2>/dev/null | grep -q '^GPU ' && return 0
+        GPU_WHY="nvidia-smi -L lists none"
+    else
+        GPU_WHY="nvidia-smi: not found"
+    fi
+    [ -n "$(ls -A /proc/driver/nvidia/gpus 2>/dev/null)" ] && return 0
+    GPU_WHY="$GPU_WHY; /proc/driver/nvidia/gpus: absent"
+    return 1
+}
+
+gpu_tools() {  # onnxruntime-gpu (+ CUDA and cuDNN wheels) in a venv of its own: it and .venv's
+    # onnxruntime are one import name. The toolkit without TensorFlow: this venv only serves.
+    local hash stamp
+    hash=$(cat pyproject.toml dev.sh | sha256sum | cut -c1-16)
+    stamp="$GPU_VENV/.installed-gpu-$hash"
+    [ -f "$stamp" ] && return
+    log "installing the toolkit and onnxruntime-gpu (with CUDA and cuDNN wheels, ~2 GB) into $GPU_VENV (once)"
+    [ -x "$GPU_VENV/bin/python" ] || "$PYTHON" -m venv "$GPU_VENV"
+    "$GPU_VENV/bin/pip" install -q --upgrade pip
+    PYTHONWARNINGS="ignore::Warning:setuptools.command.editable_wheel" "$GPU_VENV/bin/pip" install -q -e .
+    "$GPU_VENV/bin/pip" uninstall -q -y onnxruntime
+    "$GPU_VENV/bin/pip" install -q "onnxruntime-gpu[cuda,cudnn]==1.31.1"
+    find "$GPU_VENV" -maxdepth 1 -name '.installed-*' -delete
+    touch "$stamp"
+}
+
+gpu_check() {  # on a machine with one NVIDIA GPU; never in CI, never a silent skip
+    if ! gpu_found; then
+        echo "Error: no NVIDIA GPU found ($GPU_WHY); gpu-check needs one GPU" >&2
+        exit 1
+    fi
+    setup test
+    perf_tools
+    exports
+    gpu_tools
+    log "gpu-check: fp16 export, serving on the GPU, CPU comparison, perf_analyzer (under 8 minutes)"
+    "$VENV/bin/toolkit" bench gpu-check --gpu-python "$GPU_VENV/bin/python" "$@"
+}
+
 zoo() {  # export/README.md's "Every keras.applications model" table; keep the machine otherwise idle
     setup demo
     "$VENV/bin/python" -m toolkit.export.zoo --table export/README.md --out build/zoo/results.json "$@"
@@ -214,6 +260,7 @@ case "${1:-}" in
     zoo) shift; zoo "$@" ;;
     test) shift; run_tests "$@" ;;
     setup) setup test; perf_tools ;;
-    *) echo "usage: ./dev.sh demo | test [pytest args] | bench [toolkit bench compare args] | zoo [zoo args] | setup" >&2
+    gpu-check) shift; gpu_check "$@" ;;
+    *) echo "usage: ./dev.sh demo | test [pytest args] | bench [toolkit bench compare args] | zoo [zoo args] | setup | gpu-check" >&2
        exit 2 ;;
 esac

@@ -13,24 +13,41 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from google.protobuf import text_format
 from onnx_models import write_linear_onnx
 from serving import PROJECT, ROOT
+from tritonclient.grpc import model_config_pb2
 
 from toolkit.cli.main import cli
 from toolkit.deploy import MARKER, PackageError, package
+from toolkit.deploy.kubernetes import GpuRequest
 
 K8S_VERSION = "1.31.0"
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(scope="module")
-def packaged(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("package")
+GPU_LINEAR = """
+instance_group: {kind: gpu, gpus: [0, 1], count: 2}
+optimization:
+  gpu_execution_accelerator: {name: tensorrt, precision_mode: FP16, max_workspace_size_bytes: 1073741824}
+  input_pinned_memory: true
+"""
+
+
+@pytest.fixture(scope="module", params=["cpu", "gpu"])
+def packaged(request, tmp_path_factory) -> Path:
+    """The test project packaged as it is (cpu) and with its ONNX model on two GPUs (gpu, --gpu)."""
+    root = tmp_path_factory.mktemp(f"package-{request.param}")
     shutil.copytree(PROJECT, root / "project")
-    write_linear_onnx(root / "project" / "models" / "linear" / "1" / "model.onnx")
+    linear = root / "project" / "models" / "linear"
+    write_linear_onnx(linear / "1" / "model.onnx")
+    gpu = None
+    if request.param == "gpu":
+        (linear / "model.yaml").write_text((linear / "model.yaml").read_text() + GPU_LINEAR)
+        gpu = GpuRequest(count=2, node_selector={"cloud.example.com/accelerator": "l4"})
     report = package(root / "project" / "models", root / "project" / "ensembles", root / "deploy",
                      name="demo", replicas=3, image="registry.example.com/demo-triton:1",
-                     gateway_settings=ROOT / "gateway.yaml")
+                     gateway_settings=ROOT / "gateway.yaml", gpu=gpu)
     return report.path
 
 
@@ -143,3 +160,52 @@ def test_bad_input_is_one_error_and_nothing_half_written(tmp_path):
     with pytest.raises(PackageError, match="was not written by `toolkit package`"):
         package(tmp_path / "models", tmp_path / "none", foreign)
     assert (foreign / "notes.txt").read_text() == "keep me" and not (foreign / MARKER).exists()
+
+
+def test_gpu_pods_request_nvidia_gpus_on_gpu_nodes_and_the_config_asks_for_them(packaged):
+    pod = documents(packaged / "kubernetes" / "triton.yaml")["Deployment/demo"]["spec"]["template"]["spec"]
+    resources = pod["containers"][0]["resources"]
+    config = parsed_config(packaged / "triton" / "model_repository" / "linear" / "config.pbtxt")
+    if "gpu" not in packaged.parent.name:
+        assert "nvidia.com/gpu" not in resources["limits"] and "nodeSelector" not in pod and "tolerations" not in pod
+        assert [g.kind for g in config.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_CPU]
+        return
+    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == "2"
+    assert pod["nodeSelector"] == {"cloud.example.com/accelerator": "l4"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    (group,) = config.instance_group
+    assert (group.kind, group.count, list(group.gpus)) == (model_config_pb2.ModelInstanceGroup.KIND_GPU, 2, [0, 1])
+    (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accelerator.name == "tensorrt" and accelerator.parameters["precision_mode"] == "FP16"
+    assert "FROM nvcr.io/nvidia/tritonserver:24.10-py3" in (packaged / "triton" / "Dockerfile").read_text()
+
+
+def parsed_config(path: Path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def test_gpu_requests_that_do_not_fit_the_models_are_one_error(tmp_path):
+    root = tmp_path / "project"
+    shutil.copytree(PROJECT, root)
+    linear = root / "models" / "linear"
+    write_linear_onnx(linear / "1" / "model.onnx")
+    args = (root / "models", root / "ensembles", tmp_path / "deploy")
+    with pytest.raises(PackageError, match="no model has an instance_group of kind gpu"):
+        package(*args, gpu=GpuRequest())
+    (linear / "model.yaml").write_text((linear / "model.yaml").read_text() + GPU_LINEAR)
+    with pytest.raises(PackageError, match=r"^linear: instance_group kind gpu, but the pods get no GPU: pass --gpu"):
+        package(*args)
+    with pytest.raises(PackageError, match=r"model 'linear' asks for GPU 1, but each pod gets 1 \(ids 0..0\)"):
+        package(*args, gpu=GpuRequest(count=1))
+    result = CliRunner().invoke(cli, ["package", "--models", str(root / "models"), "--ensembles",
+                                      str(root / "ensembles"), "--out", str(tmp_path / "deploy"),
+                                      "--gpus-per-pod", "2"])
+    assert result.exit_code == 1 and result.output == "Error: --gpus-per-pod, --gpu-node-selector and " \
+                                                      "--gpu-toleration need --gpu\n"
+    result = CliRunner().invoke(cli, ["package", "--models", str(root / "models"), "--ensembles",
+                                      str(root / "ensembles"), "--out", str(tmp_path / "deploy"), "--gpu",
+                                      "--gpus-per-pod", "2", "--gpu-node-selector", "pool=gpu"])
+    assert result.exit_code == 0, result.output
+    pod = documents(tmp_path / "deploy" / "kubernetes" / "triton.yaml")["Deployment/toolkit"]["spec"]["template"]
+    assert pod["spec"]["nodeSelector"] == {"pool": "gpu"}
+    assert not (tmp_path / "none").exists()

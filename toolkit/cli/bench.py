@@ -181,3 +181,30 @@ def compare_command(workloads, bert_dir, int8_dir, mobilenet_dir, contenders, co
         if (out / "report.md").is_file():
             click.echo(f"Report: {out / 'report.md'}  plot: {out / 'plot.png'}")
     click.echo(json.dumps(results["targets"], indent=1))
+
+
+@bench.command("gpu-check")
+@click.option("--gpu-python", type=click.Path(dir_okay=False, path_type=Path), default=Path(".venv-gpu/bin/python"),
+              show_default=True, help="The python whose onnxruntime is onnxruntime-gpu: it runs `toolkit serve`.")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True,
+              help="The project: model_repository/ (with bert/1 exported) and ensembles/.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("build/gpu-check"),
+              show_default=True, help="Where the exports, the repository, the logs and report.md go.")
+@click.option("--deadline", type=click.IntRange(min=60), default=8 * 60, show_default=True,
+              help="Seconds for the whole check (set-up not counted).")
+def gpu_check(gpu_python: Path, root: Path, out: Path, deadline: int) -> None:
+    """Serve bert and the embedding ensemble on this machine's NVIDIA GPU (fp32 and fp16), compare the
+    vectors with the CPU's, run perf_analyzer at concurrency 1, 16, 64 and write a report
+    (./dev.sh gpu-check installs what it needs first). Without a GPU: one error line, exit 1."""
+    from toolkit.bench.gpu_check import GpuCheck, no_gpu_error, run
+
+    refusal = no_gpu_error()  # before anything else: one line, never a silent skip
+    if refusal is not None:
+        raise refusal
+    results = run(GpuCheck(root=root, gpu_python=gpu_python, out=out, deadline_s=deadline))
+    for precision, cosine in results.get("cosine", {}).items():
+        click.echo(f"{precision}: min cosine to the CPU {cosine['min']:.6f} (>= {cosine['threshold']})")
+    for label, point in results.get("perf", {}).items():
+        click.echo(f"{label}: {point['throughput']:.1f} infer/s  p50 {point['p50_ms']:.1f} ms  "
+                   f"p99 {point['p99_ms']:.1f} ms")
+    click.echo(f"gpu-check PASSED in {results['seconds']} s: {out / 'report.md'}")

@@ -28,7 +28,7 @@ from toolkit.export.defaults import (
     KERAS_TOLERANCE,
     REL_TOLERANCE,
 )
-from toolkit.export.quantize import MIN_COSINE, MIN_MEAN_COSINE, MIN_RANK, Gate
+from toolkit.export.quantize import FP16_GATE, Gate
 
 
 def resolve_version(model_dir: Path | None, version: int | None, overwrite: bool) -> int:
@@ -61,7 +61,8 @@ def command_line(ctx: click.Context) -> str:
         if isinstance(param, click.Argument):
             words.append(str(value))
         elif isinstance(value, bool):
-            words.append(param.opts[0] if value else (param.secondary_opts or param.opts)[0])
+            if value or param.secondary_opts:  # a plain flag left off is not written
+                words.append(param.opts[0] if value else param.secondary_opts[0])
         elif isinstance(value, dict):
             words += [w for old, new in value.items() for w in (param.opts[0], f"{old}={new}")]
         elif isinstance(value, tuple) and getattr(param, "multiple", False):
@@ -137,6 +138,33 @@ def _parse_aliases(ctx: click.Context, param: click.Parameter, values: tuple[str
     return aliases
 
 
+def _gate_options(command):
+    """The accuracy gate of --quantize int8 and --fp16 (toolkit.export.quantize): unset thresholds
+    take the scheme's defaults."""
+    int8, fp16 = Gate(), FP16_GATE
+    for option in reversed([
+        click.option("--min-cosine", type=float, default=None,
+                     help=f"Gate: lowest cosine between a sample's int8/fp16 and fp32 output [default: int8 "
+                          f"{int8.min_cosine}, fp16 {fp16.min_cosine}]."),
+        click.option("--min-mean-cosine", type=float, default=None,
+                     help=f"Gate: lowest mean cosine over the samples [default: int8 {int8.min_mean_cosine}, "
+                          f"fp16 {fp16.min_mean_cosine}]."),
+        click.option("--min-rank", type=float, default=None,
+                     help=f"Gate: lowest Spearman correlation (BERT: of the pairwise sentence similarities; "
+                          f"Keras: of the output values) [default: int8 {int8.min_rank}, fp16 {fp16.min_rank}]."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _gate(scheme: str | None, min_cosine: float | None, min_mean_cosine: float | None,
+          min_rank: float | None) -> Gate:
+    """The gate for ``scheme``, checked before TensorFlow loads (a bad threshold fails at once)."""
+    if scheme is None and (min_cosine, min_mean_cosine, min_rank) != (None, None, None):
+        raise ExportError("--min-cosine / --min-mean-cosine / --min-rank gate --quantize int8 or --fp16: give one")
+    return (FP16_GATE if scheme == "fp16" else Gate()).with_overrides(min_cosine, min_mean_cosine, min_rank)
+
+
 def _common_options(tolerance: float | None, rel_tolerance: float):
     def decorate(command):
         for option in reversed([
@@ -179,17 +207,16 @@ def export() -> None:
                    "folder's 'checkpoint' state file, else the export fails listing them.")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="Write an int8 model (MatMul weights per channel) if it passes the accuracy gate below "
-                   "against the fp32 export; ~2x faster on CPU.")
-@click.option("--min-cosine", type=float, default=MIN_COSINE, show_default=True,
-              help="--quantize gate: lowest cosine between a calibration sentence's int8 and fp32 embedding.")
-@click.option("--min-mean-cosine", type=float, default=MIN_MEAN_COSINE, show_default=True,
-              help="--quantize gate: lowest mean cosine over the calibration sentences.")
-@click.option("--min-rank", type=float, default=MIN_RANK, show_default=True,
-              help="--quantize gate: lowest Spearman correlation of the pairwise sentence similarities.")
+                   "against the fp32 export on the calibration sentences; ~2x faster on CPU.")
+@click.option("--fp16", is_flag=True, default=False,
+              help="Write a float16 model (float32 inputs and outputs) for GPUs if it passes the accuracy gate "
+                   "below against the fp32 export on the calibration sentences; half the size.")
+@_gate_options
 @_common_options(BERT_TOLERANCE, BERT_REL_TOLERANCE)
 def bert(source: Path | None, out: Path, lower_case: bool | None, no_pooler: bool, checkpoint: str | None,
-         quantize: str | None, min_cosine: float, min_mean_cosine: float, min_rank: float, version: int | None,
-         tolerance: float, rel_tolerance: float, opset: int, overwrite: bool, quiet: bool) -> None:
+         quantize: str | None, fp16: bool, min_cosine: float | None, min_mean_cosine: float | None,
+         min_rank: float | None, version: int | None, tolerance: float, rel_tolerance: float, opset: int,
+         overwrite: bool, quiet: bool) -> None:
     """Export a BERT encoder to ONNX: SOURCE is a Google BERT checkpoint folder (bert_config.json,
     bert_model.ckpt.*, vocab.txt) or a Hugging Face folder (config.json, model.safetensors,
     vocab.txt); without SOURCE, the packaged all-MiniLM-L6-v2.
@@ -200,7 +227,10 @@ def bert(source: Path | None, out: Path, lower_case: bool | None, no_pooler: boo
     """
     if source is not None and not source.exists():
         raise ExportError(f"BERT source folder {source} does not exist")
-    gate = Gate(min_cosine, min_mean_cosine, min_rank)  # a bad threshold fails before TensorFlow loads
+    if quantize and fp16:
+        raise ExportError("--quantize int8 and --fp16 exclude each other: int8 is for CPUs, fp16 for GPUs")
+    quantize = "fp16" if fp16 else quantize
+    gate = _gate(quantize, min_cosine, min_mean_cosine, min_rank)
     _quiet_tensorflow(quiet)
     with _logged_to(export_log_path(out, "bert"), quiet) as show:
         from toolkit.export.bert import export_bert
@@ -233,10 +263,15 @@ def bert(source: Path | None, out: Path, lower_case: bool | None, no_pooler: boo
                    "drawn there [default: the application's own; else -1 1].")
 @click.option("--custom-module", "custom_modules", multiple=True, metavar="MODULE",
               help="Import MODULE first (registers custom Keras layers); repeatable.")
+@click.option("--fp16", is_flag=True, default=False,
+              help="Write a float16 model (float32 inputs and outputs) for GPUs if it passes the accuracy gate "
+                   "below against the checked fp32 model on the check inputs.")
+@_gate_options
 @_common_options(KERAS_TOLERANCE, REL_TOLERANCE)
 def keras(source: str, out: Path | None, weights: Path | None, include_top: bool, pooling: str,
           input_size: int, input_name: str | None, output_name: str | None, aliases: dict[str, str],
-          input_range: tuple[float, float] | None, custom_modules: tuple[str, ...], version: int | None,
+          input_range: tuple[float, float] | None, custom_modules: tuple[str, ...], fp16: bool,
+          min_cosine: float | None, min_mean_cosine: float | None, min_rank: float | None, version: int | None,
           tolerance: float | None, rel_tolerance: float, opset: int, overwrite: bool, quiet: bool) -> None:
     """Export a Keras model to ONNX: SOURCE is a .keras/.h5 file, a TF SavedModel folder, or a
     keras.applications name such as MobileNetV2 (built with random weights unless --weights).
@@ -244,6 +279,7 @@ def keras(source: str, out: Path | None, weights: Path | None, include_top: bool
     Writes <out>/<version>/model.onnx and export.json.
     """
     _check_keras_source(source, weights)
+    gate = _gate("fp16" if fp16 else None, min_cosine, min_mean_cosine, min_rank)
     _quiet_tensorflow(quiet)
     with _logged_to(export_log_path(out, source), quiet) as show:
         from toolkit.export.keras_models import export_keras
@@ -254,5 +290,5 @@ def keras(source: str, out: Path | None, weights: Path | None, include_top: bool
                               input_name=input_name, output_name=output_name, aliases=aliases,
                               custom_modules=custom_modules, tolerance=tolerance, rel_tolerance=rel_tolerance,
                               opset=opset, overwrite=overwrite, show_progress=show, input_range=input_range,
-                              export_command=command_line(click.get_current_context()))
+                              export_command=command_line(click.get_current_context()), fp16=fp16, gate=gate)
     click.echo("\n".join(report.summary_lines()))

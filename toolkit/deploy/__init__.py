@@ -5,6 +5,7 @@
     <out>/triton/runtime/toolkit/      toolkit.runtime.STUB_SIDE (hooks.py, runtime/, builtins/): what the stubs import
     <out>/gateway/Dockerfile           the REST gateway (build it from the project root)
     <out>/kubernetes/triton.yaml       Deployment, headless + HTTP Services, PDB, HPA, adapter rule, Secret
+                                       (--gpu: nvidia.com/gpu, a GPU node selector and toleration)
     <out>/kubernetes/gateway.yaml      the gateway's Deployment, Service, ConfigMap, Secret
 
 Checked here, offline: the repository against Triton's ModelConfig protobuf (gen-repo), the
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from toolkit.deploy.kubernetes import GpuRequest
 from toolkit.errors import ToolkitError
 from toolkit.files import replace_dir, staging_dir
 from toolkit.runtime import STUB_SIDE
@@ -48,11 +50,13 @@ class PackageReport:
 
 def package(models_dir: Path, ensembles_dir: Path, out: Path, *, name: str = "toolkit", replicas: int = 2,
             image: str = "registry.example.com/toolkit-triton:1", gateway_image: str | None = None,
-            gateway_settings: Path | None = None) -> PackageReport:
+            gateway_settings: Path | None = None, gpu: GpuRequest | None = None) -> PackageReport:
+    """``gpu``: Triton's pods ask for GPUs (``toolkit.deploy.kubernetes.GpuRequest``); the official
+    image has the CUDA runtime and onnxruntime's GPU backend already."""
     from toolkit.deploy.dockerfile import gateway_dockerfile, triton_dockerfile
     from toolkit.deploy.kubernetes import gateway_manifests, triton_manifests
-    from toolkit.repository.project import load_project
     from toolkit.repository.generate import generate_repository
+    from toolkit.repository.project import load_project
 
     if replicas < 1:
         raise PackageError(f"--replicas must be at least 1, got {replicas}")
@@ -62,6 +66,7 @@ def package(models_dir: Path, ensembles_dir: Path, out: Path, *, name: str = "to
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
         raise PackageError(f"{out} is not empty and was not written by `toolkit package`; choose another --out")
     project = load_project(models_dir, ensembles_dir)   # a spec that does not validate stops here
+    _check_gpu_request(project, gpu)
     staging = staging_dir(out)
     try:
         generate_repository(project, staging / "triton" / "model_repository", target="container",
@@ -82,7 +87,7 @@ def package(models_dir: Path, ensembles_dir: Path, out: Path, *, name: str = "to
         settings_text = _gateway_settings(gateway_settings)
         kube = staging / "kubernetes"
         kube.mkdir()
-        _dump(kube / "triton.yaml", triton_manifests(name, image, replicas, f"{name}-admin"))
+        _dump(kube / "triton.yaml", triton_manifests(name, image, replicas, f"{name}-admin", gpu))
         _dump(kube / "gateway.yaml", gateway_manifests(name, gateway_image or image.replace("triton", "gateway"),
                                                          name, settings_text))
         (staging / MARKER).write_text("written by `toolkit package`\n")
@@ -92,6 +97,26 @@ def package(models_dir: Path, ensembles_dir: Path, out: Path, *, name: str = "to
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return PackageReport(out, files)
+
+
+def _check_gpu_request(project, gpu: GpuRequest | None) -> None:
+    """The pods' GPUs against the models' instance groups: Triton cannot load a GPU instance group in
+    a pod without a GPU, nor on a device id the pod does not have; a GPU no model asks for is waste."""
+    wanting = {name: m.spec for name, m in sorted(project.models.items()) if m.spec.on_gpu}
+    if gpu is None:
+        if wanting:
+            raise PackageError(f"{', '.join(wanting)}: instance_group kind gpu, but the pods get no GPU: pass --gpu")
+        return
+    if gpu.count < 1:
+        raise PackageError(f"--gpus-per-pod must be at least 1, got {gpu.count}")
+    if not wanting:
+        raise PackageError("--gpu asks every Triton pod for a GPU, but no model has an instance_group of kind gpu: "
+                           "set one in a model.yaml, or drop --gpu")
+    for name, spec in wanting.items():
+        beyond = sorted({d for g in spec.groups if g.kind == "gpu" for d in g.gpus or []} - set(range(gpu.count)))
+        if beyond:
+            raise PackageError(f"model '{name}' asks for GPU {', '.join(map(str, beyond))}, but each pod gets "
+                               f"{gpu.count} (ids 0..{gpu.count - 1}): raise --gpus-per-pod or fix its gpus")
 
 
 def _dump(path: Path, documents: list[dict]) -> None:

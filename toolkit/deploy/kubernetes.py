@@ -15,6 +15,7 @@ PyYAML: never concatenated strings. What they encode, and why:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 TRITON_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
@@ -51,7 +52,27 @@ def _selector(app: str, component: str) -> dict[str, Any]:
     return {"matchLabels": {"app.kubernetes.io/name": app, "app.kubernetes.io/component": component}}
 
 
-def triton_manifests(name: str, image: str, replicas: int, admin_secret: str) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class GpuRequest:
+    """``toolkit package --gpu``: each Triton pod asks the NVIDIA device plugin for ``count`` GPUs
+    (``nvidia.com/gpu``), lands on a node with the ``node_selector`` labels (the GPU Operator's
+    feature discovery sets ``nvidia.com/gpu.present``), and tolerates the taint GPU node pools carry
+    (``nvidia.com/gpu``, NoSchedule) so that only GPU work lands there."""
+
+    count: int = 1
+    node_selector: dict[str, str] = field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    toleration_key: str = "nvidia.com/gpu"
+
+
+def _gpu_pod(pod_spec: dict[str, Any], container: dict[str, Any], gpu: GpuRequest) -> None:
+    for side in ("requests", "limits"):  # an extended resource: requests must equal limits
+        container["resources"][side]["nvidia.com/gpu"] = str(gpu.count)
+    pod_spec["nodeSelector"] = dict(gpu.node_selector)
+    pod_spec["tolerations"] = [{"key": gpu.toleration_key, "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def triton_manifests(name: str, image: str, replicas: int, admin_secret: str,
+                     gpu: GpuRequest | None = None) -> list[dict[str, Any]]:
     labels = _selector(name, "triton")["matchLabels"]
     probe = {"httpGet": {"path": "/v2/health/ready", "port": "http"}}
     container = {
@@ -83,6 +104,8 @@ def triton_manifests(name: str, image: str, replicas: int, admin_secret: str) ->
                         {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}],
         },
     }
+    if gpu is not None:
+        _gpu_pod(pod["spec"], container, gpu)
     return [
         {"apiVersion": "apps/v1", "kind": "Deployment",
          "metadata": _meta(name, name, "triton", skips=("CKV_K8S_43", "CKV_K8S_35")),

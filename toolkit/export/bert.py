@@ -31,13 +31,14 @@ import numpy as np
 from toolkit.errors import ExportError
 from toolkit.export import servable
 from toolkit.export.defaults import BERT_OUT, BERT_REL_TOLERANCE, BERT_TOLERANCE, DEFAULT_OPSET
-from toolkit.export.quantize import SCHEMES, Gate, quantize_bert
+from toolkit.export.quantize import FP16_GATE, Gate, own_golden, quantize_bert
 from toolkit.export.report import ExportReport
 from toolkit.export.staging import check_version_target, staged_version_dir, write_json
 from toolkit.export.steps import Steps
 from toolkit.lifecycle.golden import GOLDEN_FILE, write_golden
 
-INT8_GOLDEN_TOLERANCE, INT8_GOLDEN_REL = 0.05, 0.01
+#: ``quantize=``: int8 for CPUs (toolkit.export.quantize), fp16 for GPUs (toolkit.export.half).
+PRECISIONS = ("int8", "fp16")
 # The official releases whose folder name does not say "uncased" but that are lower-cased
 # (google-research/bert tokenization.validate_case_matches_checkpoint).
 _LOWER_CASE_RELEASES = {"chinese_l-12_h-768_a-12", "multilingual_l-12_h-768_a-12"}
@@ -296,13 +297,15 @@ def export_bert(source: Path | None, out_dir: Path = BERT_OUT, version: int = 1,
     ``source=None`` exports the packaged all-MiniLM-L6-v2. ``lower_case=None`` infers
     ``do_lower_case``. ``with_pooler=False`` exports only ``last_hidden_state`` (for checkpoints
     without pooler weights; pooler weights present are then ignored on purpose). ``quantize="int8"``
-    writes the int8 model instead, if it passes ``gate`` against the fp32 one (``toolkit.export.quantize``).
+    writes the int8 model instead, if it passes ``gate`` against the fp32 one (``toolkit.export.quantize``);
+    ``quantize="fp16"`` a float16 one with float32 inputs and outputs, through the same gate
+    (``toolkit.export.half``; ``gate=None``: each scheme's default thresholds).
     ``checkpoint`` picks one checkpoint of a Google folder that holds several (``model.ckpt-2000``);
     without it the folder's only checkpoint is used, else the latest its ``checkpoint`` state file
     names, else the export fails listing them. ``export.json`` records which one was used.
     """
-    if quantize is not None and quantize not in SCHEMES:
-        raise ExportError(f"unknown quantization {quantize!r}: choose from {', '.join(SCHEMES)}")
+    if quantize is not None and quantize not in PRECISIONS:
+        raise ExportError(f"unknown quantization {quantize!r}: choose from {', '.join(PRECISIONS)}")
     check_version_target(Path(out_dir), version, overwrite)
     resolved = resolve_bert_source(source, checkpoint)
     do_lower_case, lower_case_from = resolve_lower_case(lower_case, resolved)
@@ -344,14 +347,20 @@ def export_bert(source: Path | None, out_dir: Path = BERT_OUT, version: int = 1,
         }
         quantized = quantization = None
         if quantize:
-            with steps.step("quantize", "Quantizing MatMul weights to int8 and checking it against fp32 on "
-                                        "the calibration sentences"):
+            what = ("Quantizing MatMul weights to int8" if quantize == "int8" else "Converting to float16")
+            with steps.step("quantize", f"{what} and checking it against fp32 on the calibration sentences"):
                 scratch = Path(tempfile.mkdtemp(prefix="toolkit-quantize-"))
                 onnx_check.save_onnx(onnx_model, scratch / "fp32.onnx")
                 quantized = scratch / "model.onnx"
                 try:
-                    quantization = quantize_bert(scratch / "fp32.onnx", quantized, resolved.vocab_path,
-                                                 lower_case=do_lower_case, gate=gate or Gate())
+                    if quantize == "int8":
+                        quantization = quantize_bert(scratch / "fp32.onnx", quantized, resolved.vocab_path,
+                                                     lower_case=do_lower_case, gate=gate or Gate())
+                    else:
+                        from toolkit.export.half import half_bert
+
+                        quantization = half_bert(scratch / "fp32.onnx", quantized, resolved.vocab_path,
+                                                 lower_case=do_lower_case, gate=gate or FP16_GATE)
                 except BaseException:
                     shutil.rmtree(scratch, ignore_errors=True)
                     raise
@@ -365,7 +374,7 @@ def export_bert(source: Path | None, out_dir: Path = BERT_OUT, version: int = 1,
                     onnx_check.save_onnx(onnx_model, staging / "model.onnx")
                 else:
                     shutil.move(quantized, staging / "model.onnx")
-                    golden = _int8_golden(staging / "model.onnx", check.golden_inputs)
+                    golden = own_golden(staging / "model.onnx", check.golden_inputs)
                 shutil.copyfile(resolved.vocab_path, staging / "vocab.txt")
                 servable.check_model_yaml(Path(out_dir), staging / "model.onnx")
                 metadata["timings_s"] = dict(steps.timings)
@@ -382,14 +391,3 @@ def export_bert(source: Path | None, out_dir: Path = BERT_OUT, version: int = 1,
                         opset=opset, timings=dict(steps.timings), ignored_weights=matched.ignored,
                         metadata=metadata, quantization=quantization.summary_line() if quantize else None,
                         model_yaml=model_yaml)
-
-
-def _int8_golden(model: Path, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float, float]:
-    """The int8 model's own outputs as its golden sample. Its tolerance is looser than fp32's: int8
-    kernels differ between CPUs (with and without VNNI) by ~1e-2 in hidden states, while a wrong
-    model differs by ~1."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, inputs), strict=True)), INT8_GOLDEN_TOLERANCE, INT8_GOLDEN_REL

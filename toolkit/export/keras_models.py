@@ -36,6 +36,7 @@ from toolkit.export.keras_sources import (  # noqa: F401  (keras_applications, k
     load_keras_source,
     resolve_aliases,
 )
+from toolkit.export.quantize import FP16_GATE, Gate, QuantizationReport, own_golden
 from toolkit.export.report import ExportReport
 from toolkit.export.staging import check_version_target, staged_version_dir, write_json
 from toolkit.export.steps import Steps
@@ -51,12 +52,14 @@ def export_keras(source: str | Path, out_dir: Path | None = None, version: int =
                  tolerance: float = KERAS_TOLERANCE, rel_tolerance: float = REL_TOLERANCE,
                  opset: int = DEFAULT_OPSET, overwrite: bool = False, show_progress: bool | TextIO = False,
                  seed: int = 0, export_command: str | None = None,
-                 input_range: tuple[float, float] | None = None) -> ExportReport:
+                 input_range: tuple[float, float] | None = None, fp16: bool = False,
+                 gate: Gate | None = None) -> ExportReport:
     """Export a Keras file / SavedModel / application to ``<out_dir>/<version>/model.onnx``.
 
     ``out_dir`` defaults to ``model_repository/<lower-cased source name>``. ``weights``,
     ``include_top``, ``pooling`` and ``input_size`` apply to applications only (``weights=None``:
-    random initialisation; nothing is downloaded).
+    random initialisation; nothing is downloaded). ``fp16``: write the checked model as float16
+    (float32 inputs and outputs) if it passes ``gate`` against it (``toolkit.export.half``).
     """
     out_dir = Path(out_dir) if out_dir is not None else Path("model_repository") / Path(str(source)).stem.lower()
     check_version_target(out_dir, version, overwrite)
@@ -68,7 +71,8 @@ def export_keras(source: str | Path, out_dir: Path | None = None, version: int =
         return export_keras_source(loaded.pop(), out_dir, version, input_name=input_name, output_name=output_name,
                                    aliases=aliases, tolerance=tolerance, rel_tolerance=rel_tolerance,
                                    opset=opset, overwrite=overwrite, seed=seed, steps=steps, release=True,
-                                   export_command=export_command, input_range=input_range)
+                                   export_command=export_command, input_range=input_range, fp16=fp16,
+                                   gate=gate)
 
 
 def export_keras_model(model: keras.Model, out_dir: Path, version: int = 1, **options: Any) -> ExportReport:
@@ -85,7 +89,8 @@ def export_keras_source(source: KerasSource, out_dir: Path, version: int, *, ste
                         rel_tolerance: float = REL_TOLERANCE, opset: int = DEFAULT_OPSET,
                         overwrite: bool = False, seed: int = 0, release: bool = False,
                         export_command: str | None = None,
-                        input_range: tuple[float, float] | None = None) -> ExportReport:
+                        input_range: tuple[float, float] | None = None, fp16: bool = False,
+                        gate: Gate | None = None) -> ExportReport:
     """Convert, check and write any ``KerasSource``; the shared tail of ``export_keras*``.
 
     ``release``: the source is ours alone (``export_keras`` loaded it): drop it once converted, so
@@ -130,14 +135,20 @@ def export_keras_source(source: KerasSource, out_dir: Path, version: int, *, ste
             check = _check(holder, staging, probe_names, cases, expected, tolerance, rel_tolerance, nudged)
             memory.release()  # reading the graph back parses the whole file
             servable.check_model_yaml(Path(out_dir), staging / "model.onnx")
+        half = None
+        if fp16:
+            with steps.step("fp16", "Converting to float16 and checking it against fp32 on the check inputs"):
+                half = _to_fp16(staging, [c.inputs for c in cases], gate or FP16_GATE)
+                metadata["quantization"] = half.to_dict()
         with steps.step("write", f"Writing {version_dir}"):
             metadata.update(check.to_dict())
             metadata["versions"] = onnx_check.tool_versions()
             metadata["timings_s"] = dict(steps.timings)
             write_json(staging / "export.json", metadata)
             if not check.blind_outputs:
-                write_golden(staging / GOLDEN_FILE, check.golden_inputs, check.golden_outputs, tolerance,
-                             rel_tolerance)
+                golden = ((check.golden_outputs, tolerance, rel_tolerance) if half is None
+                          else own_golden(staging / "model.onnx", check.golden_inputs))
+                write_golden(staging / GOLDEN_FILE, check.golden_inputs, *golden)
             written = sorted(p.name for p in staging.iterdir())
     files = [version_dir / name for name in written]
     model_yaml = (servable.write_model_yaml(Path(out_dir), version_dir / "model.onnx", export_command)
@@ -145,7 +156,22 @@ def export_keras_source(source: KerasSource, out_dir: Path, version: int, *, ste
     return ExportReport(kind="keras", source=label, version_dir=version_dir,
                         model_path=version_dir / "model.onnx", metadata_path=version_dir / "export.json",
                         files=files, inputs=inputs, outputs=outputs, check=check, opset=opset,
-                        timings=dict(steps.timings), metadata=metadata, model_yaml=model_yaml)
+                        timings=dict(steps.timings), metadata=metadata, model_yaml=model_yaml,
+                        quantization=half.summary_line() if half is not None else None)
+
+
+def _to_fp16(staging: Path, feeds: list[dict[str, np.ndarray]], gate: Gate) -> QuantizationReport:
+    """Replace the checked fp32 ``staging/model.onnx`` (and its .data) by its float16 copy, gated."""
+    from toolkit.export.half import half_outputs
+
+    fp32 = staging / "fp32"
+    fp32.mkdir()
+    for name in ("model.onnx", "model.onnx.data"):
+        if (staging / name).exists():
+            (staging / name).replace(fp32 / name)
+    report = half_outputs(fp32 / "model.onnx", staging / "model.onnx", feeds, gate=gate)
+    shutil.rmtree(fp32)
+    return report
 
 
 def _find_probes(source: KerasSource, blind: Sequence[str], cases, expected: list[dict[str, np.ndarray]],

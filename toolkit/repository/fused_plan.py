@@ -58,6 +58,10 @@ def fused_plan(ens: EnsembleSource, models: Mapping[str, ModelSource], target: T
             raise RenderError(f"ensemble '{spec.name}' ({ens.file}): execution: fused cannot fuse step "
                               f"'{step.model}' on the container target, where ONNX models run in Triton's "
                               "onnxruntime backend; use execution: ensemble for that target")
+        if source.spec.on_gpu:
+            raise RenderError(f"ensemble '{spec.name}' ({ens.file}): execution: fused cannot fuse step "
+                              f"'{step.model}', whose instance_group is of kind gpu (the fused model's instances "
+                              "run every step); use execution: ensemble")
         version = max(source.versions) if step.version == -1 else step.version
         if version not in source.versions:
             raise RenderError(f"ensemble '{spec.name}': step '{step.model}' asks for version {version}, but "

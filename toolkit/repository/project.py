@@ -170,7 +170,7 @@ def _lone_instance_notes(project: Project) -> list[str]:
     for 500 ms: 14 of 1,500 requests at concurrency 1 on a fused embedding measured it. Cheap steps
     behind a heavier one were not hit (0 of 3,600 at concurrency 1-4); the heavy models are named."""
     lone = sorted(name for name, m in project.models.items()
-                  if m.spec.kind == "onnx" and m.spec.instance_count == 1 and _enforced(m.spec.dynamic_batching))
+                  if m.spec.kind == "onnx" and m.spec.instances == 1 and _enforced(m.spec.dynamic_batching))
     for name, ens in project.ensembles.items():
         if ens.spec.execution == "fused":
             steps = [project.models[ens.spec.steps[i].model].spec for i in step_order(ens.spec)]

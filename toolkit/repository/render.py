@@ -18,6 +18,7 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from toolkit.errors import RenderError
+from toolkit.repository.placement import hook_device_parameters, instance_groups_config, optimization_config
 from toolkit.repository.project import EnsembleSource, ModelSource
 from toolkit.runtime.params import (
     ADAPTIVE,
@@ -91,9 +92,13 @@ def model_config(source: ModelSource | EnsembleSource, target: Target = "embedde
             {"model_name": s.model, "model_version": s.version,
              "input_map": dict(s.inputs), "output_map": dict(s.outputs)} for s in spec.steps]}
     else:
-        config["instance_group"] = [{"count": spec.instance_count, "kind": "KIND_CPU"}]
+        native = spec.kind == "python" or target == "container"  # else the ONNX hook places its sessions
+        config["instance_group"] = instance_groups_config(spec.groups, native_gpu=native)
         if spec.dynamic_batching is not None:
             config["dynamic_batching"] = batching_config(spec.dynamic_batching)
+        optimization = optimization_config(spec.optimization, accelerators=spec.kind == "onnx" and native)
+        if optimization:
+            config["optimization"] = optimization
         if spec.kind == "onnx" and target == "container":
             # Triton's own onnxruntime backend; it batches only requests of equal shape.
             config["backend"] = "onnxruntime"
@@ -105,7 +110,7 @@ def model_config(source: ModelSource | EnsembleSource, target: Target = "embedde
                 params["intra_op_thread_count"] = threads
             level = triton_graph_level(source)
             if level is not None:  # an onnxruntime optimizer bug the export found (toolkit.export.verify)
-                config["optimization"] = {"graph": {"level": level}}
+                config["optimization"] = {"graph": {"level": level}, **optimization}
         else:
             # The embedded server has only the python backend: the fixed adapter runs the hook,
             # and an ONNX model runs in the built-in onnxruntime hook.
@@ -113,6 +118,7 @@ def model_config(source: ModelSource | EnsembleSource, target: Target = "embedde
             params[HOOK] = spec.hook if spec.kind == "python" else ONNX_HOOK
             if spec.kind == "onnx":
                 params["onnx_file"] = spec.file
+                params.update(hook_device_parameters(spec.groups, spec.optimization, spec.allow_cpu_fallback))
             for name, value in spec.pad_inputs.items():
                 params[PAD_PREFIX + name] = repr(value)
             # Without it Triton's batcher only groups requests of equal shape, and nothing gets padded.

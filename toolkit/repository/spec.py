@@ -30,7 +30,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from toolkit.errors import SpecError
-from toolkit.runtime.params import thread_parameters
+from toolkit.repository.placement import FieldError, InstanceGroup, Optimization, check_placement, resolve_groups
+from toolkit.runtime.params import GPU_PREFIX, thread_parameters
 
 #: Triton's data types (``TYPE_`` prefix dropped; BYTES is proto TYPE_STRING) -> numpy dtype name.
 DTYPES: dict[str, str] = {
@@ -222,8 +223,16 @@ class ModelSpec(_ModelBase):
     #: prints it, with ``--out <this model's folder>``, when the file is missing. Documentation only.
     export: str | None = None
     dynamic_batching: DynamicBatching | None = None
-    #: go-infer's MaxWorkers: how many copies of the model Triton runs in parallel.
+    #: go-infer's MaxWorkers: how many copies of the model Triton runs in parallel (on the CPU).
     instance_count: int = Field(default=1, ge=1, le=64)
+    #: Where the instances run: ``{kind: gpu, gpus: [0, 1], count: 2}`` (count per GPU) or a list of
+    #: groups; replaces ``instance_count`` (toolkit/repository/placement.py).
+    instance_group: list[InstanceGroup] | None = None
+    #: onnx with a gpu group: run on the CPU where no GPU (or no onnxruntime-gpu) is found, instead
+    #: of failing to load. Off by default: a GPU spec never falls back silently.
+    allow_cpu_fallback: bool = False
+    #: GPU accelerators (onnx) and pinned memory, in Triton's ModelOptimizationPolicy spelling.
+    optimization: Optimization | None = None
     #: Inputs whose variable dims are padded with this value so requests of different lengths
     #: share one ``infer`` call (without it, requests are grouped by equal shape instead).
     pad_inputs: dict[str, float] = Field(default_factory=dict)
@@ -247,6 +256,11 @@ class ModelSpec(_ModelBase):
             raise ValueError(f"hook must look like 'module:ClassName' (e.g. 'scale:Scale'), got {v!r}")
         return v
 
+    @field_validator("instance_group", mode="before")
+    @classmethod
+    def _one_group(cls, v: Any) -> Any:
+        return [v] if isinstance(v, dict) else v
+
     @field_validator("assets")
     @classmethod
     def _assets(cls, v: dict[str, str]) -> dict[str, str]:
@@ -266,6 +280,11 @@ class ModelSpec(_ModelBase):
             raise ValueError("'hook' is only for kind: python (an onnx model runs its file)")
         else:
             check_onnx_parameters(self.parameters)
+            reserved = sorted(k for k in self.parameters if k.startswith(GPU_PREFIX))
+            if reserved:
+                raise FieldError("parameters", f"{reserved}: 'gpu.' keys are written by gen-repo from "
+                                 "instance_group and optimization; set those instead")
+        check_placement(self.groups, self.optimization, kind=self.kind, allow_cpu_fallback=self.allow_cpu_fallback)
         if self.dynamic_batching and self.max_batch_size == 0:
             raise ValueError("dynamic_batching needs max_batch_size > 0")
         if self.dynamic_batching:
@@ -273,6 +292,20 @@ class ModelSpec(_ModelBase):
             if too_big:
                 raise ValueError(f"preferred_batch_size {too_big} exceeds max_batch_size {self.max_batch_size}")
         return self
+
+    @property
+    def groups(self) -> list[InstanceGroup]:
+        """The instance groups: ``instance_group`` as given, else ``instance_count`` CPU instances."""
+        return resolve_groups(self.instance_group, self.instance_count, "instance_count" in self.model_fields_set)
+
+    @property
+    def on_gpu(self) -> bool:
+        return any(g.kind == "gpu" for g in self.groups)
+
+    @property
+    def instances(self) -> int:
+        """The instances Triton starts, counting a gpu group without ``gpus`` as on one GPU."""
+        return sum(g.count * len(g.gpus or [0]) for g in self.groups)
 
     def check_padding(self) -> None:
         """Padding refers to tensors, so it is checked once inputs/outputs are final (onnx)."""
@@ -404,6 +437,9 @@ def parse_spec(data: dict[str, Any], cls: type[AnySpec], *, file: Path, default_
         for err in e.errors():
             field = ".".join(str(p) for p in err["loc"]) or None
             msg = err["msg"].removeprefix("Value error, ")
+            blamed = (err.get("ctx") or {}).get("error")
+            if isinstance(blamed, FieldError):  # a rule across fields, raised naming the field it blames
+                field, msg = ".".join(filter(None, (field, blamed.field))), str(blamed)
             if err["type"] == "extra_forbidden":
                 msg = "unknown field (check its spelling)"
             elif err["type"] == "literal_error" and "input" in err:

@@ -16,7 +16,7 @@ import triton_python_backend_utils as pb_utils
 
 from toolkit.runtime.batching import Failure, Layout, Observer, run_batch
 from toolkit.runtime.hooks import HookContext
-from toolkit.runtime.occupancy import for_instance
+from toolkit.runtime.occupancy import for_instance, instance_slot
 from toolkit.runtime.params import FUSED, HOOK, config_parameters, hook_parameters
 
 
@@ -65,6 +65,7 @@ class TritonPythonModel:
             parameters=hook_parameters(params),
             instance_name=args.get("model_instance_name", ""),
             instance_count=instance_count,
+            instance_index=(instance_slot(args.get("model_instance_name", ""), groups) or (0, 0))[0],
             max_batch_size=self.layout.max_batch_size,
             occupancy=self.occupancy,
         )

@@ -73,6 +73,9 @@ class HookContext:
     #: How many instances of this model Triton runs (its ``instance_group`` count): size thread
     #: pools as ``cores // instance_count`` so instances do not fight over cores.
     instance_count: int = 1
+    #: This instance's place among them, 0 .. instance_count - 1 (in the order of the config's
+    #: instance groups): the ONNX hook picks its GPU by it.
+    instance_index: int = 0
     max_batch_size: int = 0
     #: Whether another instance of this model is executing a batch right now
     #: (``occupancy.others_busy()``): a hook may then size a run's thread pool to its share.

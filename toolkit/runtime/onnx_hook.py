@@ -37,12 +37,13 @@ negative index around):
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
 
 from toolkit.runtime.hooks import Hook, HookContext, HookError
-from toolkit.runtime.params import SERVING_KEY, read_export, thread_parameters
+from toolkit.runtime.params import SERVING_KEY, gpu_parameters, read_export, thread_parameters
 
 INPUT_OUT_OF_RANGE = 1301
 INPUT_NOT_FINITE = 1302
@@ -72,8 +73,10 @@ class OnnxModel(Hook):
         export = read_export(ctx.model_dir)
         self.occupancy = ctx.occupancy
         self.solo = None  # adaptive: the session with every core, for runs no peer overlaps
-        self.session = session(ort, path, threads or share, spin, export.get(SERVING_KEY))
-        if threads is None and default_threads(1) > share and ctx.occupancy.shared:
+        self.providers = execution_providers(ort, ctx)
+        self.session = session(ort, path, threads or share, spin, export.get(SERVING_KEY), self.providers)
+        self.providers = confirm_gpu(self.session, self.providers, ctx)
+        if threads is None and default_threads(1) > share and ctx.occupancy.shared and self.on_cpu:
             self.solo = session(ort, path, default_threads(1), spin, export.get(SERVING_KEY))
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -81,6 +84,10 @@ class OnnxModel(Hook):
         self.ranges = declared_ranges(export, ctx.parameters, self.input_names)
         #: input -> (its sequence axis, the most positions the model has)
         self.lengths = {k: v for k, v in _export_lengths(export).items() if k in self.input_names}
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.providers == ["CPUExecutionProvider"]
 
     def api_entry(self, request: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._check_dims(request)
@@ -126,7 +133,7 @@ class OnnxModel(Hook):
         return dict(zip(self.output_names, session.run(self.output_names, feed), strict=True))
 
 
-def session(ort, path, threads: int = 0, spin: str = "false", serving: dict | None = None):
+def session(ort, path, threads: int = 0, spin: str = "false", serving: dict | None = None, providers=None):
     """The onnxruntime session this hook serves ``path`` with. ``serving`` is export.json's
     ``onnxruntime`` entry: what the export's check found the served path needs when onnxruntime's
     graph optimizer changes the model's outputs (``disabled_optimizers``: rewrite rules to skip, or
@@ -145,8 +152,78 @@ def session(ort, path, threads: int = 0, spin: str = "false", serving: dict | No
     elif spin != "true":
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path if isinstance(path, bytes) else str(path), options,
-                                providers=["CPUExecutionProvider"],
+                                providers=providers or ["CPUExecutionProvider"],
                                 disabled_optimizers=list(serving.get("disabled_optimizers") or []) or None)
+
+
+class GpuUnavailable(RuntimeError):
+    """The model asks for a GPU that this onnxruntime cannot use (and allows no CPU fallback)."""
+
+
+#: The onnxruntime backend's TensorRT keys (its README) -> the TensorRT provider's own option names.
+_TRT_OPTIONS = {"max_workspace_size_bytes": "trt_max_workspace_size"}
+
+
+def execution_providers(ort, ctx: HookContext, available: list[str] | None = None) -> list:
+    """The providers for this instance's session: its device from ``gpu.devices`` (one entry per
+    instance slot, written by gen-repo from the spec's instance_group), CUDA or TensorRT-then-CUDA as
+    ``gpu.accelerator`` says, the CPU provider last (for ops a GPU provider lacks). When onnxruntime
+    has no CUDA provider (no onnxruntime-gpu, or no usable GPU), the model fails to load, naming what
+    is missing, unless the spec allows the CPU fallback."""
+    placement = gpu_parameters(ctx.parameters)
+    if placement is None:
+        return ["CPUExecutionProvider"]
+    devices, accelerator, options, fallback = placement
+    device = devices[ctx.instance_index % len(devices)] if devices else "0"
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if available is None:
+        preload = getattr(ort, "preload_dlls", None)  # onnxruntime-gpu: CUDA and cuDNN from their pip wheels
+        if preload is not None:
+            with contextlib.suppress(Exception):  # a system CUDA may still serve; the check below says if not
+                preload()
+        available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        if fallback:
+            return ["CPUExecutionProvider"]
+        raise GpuUnavailable(
+            f"model '{ctx.model_name}' asks for GPU {device} (instance_group kind gpu) but onnxruntime "
+            f"{getattr(ort, '__version__', '?')} has no CUDAExecutionProvider (providers: {', '.join(available)}): "
+            "install onnxruntime-gpu in place of onnxruntime on a machine with an NVIDIA GPU and driver, or set "
+            "allow_cpu_fallback: true in its model.yaml")
+    cuda = ("CUDAExecutionProvider", {"device_id": int(device)})
+    if accelerator != "tensorrt":
+        return [cuda, "CPUExecutionProvider"]
+    if "TensorrtExecutionProvider" not in available:
+        if not fallback:
+            raise GpuUnavailable(f"model '{ctx.model_name}' asks for TensorRT (gpu_execution_accelerator) but "
+                                 "onnxruntime has no TensorrtExecutionProvider: install TensorRT's libraries for "
+                                 "onnxruntime-gpu, use name: cuda, or set allow_cpu_fallback: true")
+        return [cuda, "CPUExecutionProvider"]
+    trt: dict[str, object] = {"device_id": int(device)}
+    for key, value in options.items():
+        if key == "precision_mode":
+            trt["trt_fp16_enable"] = value.upper() == "FP16"
+        else:
+            trt[_TRT_OPTIONS.get(key, key)] = value
+    return [("TensorrtExecutionProvider", trt), cuda, "CPUExecutionProvider"]
+
+
+def confirm_gpu(session, requested: list, ctx: HookContext) -> list:
+    """The providers ``session`` really got. onnxruntime's python API falls back to the CPU with only a
+    warning when a GPU provider fails to start (a missing CUDA library, no usable device): that is a
+    load error here too, unless the spec allows the CPU fallback."""
+    if requested == ["CPUExecutionProvider"]:
+        return requested
+    got = session.get_providers()
+    if "CUDAExecutionProvider" in got or "TensorrtExecutionProvider" in got:
+        return requested
+    placement = gpu_parameters(ctx.parameters)
+    if placement is not None and placement[3]:
+        return ["CPUExecutionProvider"]
+    raise GpuUnavailable(f"model '{ctx.model_name}' asks for a GPU, but onnxruntime started its session with "
+                         f"{', '.join(got)} only (a CUDA or cuDNN library missing, or no usable GPU: see the server "
+                         "log); fix the GPU set-up, or set allow_cpu_fallback: true in its model.yaml")
 
 
 def _graph_dims(inputs) -> tuple[dict[str, list[tuple[int, str]]], dict[str, list[tuple[str, int]]]]:

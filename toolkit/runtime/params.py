@@ -62,3 +62,26 @@ def read_export(model_dir) -> dict:
     except (OSError, ValueError):
         return {}
     return export if isinstance(export, dict) else {}
+
+
+#: The embedded ONNX hook's GPU placement (gen-repo writes them from instance_group / optimization;
+#: repository/placement.py). ``gpu.devices``: one entry per instance slot, a device id or ``cpu``.
+GPU_PREFIX = "gpu."
+GPU_DEVICES = "gpu.devices"
+GPU_ACCELERATOR = "gpu.accelerator"
+GPU_FALLBACK = "gpu.allow_cpu_fallback"
+#: ``gpu.option.<key>``: the onnxruntime backend's accelerator keys (precision_mode, max_workspace_size_bytes, ...).
+GPU_OPTION_PREFIX = "gpu.option."
+
+
+def gpu_parameters(params: Mapping[str, str]) -> tuple[list[str], str, dict[str, str], bool] | None:
+    """``(devices per instance slot, accelerator, its options, allow_cpu_fallback)``, or None when
+    the model runs on the CPU only. ``toolkit serve`` reads the same parameters to refuse, before it
+    starts, a repository that needs a GPU this machine does not have."""
+    raw = params.get(GPU_DEVICES)
+    if raw is None:
+        return None
+    devices = [d.strip() for d in str(raw).split(",") if d.strip()]
+    options = {k[len(GPU_OPTION_PREFIX):]: str(v) for k, v in params.items() if k.startswith(GPU_OPTION_PREFIX)}
+    fallback = str(params.get(GPU_FALLBACK, "false")).lower() == "true"
+    return devices, str(params.get(GPU_ACCELERATOR, "cuda")), options, fallback

@@ -5,9 +5,10 @@
                    back-off and a crash-loop limit, under the repository lock (toolkit/files.py)
     stubs.py       facts about the python stubs: Stub, /proc children, shared-memory regions
     replicas.py    ReplicaSet: several servers over one repository, each with its own supervisor
+    gpus.py        the NVIDIA GPUs this machine has, against those the repository's configs ask for
 
 Imports: ``toolkit.errors``, ``toolkit.files``, the admin client (``toolkit.client.admin``) and
-the stub side's ``toolkit.runtime.occupancy`` only; lifecycle/, gateway/, bench/ and the CLI build
+the stub side's ``toolkit.runtime`` (occupancy, params) only; lifecycle/, gateway/, bench/ and the CLI build
 on this package.
 """
 

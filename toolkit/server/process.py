@@ -44,6 +44,7 @@ from toolkit.client.admin import TritonAdmin
 from toolkit.errors import ModelLoadError, ServerError, TritonAdminError
 from toolkit.files import RepositoryBusy, RepositoryLock, clean_leftovers
 from toolkit.runtime.occupancy import remove_server_files
+from toolkit.server.gpus import check_gpus
 from toolkit.server.stubs import pids, remove_orphan_regions, stat_fields
 from toolkit.server.supervisor import Supervisor, SupervisorPolicy
 
@@ -235,7 +236,9 @@ def check_repository(repository: Path, *, model_control: ModelControl = "explici
     if unknown:
         raise ServerError(f"--load-model: no model {', '.join(map(repr, unknown))} in {repository} "
                           f"(it has {', '.join(models) or 'none'})")
-    return sorted(load_models) if load_models else models
+    chosen = sorted(load_models) if load_models else models
+    check_gpus(repository, chosen)  # a GPU spec on a machine without one: refused here, never a CPU fall-back
+    return chosen
 
 
 class TritonServer:
