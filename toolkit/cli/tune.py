@@ -95,19 +95,29 @@ def tune(model: str, models_dir: Path, instances, max_batch_sizes, queue_delays,
         delay = "-" if v.max_queue_delay_microseconds is None else v.max_queue_delay_microseconds
         click.echo(f"{name:<28} {v.instance_count:>4} {v.max_batch_size:>4} {delay:>8}    -        -        - "
                    "not measured (no stable window, or it failed: see perf_analyzer_error.log)")
-    if outcome.winner is None:
-        click.echo("No configuration met --max-p99-ms: model.yaml unchanged.")
-    elif outcome.winner.committed or not outcome.changes:
-        gain = f" (the best other is within {min_gain:g}% of it)" if not outcome.winner.committed else ""
-        click.echo(f"The committed configuration stays{gain}: nothing to apply.")
-    else:
-        what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in outcome.changes.items())
-        if report.applied:
-            click.echo(f"Applied to {models_dir / model / 'model.yaml'}: {what} (+{outcome.gain:.0f}% throughput); "
-                       "check the comments beside them")
-        else:
-            click.echo(f"Winner: {what} (+{outcome.gain:.0f}% throughput at concurrency "
-                       f"{outcome.winner.concurrency}); --apply writes it into model.yaml")
+    click.echo(_verdict(report, models_dir / model / "model.yaml"))
     if report.summary_report:
         click.echo(f"Model Analyzer's summary: {report.summary_report}")
     click.echo(f"Results: {report.layout.summary}")
+
+
+def _verdict(report, model_yaml: Path) -> str:
+    """One line: what won, and whether model.yaml changed."""
+    outcome = report.outcome
+    winner, gain = outcome.winner, outcome.gain
+    if winner is None:
+        return "No configuration met --max-p99-ms: model.yaml unchanged."
+    if winner.committed:
+        return "The committed configuration won: nothing to apply."
+    if outcome.committed is None:
+        return "The committed configuration was not measured at the winner's concurrency: nothing to apply."
+    if not outcome.changes:
+        if gain is not None and gain <= outcome.min_gain:
+            return (f"{winner.variant} gains {gain:.1f}%, not more than --min-gain {outcome.min_gain:g}%: "
+                    "the committed configuration stays.")
+        return f"{winner.variant} has the committed values: nothing to apply."
+    what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in outcome.changes.items())
+    if report.applied:
+        return f"Applied to {model_yaml}: {what} (+{gain:.0f}% throughput); check the comments beside them."
+    return (f"Winner: {what} (+{gain:.0f}% throughput at concurrency {winner.concurrency}); --apply writes it "
+            "into model.yaml.")
