@@ -253,3 +253,16 @@ def test_tune_refuses_a_range_the_spec_cannot_take_before_anything_runs(python_m
     result = run("echo", "--models", str(python_model), "--max-batch-sizes", "0")
     assert result.exit_code == 1
     assert result.output == "Error: --max-batch-sizes: expected values from 1 to 1048576, got 0\n"
+
+
+def test_a_twin_of_the_committed_config_is_the_baseline_when_it_measured_better(finished_run):
+    """The sweep can hold the committed values again: the same configuration, measured twice."""
+    csv = finished_run / "results" / "metrics-model-inference.csv"
+    csv.write_text(csv.read_text() + "m,1,8,m_config_3,2:CPU,64,Yes,112.0,65.0,100.0,4.0,40.0\n")
+    variant(finished_run / "variants", "m_config_3", 2, 64, 0)
+    outcome = read_outcome("m", finished_run, finished_run / "variants", finished_run / "configs", min_gain=5)
+    assert [t.variant for t in outcome.twins] == ["m_config_3"] and outcome.baseline == 112.0
+    assert outcome.gain == pytest.approx(100 * (120 / 112 - 1))
+    assert outcome.changes == {"max_batch_size": (64, 16), "max_queue_delay_microseconds": (0, 2000)}
+    outcome = read_outcome("m", finished_run, finished_run / "variants", finished_run / "configs", min_gain=10)
+    assert outcome.changes == {}  # +7 % over the better of the two: within this run's noise

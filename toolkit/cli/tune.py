@@ -95,6 +95,10 @@ def tune(model: str, models_dir: Path, instances, max_batch_sizes, queue_delays,
         delay = "-" if v.max_queue_delay_microseconds is None else v.max_queue_delay_microseconds
         click.echo(f"{name:<28} {v.instance_count:>4} {v.max_batch_size:>4} {delay:>8}    -        -        - "
                    "not measured (no stable window, or it failed: see perf_analyzer_error.log)")
+    for twin in outcome.twins:
+        spread = 100.0 * abs(twin.throughput / outcome.committed.throughput - 1.0)
+        click.echo(f"Noise: {twin.variant} has the committed values and measured {spread:.0f}% apart from it "
+                   "(the better of the two is the baseline).")
     click.echo(_verdict(report, models_dir / model / "model.yaml"))
     if report.summary_report:
         click.echo(f"Model Analyzer's summary: {report.summary_report}")
@@ -107,7 +111,7 @@ def _verdict(report, model_yaml: Path) -> str:
     winner, gain = outcome.winner, outcome.gain
     if winner is None:
         return "No configuration met --max-p99-ms: model.yaml unchanged."
-    if winner.committed:
+    if winner.committed or (outcome.committed and winner.values == outcome.committed.values):
         return "The committed configuration won: nothing to apply."
     if outcome.committed is None:
         return "The committed configuration was not measured at the winner's concurrency: nothing to apply."
@@ -115,7 +119,7 @@ def _verdict(report, model_yaml: Path) -> str:
         if gain is not None and gain <= outcome.min_gain:
             return (f"{winner.variant} gains {gain:.1f}%, not more than --min-gain {outcome.min_gain:g}%: "
                     "the committed configuration stays.")
-        return f"{winner.variant} has the committed values: nothing to apply."
+        return "Nothing to apply."
     what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in outcome.changes.items())
     if report.applied:
         return f"Applied to {model_yaml}: {what} (+{gain:.0f}% throughput); check the comments beside them."

@@ -7,8 +7,10 @@ from its config, parsed by Triton's own ModelConfig protobuf.
 
 The winner is the row with the highest throughput among those within the constraints (``--max-p99-ms``);
 the committed configuration (``<model>_config_default``: the config gen-repo renders from model.yaml) is
-compared at the winner's concurrency. A winner that is not ``min_gain`` percent faster than the committed
-configuration is reported, but not worth writing back: that is within this machine's run-to-run noise.
+compared at the winner's concurrency. When the sweep holds the committed values too (a "twin": the same
+configuration measured again) the better of the two is the baseline, and their spread shows the noise.
+A winner that is not ``min_gain`` percent faster than the baseline is reported, but not worth writing
+back: that is within a shared machine's run-to-run noise.
 """
 
 from __future__ import annotations
@@ -69,17 +71,33 @@ class Outcome:
     unmeasured: dict[str, Values] = field(default_factory=dict)
 
     @property
-    def gain(self) -> float | None:
-        """The winner's throughput over the committed one's, in percent."""
-        if self.winner is None or self.committed is None or self.committed.throughput <= 0:
+    def twins(self) -> list[Trial]:
+        """Other configurations with the committed values, at the winner's concurrency: the same configuration
+        measured again (Model Analyzer changes nothing else), so their spread is this run's noise."""
+        if self.committed is None:
+            return []
+        return [t for t in self.trials if not t.committed and t.values == self.committed.values
+                and t.concurrency == self.committed.concurrency]
+
+    @property
+    def baseline(self) -> float | None:
+        """The committed values' best throughput: the committed configuration's or a twin's."""
+        if self.committed is None:
             return None
-        return 100.0 * (self.winner.throughput / self.committed.throughput - 1.0)
+        return max(t.throughput for t in [self.committed, *self.twins])
+
+    @property
+    def gain(self) -> float | None:
+        """The winner's throughput over the baseline's, in percent."""
+        if self.winner is None or not self.baseline:
+            return None
+        return 100.0 * (self.winner.throughput / self.baseline - 1.0)
 
     @property
     def changes(self) -> dict[str, tuple]:
         """What writing the winner back would change in model.yaml: nothing unless it beats the committed
         configuration by more than ``min_gain`` percent."""
-        if self.winner is None or self.committed is None or self.winner.committed:
+        if self.winner is None or self.committed is None or self.winner.values == self.committed.values:
             return {}
         if self.gain is None or self.gain <= self.min_gain:
             return {}
@@ -87,7 +105,8 @@ class Outcome:
 
     def to_dict(self) -> dict:
         return {"trials": [t.to_dict() for t in self.trials], "winner": self.winner and self.winner.variant,
-                "committed": self.committed and self.committed.variant, "gain_percent": self.gain,
+                "committed": self.committed and self.committed.variant, "twins": [t.variant for t in self.twins],
+                "baseline_throughput": self.baseline, "gain_percent": self.gain,
                 "min_gain_percent": self.min_gain, "changes": {k: list(v) for k, v in self.changes.items()},
                 "unmeasured": {name: asdict(v) for name, v in self.unmeasured.items()}}
 
