@@ -128,3 +128,17 @@ def test_a_model_that_fails_to_load_is_one_error_line_naming_the_logs(tmp_path):
     assert f"(its log: {out / 'model-analyzer.log'}; tritonserver's: {out / 'tritonserver.log'})" in error[0]
     assert "this hook cannot start" in (out / "tritonserver.log").read_text()
     assert left_running(str(out)) == []
+
+
+def test_a_search_past_its_timeout_is_stopped_with_everything_it_started(tmp_path):
+    models = project(tmp_path, "sleepy", "sleepy:Sleepy", SLEEPY_HOOK)
+    out = tmp_path / "tune"
+    result = CliRunner().invoke(cli, ["tune", "sleepy", "--models", str(models), "--out", str(out), *SHORT,
+                                      "--timeout", "12"])
+    assert result.exit_code == 1
+    assert result.output.splitlines()[-1] == (
+        f"Error: Model Analyzer did not finish within 12 s (stopped; a larger --timeout or a smaller search; "
+        f"its log: {out / 'model-analyzer.log'})")
+    assert "Starting a local Triton Server" in (out / "model-analyzer.log").read_text()
+    assert left_running(str(out)) == []
+    assert "instance_count: 1   # one worker" in (models / "sleepy" / "model.yaml").read_text()

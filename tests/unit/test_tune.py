@@ -266,3 +266,10 @@ def test_a_twin_of_the_committed_config_is_the_baseline_when_it_measured_better(
     assert outcome.changes == {"max_batch_size": (64, 16), "max_queue_delay_microseconds": (0, 2000)}
     outcome = read_outcome("m", finished_run, finished_run / "variants", finished_run / "configs", min_gain=10)
     assert outcome.changes == {}  # +7 % over the better of the two: within this run's noise
+
+
+def test_default_ranges_always_hold_the_committed_values_so_the_sweep_measures_it_again():
+    sweep = SearchSpace().resolve(spec(instances=4, delay=500))
+    assert sweep.instance_counts == (1, 2, 4) and sweep.queue_delays_us == (0, 500, 2000) and sweep.holds_committed
+    assert not SearchSpace(instance_counts=(1,)).resolve(spec()).holds_committed
+    assert not SearchSpace(max_batch_sizes=(16,)).resolve(spec()).holds_committed

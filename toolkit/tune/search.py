@@ -8,7 +8,8 @@ baseline the winner is compared with, in the same run.
 
 Defaults fit a small CPU machine: 1 and 2 instances, the committed max batch size and a quarter of it
 (never below the spec's largest preferred batch size, which a smaller one would make invalid), no delay
-and 2 ms, at one concurrency of 8.
+and 2 ms, at one concurrency of 8; each default range also holds the committed value, so the sweep
+measures the committed configuration a second time (see ``Sweep.holds_committed``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class SearchSpace:
 
     def resolve(self, spec: ModelSpec) -> Sweep:
         """The concrete lists for ``spec``; a range the spec cannot take is one TuneError naming the option."""
-        instances = _sorted("--instances", self.instance_counts or DEFAULT_INSTANCES, 1, 64)
+        instances = _sorted("--instances", self.instance_counts or (*DEFAULT_INSTANCES, spec.instance_count), 1, 64)
         concurrency = _sorted("--concurrency", self.concurrency, 1, 4096)
         if spec.max_batch_size == 0:
             given_ranges = (("--max-batch-sizes", self.max_batch_sizes), ("--queue-delays", self.queue_delays_us))
@@ -42,7 +43,7 @@ class SearchSpace:
                 if given:
                     raise TuneError(f"{option}: model '{spec.name}' does not batch (max_batch_size 0 in its "
                                     "model.yaml): only --instances can be searched")
-            return Sweep(instances, (), (), concurrency)
+            return Sweep(instances, (), (), concurrency, spec.instance_count in instances)
         preferred = max(spec.dynamic_batching.preferred_batch_size, default=1) if spec.dynamic_batching else 1
         if self.max_batch_sizes:
             batch_sizes = _sorted("--max-batch-sizes", self.max_batch_sizes, 1, 1 << 20)
@@ -58,8 +59,18 @@ class SearchSpace:
                                 "so there is no queue delay to search")
             delays: tuple[int, ...] = ()
         else:
-            delays = _sorted("--queue-delays", self.queue_delays_us or DEFAULT_QUEUE_DELAYS_US, 0, 10_000_000)
-        return Sweep(instances, batch_sizes, delays, concurrency)
+            committed = spec.dynamic_batching.max_queue_delay_microseconds
+            delays = _sorted("--queue-delays", self.queue_delays_us or (*DEFAULT_QUEUE_DELAYS_US, committed), 0,
+                             10_000_000)
+        twin = _holds_committed(spec, instances, batch_sizes, delays)
+        return Sweep(instances, batch_sizes, delays, concurrency, twin)
+
+
+def _holds_committed(spec: ModelSpec, instances: tuple[int, ...], batch_sizes: tuple[int, ...],
+                     delays: tuple[int, ...]) -> bool:
+    delay = spec.dynamic_batching.max_queue_delay_microseconds if spec.dynamic_batching else None
+    return (spec.instance_count in instances and (not batch_sizes or spec.max_batch_size in batch_sizes)
+            and (not delays or delay in delays))
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,10 @@ class Sweep:
     max_batch_sizes: tuple[int, ...]
     queue_delays_us: tuple[int, ...]
     concurrency: tuple[int, ...]
+    #: Whether one combination repeats the committed values (a twin of ``<model>_config_default``). Model
+    #: Analyzer measures each configuration once; on a shared machine the same configuration measured twice
+    #: in one run differed by up to a third (BENCHMARKS.md): the twin shows the run's noise.
+    holds_committed: bool = True
 
     @property
     def size(self) -> int:

@@ -104,6 +104,9 @@ def tune(request: TuneRequest, on_event: Callable[[str], None] | None = None) ->
     import yaml
 
     layout.config.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    if not sweep.holds_committed:
+        event("Note: the ranges do not hold the committed values, so the committed configuration is measured "
+              "only once and the run's noise is not shown (add its values to the ranges)")
     event(f"Model Analyzer: {sweep.size} configurations of {request.model} (the committed one first) at "
           f"concurrency {','.join(map(str, sweep.concurrency))}; log: {layout.log}")
     run_profile(analyzer, layout, server_env, request.timeout_s, request.extra, on_line=_progress(event))
