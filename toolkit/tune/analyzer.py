@@ -25,7 +25,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,7 +175,7 @@ def analyzer_config(model: str, layout: Layout, *, tritonserver: Path, server_en
 
 
 def run_profile(analyzer: ModelAnalyzer, layout: Layout, env: dict[str, str], timeout_s: float,
-                extra: list[str] = (), on_line: Callable[[str], None] | None = None) -> None:
+                extra: Sequence[str] = (), on_line: Callable[[str], None] | None = None) -> None:
     """``model-analyzer profile -f <config>``, its output in ``layout.log``; stopped with everything it
     started (tritonserver runs in a session of its own) when ``timeout_s`` passes or on Ctrl-C."""
     command = [str(analyzer.path), "profile", "-f", str(layout.config.absolute()), *extra]

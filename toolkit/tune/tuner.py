@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import yaml
 
 from toolkit.errors import SpecError, TuneError
 from toolkit.tune.analyzer import Layout, Measurement, analyzer_config, find_model_analyzer, run_profile
@@ -101,8 +103,6 @@ def tune(request: TuneRequest, on_event: Callable[[str], None] | None = None) ->
                              model_config_parameters=sweep.model_config_parameters(),
                              concurrency=sweep.concurrency, measurement=request.measurement,
                              max_p99_ms=request.max_p99_ms, perf_timeout_s=int(min(600, request.timeout_s)))
-    import yaml
-
     layout.config.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     if not sweep.holds_committed:
         event("Note: the ranges do not hold the committed values, so the committed configuration is measured "
@@ -135,7 +135,7 @@ def _summary(report: TuneReport, request: TuneRequest) -> dict:
                        "max_batch_size": list(report.sweep.max_batch_sizes),
                        "max_queue_delay_microseconds": list(report.sweep.queue_delays_us),
                        "concurrency": list(report.sweep.concurrency)},
-            "measurement": vars(request.measurement), "max_p99_ms": request.max_p99_ms,
+            "measurement": asdict(request.measurement), "max_p99_ms": request.max_p99_ms,
             "input_data": report.input_notes, **report.outcome.to_dict(),
             "applied": {k: list(v) for k, v in report.applied.items()},
             "model_analyzer_config": str(report.layout.config),
