@@ -10,7 +10,8 @@
 #                     compare each with Keras on the served path and rewrite export/README.md's table
 #                     (results in build/zoo/results.json; a rerun skips what is there; hours for all 40;
 #                     python -m toolkit.export.zoo --help for the options that may follow)
-#   ./dev.sh setup    only the set-up (with perf_analyzer in .venv-perf, for `toolkit bench perf`)
+#   ./dev.sh setup    only the set-up (with perf_analyzer in .venv-perf, for `toolkit bench perf`, and
+#                     Model Analyzer in .venv-tune, for `toolkit tune`)
 #   ./dev.sh gpu-check  on a machine with an NVIDIA GPU: set up (+ onnxruntime-gpu in .venv-gpu), export,
 #                     serve bert and the embedding ensemble on the GPU (fp32 and fp16), compare with the
 #                     CPU, perf_analyzer at concurrency 1, 16, 64: build/gpu-check/report.md (< 8 minutes
@@ -25,6 +26,7 @@ VENV="${VENV:-.venv}"
 LINT_VENV="${LINT_VENV:-.venv-lint}"
 PERF_VENV="${PERF_VENV:-.venv-perf}"
 GPU_VENV="${GPU_VENV:-.venv-gpu}"
+TUNE_VENV="${TUNE_VENV:-.venv-tune}"
 PYTHON="${PYTHON:-python3}"
 PORT_BASE="${PORT_BASE:-8000}"
 SERVER_PID=""
@@ -103,6 +105,19 @@ perf_tools() {  # perf_analyzer for `toolkit bench perf`: its own venv, as check
     cudart=$(echo "$PERF_VENV"/lib/python3*/site-packages/nvidia/cuda_runtime/lib)
     # It has to start here, not first in a test.
     out=$(LD_LIBRARY_PATH="$cudart" "$PERF_VENV/bin/perf_analyzer" --version 2>&1) || { echo "$out" >&2; exit 1; }
+    touch "$stamp"
+}
+
+tune_tools() {  # Model Analyzer for `toolkit tune`: its own venv (numpy 2, tritonclient[all] 2.73 with CUDA bindings)
+    # It drives .venv-perf's perf_analyzer (the bundled server's release; perf_tools installs it) and launches
+    # the bundled tritonserver itself; its pure-Python wheel carries no binary.
+    local stamp="$TUNE_VENV/.installed-model-analyzer-1.58.0"
+    [ -f "$stamp" ] && return
+    log "installing Triton Model Analyzer into $TUNE_VENV (~30 s, ~0.6 GB, once)"
+    [ -x "$TUNE_VENV/bin/python" ] || "$PYTHON" -m venv "$TUNE_VENV"
+    "$TUNE_VENV/bin/pip" install -q "triton-model-analyzer==1.58.0" "tritonclient[all]==2.73.0"
+    local out
+    out=$("$TUNE_VENV/bin/model-analyzer" --version 2>&1) || { echo "$out" >&2; exit 1; }  # here, not first in a test
     touch "$stamp"
 }
 
@@ -191,6 +206,7 @@ run_tests() {
     setup test
     lint_tools
     perf_tools
+    tune_tools
     log "ruff"
     "$VENV/bin/ruff" check .
     log "pytest (the whole suite takes ~14-20 minutes on 2 cores)"
@@ -259,7 +275,7 @@ case "${1:-}" in
     bench) shift; bench "$@" ;;
     zoo) shift; zoo "$@" ;;
     test) shift; run_tests "$@" ;;
-    setup) setup test; perf_tools ;;
+    setup) setup test; perf_tools; tune_tools ;;
     gpu-check) shift; gpu_check "$@" ;;
     *) echo "usage: ./dev.sh demo | test [pytest args] | bench [toolkit bench compare args] | zoo [zoo args] | setup | gpu-check" >&2
        exit 2 ;;

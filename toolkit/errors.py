@@ -18,6 +18,7 @@ know what the user was trying to do.
     ├── ExportError        a model could not be exported to ONNX, or the ONNX model disagrees
     │   └── WeightError    a checkpoint's weights are missing, unused or of the wrong shape
     ├── BenchError         the benchmark cannot produce numbers worth trusting
+    │   └── TuneError      Model Analyzer cannot run, failed, or its results cannot be read or applied
     └── PeerError          a peer server could not be installed, started, matched or kept on loopback
 
 Hook code running inside Triton uses ``toolkit.hooks.HookError`` (a request-level error with a
@@ -123,6 +124,11 @@ def first_line(error: BaseException | str, limit: int = 500) -> str:
 
 class BenchError(ToolkitError):
     """The benchmark cannot produce numbers worth trusting (server not ready, errors, instability)."""
+
+
+class TuneError(BenchError):
+    """``toolkit tune``: Model Analyzer is missing or failed (the message says where its log is), the search
+    does not fit the model's spec, or the winner cannot be written back into model.yaml."""
 
 
 class PeerError(ToolkitError):

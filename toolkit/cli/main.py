@@ -16,6 +16,7 @@ from toolkit.cli.lifecycle import rollback, rollout, versions
 from toolkit.cli.package import package
 from toolkit.cli.repo import gen_repo
 from toolkit.cli.serve import serve
+from toolkit.cli.tune import tune
 from toolkit.errors import ToolkitError
 
 
@@ -46,3 +47,4 @@ cli.add_command(package)
 cli.add_command(rollout)
 cli.add_command(rollback)
 cli.add_command(versions)
+cli.add_command(tune)
