@@ -219,6 +219,23 @@ def test_export_bert_matches_numpy_bert_when_source_is_hf_safetensors_with_bert_
     assert np.abs(onnx_out["pooler_output"] - pooled).max() < 1e-4
 
 
+@pytest.mark.parametrize("opset", [17, 18])  # ReduceMean's axes: an attribute in 17, an input from 18
+def test_export_bert_layer_norm_means_are_reduce_means_at_either_opset(tmp_path: Path, opset: int) -> None:
+    import onnx
+
+    hf = hf_tiny_weights(TINY, seed=2)
+    source = write_hf_folder(tmp_path / "tiny_hf", TINY, hf, lower_case=True)
+
+    report = export_bert(source, tmp_path / "out", opset=opset)
+
+    ops = [n.op_type for n in onnx.load(str(report.model_path)).graph.node]
+    assert ops.count("ReduceMean") == 2 * (1 + 2 * TINY["num_hidden_layers"]) and "GlobalAveragePool" not in ops
+    feeds = token_batch(100, [4, 9], seed=1)
+    hidden, _ = numpy_bert(hf, TINY, **feeds)
+    real = real_positions(feeds["attention_mask"])
+    assert np.abs(run_onnx(report.model_path, feeds)["last_hidden_state"][real] - hidden[real]).max() < 1e-4
+
+
 def test_export_bert_leaves_no_version_folder_when_onnx_check_fails(tmp_path: Path) -> None:
     source = write_google_checkpoint(tmp_path / "uncased_tiny", TINY, hf_tiny_weights(TINY))
     out = tmp_path / "out"
