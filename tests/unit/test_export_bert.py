@@ -219,6 +219,23 @@ def test_export_bert_matches_numpy_bert_when_source_is_hf_safetensors_with_bert_
     assert np.abs(onnx_out["pooler_output"] - pooled).max() < 1e-4
 
 
+@pytest.mark.parametrize("opset", [17, 18])  # ReduceMean's axes: an attribute in 17, an input from 18
+def test_export_bert_layer_norm_means_are_reduce_means_at_either_opset(tmp_path: Path, opset: int) -> None:
+    import onnx
+
+    hf = hf_tiny_weights(TINY, seed=2)
+    source = write_hf_folder(tmp_path / "tiny_hf", TINY, hf, lower_case=True)
+
+    report = export_bert(source, tmp_path / "out", opset=opset)
+
+    ops = [n.op_type for n in onnx.load(str(report.model_path)).graph.node]
+    assert ops.count("ReduceMean") == 2 * (1 + 2 * TINY["num_hidden_layers"]) and "GlobalAveragePool" not in ops
+    feeds = token_batch(100, [4, 9], seed=1)
+    hidden, _ = numpy_bert(hf, TINY, **feeds)
+    real = real_positions(feeds["attention_mask"])
+    assert np.abs(run_onnx(report.model_path, feeds)["last_hidden_state"][real] - hidden[real]).max() < 1e-4
+
+
 def test_export_bert_leaves_no_version_folder_when_onnx_check_fails(tmp_path: Path) -> None:
     source = write_google_checkpoint(tmp_path / "uncased_tiny", TINY, hf_tiny_weights(TINY))
     out = tmp_path / "out"
@@ -584,3 +601,57 @@ def test_export_bert_minilm_embeddings_rank_paraphrase_first_when_mean_pooled(
 
     assert similarity[0, 1] > 0.6  # eating food ~ eating bread
     assert similarity[0, 1] > similarity[0, 2] > similarity[0, 3]
+
+
+@pytest.mark.slow
+def test_export_bert_minilm_layer_norms_fuse_in_the_served_session(minilm_report, tmp_path: Path) -> None:
+    """The export spells LayerNorm the way onnxruntime's LayerNormFusion looks for it (and undoes
+    tf2onnx's GlobalAveragePool rewrite of its mean): the served session runs all 13 fused."""
+    import onnx
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "served.onnx")
+    ort.InferenceSession(str(minilm_report.model_path), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "served.onnx")).graph.node]
+
+    assert ops.count("LayerNormalization") == 13  # embeddings + 2 per layer x 6
+    assert "GlobalAveragePool" not in ops and "ReduceMean" not in ops
+
+
+@pytest.mark.slow
+def test_export_bert_minilm_gives_each_text_its_own_states_when_batched_in_length_buckets(minilm_report) -> None:
+    """Mixed lengths through the served batching (padding, length buckets): each text's real token
+    states equal its states alone, and the fused served session agrees with the unfused graph."""
+    from toolkit.runtime.batching import Layout, TensorLayout, run_batch
+    from toolkit.runtime.hooks import HookContext
+    from toolkit.runtime.onnx_hook import OnnxModel
+
+    hook = OnnxModel()
+    hook.init(HookContext(model_name="bert", model_version=1, model_dir=minilm_report.version_dir,
+                          parameters={"intra_op_threads": "1"}))
+    ints = {n: TensorLayout(n, np.dtype(np.int64), (-1,)) for n in ("input_ids", "attention_mask", "token_type_ids")}
+    layout = Layout(max_batch_size=64, inputs=ints, pad={n: 0.0 for n in ints}, trim={"last_hidden_state": "input_ids"},
+                    outputs={"last_hidden_state": TensorLayout("last_hidden_state", np.dtype(np.float32), (-1, 384)),
+                             "pooler_output": TensorLayout("pooler_output", np.dtype(np.float32), (384,))},
+                    bucket_cost=8)
+    rng = np.random.default_rng(0)
+    lengths = [3, 40, 7, 38, 12, 12, 25, 2]
+    requests = [{"input_ids": rng.integers(1000, 29000, (1, n)), "attention_mask": np.ones((1, n), np.int64),
+                 "token_type_ids": np.zeros((1, n), np.int64)} for n in lengths]
+    batched = run_batch(hook, requests, layout)
+    unfused = ort.InferenceSession(str(minilm_report.model_path), _options_without_optimizations(),
+                                   providers=["CPUExecutionProvider"])
+
+    for request, result in zip(requests, batched, strict=True):
+        alone = hook.infer(request)["last_hidden_state"]
+        plain = unfused.run(["last_hidden_state"], request)[0]
+        assert result["last_hidden_state"].shape == alone.shape
+        np.testing.assert_allclose(result["last_hidden_state"], alone, atol=1e-5)
+        np.testing.assert_allclose(result["last_hidden_state"], plain, atol=1e-4)
+
+
+def _options_without_optimizations() -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return options

@@ -4,6 +4,12 @@ The Keras model is the reference the ONNX file is checked against, so it is writ
 explicit weights keyed by the original checkpoint names (``bert/encoder/layer_0/attention/self/
 query/kernel``), the arithmetic of ``modeling.py`` (exact erf GELU, LayerNorm with the config's
 epsilon, additive -10000 attention mask), and nothing else (no dropout: inference only).
+
+Each piece is spelled the way onnxruntime's fusions look for it (the ONNX file stays plain ONNX):
+LayerNorm as ``(x - mean) / sqrt(mean((x - mean)^2) + eps)``, which onnxruntime's own session fuses
+into ``LayerNormalization`` (BENCHMARKS.md, "Routes to the roofline"); the attention scores divided
+by sqrt(head size) and the mask unsqueezed before its cast, the shapes its transformer optimizer
+(``onnxruntime.transformers.optimizer``) needs to fuse ``Attention``.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any
 import keras
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import tensorflow as tf
 
 from toolkit.errors import ExportError
@@ -144,8 +151,8 @@ def bert_forward(weights: Mapping[str, tf.Tensor], config: BertConfig, inputs: M
          + tf.gather(weights["bert/embeddings/token_type_embeddings"], inputs["token_type_ids"])
          + weights["bert/embeddings/position_embeddings"][tf.newaxis, :seq_len, :])
     x = _layer_norm(weights, x, "bert/embeddings/LayerNorm", config.layer_norm_eps)
-    mask = tf.cast(inputs["attention_mask"], x.dtype)
-    additive_mask = (1.0 - mask)[:, tf.newaxis, tf.newaxis, :] * -10000.0
+    mask = tf.expand_dims(tf.expand_dims(inputs["attention_mask"], 1), 1)  # [batch, 1, 1, seq]
+    additive_mask = (1.0 - tf.cast(mask, x.dtype)) * -10000.0
     for n in range(config.num_hidden_layers):
         x = _transformer_layer(weights, config, x, additive_mask, f"bert/encoder/layer_{n}")
     outputs = {LAST_HIDDEN_STATE: x}
@@ -159,9 +166,9 @@ def _dense(weights: Mapping[str, tf.Tensor], x: tf.Tensor, prefix: str) -> tf.Te
 
 
 def _layer_norm(weights: Mapping[str, tf.Tensor], x: tf.Tensor, prefix: str, eps: float) -> tf.Tensor:
-    mean = tf.reduce_mean(x, axis=-1, keepdims=True)
-    variance = tf.reduce_mean(tf.square(x - mean), axis=-1, keepdims=True)
-    normed = (x - mean) * tf.math.rsqrt(variance + eps)
+    centered = x - tf.reduce_mean(x, axis=-1, keepdims=True)
+    variance = tf.reduce_mean(tf.pow(centered, 2.0), axis=-1, keepdims=True)
+    normed = centered / tf.sqrt(variance + eps)
     return normed * weights[f"{prefix}/gamma"] + weights[f"{prefix}/beta"]
 
 
@@ -177,7 +184,7 @@ def _transformer_layer(weights: Mapping[str, tf.Tensor], config: BertConfig, x: 
     q = split_heads(_dense(weights, x, f"{prefix}/attention/self/query"))
     k = split_heads(_dense(weights, x, f"{prefix}/attention/self/key"))
     v = split_heads(_dense(weights, x, f"{prefix}/attention/self/value"))
-    scores = tf.matmul(q, k, transpose_b=True) * (1.0 / math.sqrt(head_size)) + additive_mask
+    scores = tf.matmul(q, k, transpose_b=True) / math.sqrt(head_size) + additive_mask
     context = tf.matmul(tf.nn.softmax(scores, axis=-1), v)
     context = tf.reshape(tf.transpose(context, [0, 2, 1, 3]), [batch, seq, config.hidden_size])
     attention = _layer_norm(weights, _dense(weights, context, f"{prefix}/attention/output/dense") + x,
@@ -218,4 +225,26 @@ def convert_bert_to_onnx(config: BertConfig, weights: dict[str, np.ndarray], wit
 
     dims: dict[str, list[str | None]] = {name: ["batch", "sequence"] for name in INPUT_NAMES}
     dims |= {LAST_HIDDEN_STATE: ["batch", "sequence"], POOLER_OUTPUT: ["batch"]}
-    return convert_function(serve, token_specs + weight_specs, opset=opset, dim_names=dims, initializers=weights)
+    model = convert_function(serve, token_specs + weight_specs, opset=opset, dim_names=dims, initializers=weights)
+    restore_reduce_mean(model, opset)
+    return model
+
+
+def restore_reduce_mean(model: onnx.ModelProto, opset: int) -> None:
+    """Turn tf2onnx's ``GlobalAveragePool`` back into the ``ReduceMean`` over the last axis it was.
+
+    tf2onnx rewrites a mean over the last axis of a rank-3 tensor as a global average pool (the same
+    numbers), which hides every LayerNorm from onnxruntime's ``LayerNormFusion``. In this graph
+    every such pool is a LayerNorm's mean over the hidden axis of a [batch, sequence, hidden] tensor."""
+    axes_name = "toolkit_reduce_last_axis"
+    for node in model.graph.node:
+        if node.op_type != "GlobalAveragePool":
+            continue
+        node.op_type = "ReduceMean"
+        node.attribute.append(onnx.helper.make_attribute("keepdims", 1))
+        if opset >= 18:  # axes became an input in opset 18
+            node.input.append(axes_name)
+        else:
+            node.attribute.append(onnx.helper.make_attribute("axes", [-1]))
+    if opset >= 18 and any(axes_name in node.input for node in model.graph.node):
+        model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([-1], dtype=np.int64), axes_name))
