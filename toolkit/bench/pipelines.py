@@ -47,6 +47,13 @@ def make_images(count: int, size: int = 224, seed: int = 0) -> list[bytes]:
     return images
 
 
+def token_counts(bert_dir: Path, texts: list[str], max_seq_length: int = 256) -> list[int]:
+    """Each text's tokens as served (the tokenizer step's WordPiece, [CLS]/[SEP], truncated): no padding."""
+    tokenizer = WordPieceTokenizer()
+    tokenizer.init(_context("tokenizer", bert_dir, max_seq_length=str(max_seq_length)))
+    return [sum(encoding.attention_mask) for encoding in tokenizer.tokenizer.encode_batch(texts)]  # unpadded
+
+
 def _context(name: str, model_dir: Path, **parameters: str) -> HookContext:
     return HookContext(model_name=name, model_version=1, model_dir=Path(model_dir), parameters=parameters)
 
