@@ -169,3 +169,11 @@ def test_the_report_gives_gflops_roofline_and_holds_int8_to_1_5x_only_with_vnni(
     assert "mean **0.669 GFLOP** at 30.9 tokens" in report and "21.234 M x L + 9.216 k x L^2" in report
     assert ("VNNI: yes" if vnni else "VNNI: no") in report
     assert ("| **no** |" if vnni else "none without VNNI (>= 1.5 with it) | n/a |") in report
+
+
+def test_an_int8_matmul_counts_like_the_float_one_it_replaces(tmp_path):
+    """`toolkit export bert --quantize int8` turns MatMul into MatMulInteger: the same work."""
+    path = _save(tmp_path, [helper.make_node("MatMulInteger", ["x", "w"], ["y"])],
+                 [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, "L", 8])],
+                 [helper.make_tensor_value_info("y", TensorProto.INT32, None)], {"w": np.ones((8, 16), np.int8)})
+    assert TokenFlops.of(path).linear == 2 * 8 * 16
