@@ -57,7 +57,7 @@ def main() -> None:
         for protocol, target in (("grpc", grpc_target), ("http", TargetSpec("triton-http", http_url, work.model,
                                                                              work.input_name))):
             run_point(PointSpec(target, payloads, concurrency=args.concurrency, warmup_s=0, measure_s=args.warmup))
-            spec = PointSpec(target, payloads, concurrency=args.concurrency, warmup_s=2.0, measure_s=args.seconds,
+            spec = PointSpec(target, payloads, concurrency=args.concurrency, warmup_s=3.0, measure_s=args.seconds,
                              flops=tuple(flops))
             windows[protocol] = loaded_window(spec, http_url, repository)
             point = windows[protocol]["point"]
@@ -84,7 +84,8 @@ def main() -> None:
             print(f"\n{key}")
             for row in rows:
                 value = row.get("cpu_ms_per_batch", row.get("ms"))
-                print(f"  {row['part']:<72} {value:8.2f} ms  {row['share']:6.1%}")
+                ours = f"  {row['of_ours']:6.1%} of ours" if "of_ours" in row else ""
+                print(f"  {row['part']:<72} {value:8.2f} ms  {row['share']:6.1%}{ours}")
     print(f"\nResults: {args.out / 'results.json'}")
 
 

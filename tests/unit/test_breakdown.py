@@ -82,6 +82,7 @@ def test_the_profile_sums_onnxruntime_kernels_by_operator(tmp_path, bert_dir):
     assert profile["batches"] == 3 and profile["threads"] == 1
     assert set(profile["op_ms_per_batch"]) >= {"MatMul", "Gather"}
     assert profile["run_ms_per_batch"] >= sum(profile["op_ms_per_batch"].values()) > 0
+    assert profile["cpu_ms_per_batch"] > 0
 
 
 def _window():
@@ -95,13 +96,15 @@ def _window():
 
 
 def test_the_batch_table_accounts_for_every_core_ms_of_a_batch():
-    profile = {"run_ms_per_batch": 100.0, "op_ms_per_batch": {"MatMul": 60.0, "FusedMatMul": 10.0, "Add": 20.0}}
+    profile = {"run_ms_per_batch": 200.0, "cpu_ms_per_batch": 100.0,  # wall ms on a busy machine: twice the CPU
+               "op_ms_per_batch": {"MatMul": 120.0, "FusedMatMul": 20.0, "Add": 40.0}}
     rows = {r["part"]: r for r in batch_table(_window(), profile, {"waste": 0.25}, cores=2)}
     assert rows["BERT: matrix products (onnxruntime kernels)"]["cpu_ms_per_batch"] == 70.0
     assert rows["  of which padding (padded FLOPs' share)"]["cpu_ms_per_batch"] == 17.5
     assert rows["BERT stub, the rest (hook, buckets, stacking, stub hand-off)"]["cpu_ms_per_batch"] == 20.0
     assert rows["not ours: idle or other processes"]["cpu_ms_per_batch"] == pytest.approx(200 - 160)
     assert sum(r["share"] for p, r in rows.items() if "of which" not in p) == pytest.approx(1.0)
+    assert rows["tokenizer stub"]["of_ours"] == pytest.approx(20 / 160)
 
 
 def test_the_request_table_leaves_the_hand_offs_and_the_protocol_as_the_remainders():

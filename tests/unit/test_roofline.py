@@ -114,9 +114,10 @@ def test_counting_names_the_inputs_when_a_shape_is_missing(tmp_path):
 
 def test_the_peak_sweep_is_bounded_and_names_its_best_shape():
     started = time.perf_counter()
-    peak = matmul_peak(((64, 64, 64), (256, 128, 256)), budget_s=0.3)
+    peak = matmul_peak(((64, 64, 64), (256, 128, 256)), budget_s=0.3, int8_shapes=((64, 64, 64),))
     assert time.perf_counter() - started < 10
-    assert all(s["gflops"] > 0 and s["runs"] >= 3 for s in peak["shapes"])
+    assert all(s["gflops"] > 0 and s["runs"] >= 3 for s in peak["shapes"] + peak["int8"])
+    assert peak["int8"][0]["vs_fp32"] == pytest.approx(peak["int8"][0]["gflops"] / peak["shapes"][0]["gflops"])
     assert peak["peak_gflops"] == max(s["gflops"] for s in peak["shapes"])
     assert peak["best_shape"] in ([64, 64, 64], [256, 128, 256])
     with pytest.raises(BenchError, match="positive time budget"):

@@ -173,7 +173,9 @@ def reproduce_batches(bert_dir: Path, config: dict, texts: list[str], batch_size
 def profile_batches(model_path: Path, batches: list[list[dict[str, np.ndarray]]], threads: int = 1,
                     serving: dict | None = None) -> dict[str, Any]:
     """Run every batch's feeds through onnxruntime (the served session recipe, ``threads`` threads)
-    with its profiler on; ms per batch by operator, in onnxruntime's runs, and in the kernels."""
+    with its profiler on: per batch, the CPU ms of the runs (this process's CPU time, which on a
+    shared machine differs from the wall time the profiler records) and the profiler's wall ms by
+    operator and for whole runs."""
     import onnxruntime as ort
 
     from toolkit.runtime.onnx_hook import session as served_session
@@ -191,11 +193,11 @@ def profile_batches(model_path: Path, batches: list[list[dict[str, np.ndarray]]]
         session = served_session(profiled, model_path, threads, "false", serving)
         outputs = [o.name for o in session.get_outputs()]
         session.run(outputs, batches[0][0])  # warm-up, left out below
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         for calls in batches:
             for feed in calls:
                 session.run(outputs, feed)
-        wall = time.perf_counter() - started
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu
         events = json.loads(Path(session.end_profiling()).read_text())
     runs = sorted((e["ts"], e["dur"]) for e in events if e.get("name") == "model_run")[1:]
     first = runs[0][0] if runs else 0
@@ -205,7 +207,8 @@ def profile_batches(model_path: Path, batches: list[list[dict[str, np.ndarray]]]
             by_op[e["args"]["op_name"]] += e["dur"]
     n = len(batches)
     return {"batches": n, "calls": sum(len(c) for c in batches), "threads": threads,
-            "wall_ms_per_batch": wall * 1e3 / n, "run_ms_per_batch": sum(d for _, d in runs) / 1e3 / n,
+            "wall_ms_per_batch": wall * 1e3 / n, "cpu_ms_per_batch": cpu * 1e3 / n,
+            "run_ms_per_batch": sum(d for _, d in runs) / 1e3 / n,
             "op_ms_per_batch": {op: us / 1e3 / n for op, us in by_op.most_common()}}
 
 
@@ -230,29 +233,34 @@ def is_matrix_op(op: str) -> bool:
 # ----------------------------------------------------------------------------- the tables
 def batch_table(window: dict[str, Any], profile: dict[str, Any], pad: dict[str, float], cores: int,
                 bert: str = "bert") -> list[dict[str, Any]]:
-    """Where one BERT batch's share of the machine goes: CPU ms per BERT batch and % of the batch's
-    machine time (cores x the window / BERT's batches). BERT's onnxruntime rows are the in-process
-    profile of the reproduced batches; "BERT stub, the rest" is the stubs' measured CPU minus it."""
+    """Where one BERT batch's CPU goes: CPU ms per BERT batch, its share of our processes' CPU, and
+    its share of the machine's time per batch (cores x the window / BERT's batches).
+
+    BERT's onnxruntime rows are the reproduced batches' CPU in process, split in the proportions
+    of onnxruntime's profile (matrix-product kernels, other kernels, between kernels); "BERT stub,
+    the rest" is the stubs' CPU under load minus that."""
     batches = window["stats"][bert]["executions"]
     if not batches:
         raise BenchError("no BERT batch ran in the window")
     budget = cores * window["seconds"] * 1e3 / batches
     cpu = {k: v * 1e3 / batches for k, v in window["cpu_s"].items()}
     ops = profile["op_ms_per_batch"]
-    matrix = sum(ms for op, ms in ops.items() if is_matrix_op(op))
-    kernels = sum(ops.values())
+    scale = profile["cpu_ms_per_batch"] / profile["run_ms_per_batch"]  # the profile's wall ms -> CPU ms
+    matrix = scale * sum(ms for op, ms in ops.items() if is_matrix_op(op))
+    kernels = scale * sum(ops.values())
     rows = [("BERT: matrix products (onnxruntime kernels)", matrix),
             ("  of which padding (padded FLOPs' share)", matrix * pad["waste"]),
             ("BERT: other operators (kernels)", kernels - matrix),
-            ("BERT: onnxruntime between kernels", profile["run_ms_per_batch"] - kernels),
+            ("BERT: onnxruntime between kernels", profile["cpu_ms_per_batch"] - kernels),
             ("BERT stub, the rest (hook, buckets, stacking, stub hand-off)",
-             cpu.get(bert, 0) - profile["run_ms_per_batch"])]
+             cpu.get(bert, 0) - profile["cpu_ms_per_batch"])]
     server = "tritonserver (Triton, HTTP/gRPC, ensemble hand-offs)"
     rows += [(server if label == "tritonserver" else f"{label} stub", ms)
              for label, ms in cpu.items() if label not in (bert, "load client")]
     rows.append(("load client (same cores)", cpu.get("load client", 0)))
-    rows.append(("not ours: idle or other processes", budget - sum(cpu.values())))
-    return [{"part": part, "cpu_ms_per_batch": ms, "share": ms / budget} for part, ms in rows]
+    ours = sum(cpu.values())
+    rows.append(("not ours: idle or other processes", budget - ours))
+    return [{"part": part, "cpu_ms_per_batch": ms, "share": ms / budget, "of_ours": ms / ours} for part, ms in rows]
 
 
 def request_table(window: dict[str, Any], ensemble: str, steps: tuple[str, ...]) -> list[dict[str, Any]]:

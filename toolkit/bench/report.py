@@ -90,7 +90,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     lines = ["# Benchmark results", ""]
     m = results["machine"]
     lines += [f"Machine: {m['cores']} cores, {m['cpu']}; Python {m['python']}; "
-              + ", ".join(f"{k} {v}" for k, v in m.items() if k not in ("cores", "cpu", "python")), ""]
+              + ", ".join(f"{k} {v}" for k, v in m.items() if k not in ("cores", "cpu", "python", "cpu_features")),
+              ""]
     plan = results["plan"]
     bulk = plan.get("bulk") or (0, 0)
     lines += [f"Load: closed loop at concurrency {plan['concurrencies']}"
@@ -106,10 +107,10 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         if limit:
             per_batch = ", ".join(f"b={b}: {t:.1f}" for b, t in limit["throughput"].items())
             runs = limit.get("runs", [limit])
-            lines += [f"Offline limit: **{limit['best_throughput']:.1f} items/s** at batch {limit['best_batch']} "
-                      f"(sorted by length, whole passes; items/s per batch: {per_batch}); batch-1 p50 "
-                      f"{limit['batch1_p50_ms']:.2f} ms{_gflops_text(limit)}. Measured before and after the "
-                      "servers: " + " / ".join(f"{r['best_throughput']:.1f}" for r in runs) + "; the higher counts.",
+            lines += [f"Offline limit: **{limit['best_throughput']:.1f} items/s**{_gflops_text(limit)} at batch "
+                      f"{limit['best_batch']} (sorted by length, whole passes; items/s per batch: {per_batch}); "
+                      f"batch-1 p50 {limit['batch1_p50_ms']:.2f} ms. Measured before and after the servers: "
+                      + " / ".join(f"{r['best_throughput']:.1f}" for r in runs) + "; the higher counts.",
                       ""]
             for c, stream in limit.get("stream", {}).items():
                 rates = ", ".join(f"{label} {rate:.1f}" for label, rate in stream["rates"].items())
@@ -157,6 +158,9 @@ def _roofline_lines(results: dict[str, Any]) -> list[str]:
              "| m x k x n | GFLOP/s | best ms | median ms | runs |", "| --- | ---: | ---: | ---: | ---: |"]
     lines += [f"| {s['m']}x{s['k']}x{s['n']} | {s['gflops']:.1f} | {s['best_ms']:.2f} | {s['median_ms']:.2f} "
               f"| {s['runs']} |" for s in roof["shapes"]]
+    lines += [f"| {s['m']}x{s['k']}x{s['n']} int8 (MatMulInteger; GOP/s, {s['vs_fp32']:.2f}x fp32) "
+              f"| {s['gflops']:.1f} | {s['best_ms']:.2f} | {s['median_ms']:.2f} | {s['runs']} |"
+              for s in roof.get("int8", []) if s.get("vs_fp32")]
     return [*lines, ""]
 
 

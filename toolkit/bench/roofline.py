@@ -36,6 +36,9 @@ from toolkit.errors import BenchError
 PEAK_SHAPES = ((640, 384, 384), (640, 384, 1536), (640, 1536, 384), (128, 384, 1536),
                (512, 512, 512), (1024, 1024, 1024), (2048, 2048, 2048))
 
+#: MiniLM's FFN products again as int8 (MatMulInteger), beside their fp32 peak.
+INT8_SHAPES = ((640, 384, 1536), (640, 1536, 384))
+
 #: Each shape's turn in a round of the sweep lasts at least this long (one run of a large shape).
 TURN_S = 0.02
 
@@ -58,24 +61,30 @@ def cpu_features(cpuinfo: str | None = None) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- the peak
-def _matmul_model(m: int, k: int, n: int) -> bytes:
+def _matmul_model(m: int, k: int, n: int, int8: bool = False) -> bytes:
+    """One MatMul, or with ``int8`` one MatMulInteger (uint8 activations by int8 weights, what the
+    dynamic quantization of `toolkit export bert --quantize int8` runs)."""
     from onnx import TensorProto, helper, numpy_helper
 
-    weight = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    weight = rng.integers(-127, 128, (k, n), dtype=np.int8) if int8 else rng.standard_normal((k, n)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [m, k])],
-        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [m, n])],
+        [helper.make_node("MatMulInteger" if int8 else "MatMul", ["a", "b"], ["c"])], "matmul",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8 if int8 else TensorProto.FLOAT, [m, k])],
+        [helper.make_tensor_value_info("c", TensorProto.INT32 if int8 else TensorProto.FLOAT, [m, n])],
         [numpy_helper.from_array(weight, "b")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
 
 
 def matmul_peak(shapes: tuple[tuple[int, int, int], ...] = PEAK_SHAPES, budget_s: float = 15.0,
-                threads: int = 0) -> dict[str, Any]:
+                threads: int = 0, int8_shapes: tuple[tuple[int, int, int], ...] = INT8_SHAPES) -> dict[str, Any]:
     """The machine's matrix-product peak: one onnxruntime MatMul per shape, in this process, with
     onnxruntime's default threads (``threads`` 0: every core). The shapes take turns, a round at a
     time, until ``budget_s`` has gone by (at least 3 rounds), so a busy minute on a shared machine
-    slows every shape alike; each shape counts its fastest run: GFLOP/s = 2*m*k*n / that run."""
+    slows every shape alike; each shape counts its fastest run: GFLOP/s = 2*m*k*n / that run.
+
+    ``int8_shapes`` take their turns too, as MatMulInteger: int8 GOP/s and the ratio to the fp32
+    MatMul of the same shape, the kernel-level reason int8 gains what it gains on this CPU."""
     import onnxruntime as ort
 
     if not shapes or budget_s <= 0:
@@ -84,11 +93,11 @@ def matmul_peak(shapes: tuple[tuple[int, int, int], ...] = PEAK_SHAPES, budget_s
     options.intra_op_num_threads = threads
     rng = np.random.default_rng(1)
     runs = []
-    for m, k, n in shapes:
-        session = ort.InferenceSession(_matmul_model(m, k, n), options, providers=["CPUExecutionProvider"])
-        feed = {"a": rng.standard_normal((m, k)).astype(np.float32)}
-        session.run(None, feed)  # warm-up: allocations and the thread pool
-        runs.append((session, feed, [m, k, n], []))
+    for (m, k, n), int8 in [(s, False) for s in shapes] + [(s, True) for s in int8_shapes]:
+        session = ort.InferenceSession(_matmul_model(m, k, n, int8), options, providers=["CPUExecutionProvider"])
+        a = rng.integers(0, 256, (m, k), dtype=np.uint8) if int8 else rng.standard_normal((m, k)).astype(np.float32)
+        session.run(None, {"a": a})  # warm-up: allocations and the thread pool
+        runs.append((session, {"a": a}, [m, k, n], []))
     start, rounds = time.perf_counter(), 0
     while rounds < 3 or time.perf_counter() - start < budget_s:
         for session, feed, _, times in runs:
@@ -100,12 +109,17 @@ def matmul_peak(shapes: tuple[tuple[int, int, int], ...] = PEAK_SHAPES, budget_s
                 if t + times[-1] - turn >= TURN_S:
                     break
         rounds += 1
-    results = [{"m": m, "k": k, "n": n, "gflops": 2 * m * k * n / min(times) / 1e9, "best_ms": min(times) * 1e3,
-                "median_ms": float(np.median(times)) * 1e3, "runs": len(times)}
-               for _, _, (m, k, n), times in runs]
+    measured = [{"m": m, "k": k, "n": n, "gflops": 2 * m * k * n / min(times) / 1e9, "best_ms": min(times) * 1e3,
+                 "median_ms": float(np.median(times)) * 1e3, "runs": len(times)}
+                for _, _, (m, k, n), times in runs]
+    results, int8 = measured[:len(shapes)], measured[len(shapes):]
+    fp32 = {(r["m"], r["k"], r["n"]): r["gflops"] for r in results}
+    for r in int8:
+        r["vs_fp32"] = r["gflops"] / fp32[(r["m"], r["k"], r["n"])] if (r["m"], r["k"], r["n"]) in fp32 else None
     top = max(results, key=lambda r: r["gflops"])
     return {"peak_gflops": top["gflops"], "best_shape": [top["m"], top["k"], top["n"]], "shapes": results,
-            "threads": threads or "onnxruntime default (every core)", "seconds": time.perf_counter() - start}
+            "int8": int8, "threads": threads or "onnxruntime default (every core)",
+            "seconds": time.perf_counter() - start}
 
 
 def measure_peak(budget_s: float = 15.0) -> dict[str, Any]:
