@@ -118,6 +118,7 @@ def test_the_peak_sweep_is_bounded_and_names_its_best_shape():
     assert time.perf_counter() - started < 10
     assert all(s["gflops"] > 0 and s["runs"] >= 3 for s in peak["shapes"] + peak["int8"])
     assert peak["int8"][0]["vs_fp32"] == pytest.approx(peak["int8"][0]["gflops"] / peak["shapes"][0]["gflops"])
+    assert peak["int8"][0]["vs_peak"] == pytest.approx(peak["int8"][0]["gflops"] / peak["peak_gflops"])
     assert peak["peak_gflops"] == max(s["gflops"] for s in peak["shapes"])
     assert peak["best_shape"] in ([64, 64, 64], [256, 128, 256])
     with pytest.raises(BenchError, match="positive time budget"):
@@ -150,7 +151,9 @@ def _results(vnni):
             "plan": {"concurrencies": [64], "rates": [], "bulk": [0, 0], "warmup_s": 1, "measure_s": 2},
             "roofline": {"peak_gflops": 213.4, "best_shape": [640, 384, 1536], "threads": "default", "seconds": 15,
                          "shapes": [{"m": 640, "k": 384, "n": 1536, "gflops": 213.4, "best_ms": 3.5,
-                                     "median_ms": 4.0, "runs": 40}]},
+                                     "median_ms": 4.0, "runs": 40}],
+                         "int8": [{"m": 640, "k": 384, "n": 1536, "gflops": 400.0, "best_ms": 1.9, "median_ms": 2.0,
+                                   "runs": 40, "vs_fp32": 1.87, "vs_peak": 1.87}]},
             "flops": {"embedding": {"per_item_mean": 6.69e8, "tokens_mean": 30.9, "tokens_max": 110,
                                     "formula": {"constant": 0, "linear": 21233664, "quadratic": 9216}}},
             "workloads": {"embedding": data}}
@@ -167,6 +170,7 @@ def test_the_report_gives_gflops_roofline_and_holds_int8_to_1_5x_only_with_vnni(
     assert "| req/s | items/s | GFLOP/s | roofline | p50 ms |" in report
     assert "| toolkit-fused | c=64 | 100.0 | 100.0 | 66.9 | 0.31 | 1.0 |" in report
     assert "Matrix-product peak: **213.4 GFLOP/s**" in report and "| 640x384x1536 | 213.4 |" in report
+    assert "int8 (MatMulInteger, GOP/s: 1.87x the fp32 peak, 1.87x this shape's fp32) | 400.0 |" in report
     assert "mean **0.669 GFLOP** at 30.9 tokens" in report and "21.234 M x L + 9.216 k x L^2" in report
     assert ("VNNI: yes" if vnni else "VNNI: no") in report
     assert ("| **no** |" if vnni else "none without VNNI (>= 1.5 with it) | n/a |") in report

@@ -114,9 +114,10 @@ def matmul_peak(shapes: tuple[tuple[int, int, int], ...] = PEAK_SHAPES, budget_s
                 for _, _, (m, k, n), times in runs]
     results, int8 = measured[:len(shapes)], measured[len(shapes):]
     fp32 = {(r["m"], r["k"], r["n"]): r["gflops"] for r in results}
+    top = max(results, key=lambda r: r["gflops"])
     for r in int8:
         r["vs_fp32"] = r["gflops"] / fp32[(r["m"], r["k"], r["n"])] if (r["m"], r["k"], r["n"]) in fp32 else None
-    top = max(results, key=lambda r: r["gflops"])
+        r["vs_peak"] = r["gflops"] / top["gflops"]
     return {"peak_gflops": top["gflops"], "best_shape": [top["m"], top["k"], top["n"]], "shapes": results,
             "int8": int8, "threads": threads or "onnxruntime default (every core)",
             "seconds": time.perf_counter() - start}
