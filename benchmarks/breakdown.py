@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=200, help="BERT batches reproduced and profiled")
     parser.add_argument("--out", type=Path, default=ROOT / "build/bench/breakdown")
     args = parser.parse_args()
+    args.out = args.out.absolute()  # the server's command line holds the repository's absolute path
     args.out.mkdir(parents=True, exist_ok=True)
     work = workload("embedding", args.bert_dir.absolute())
     payloads = work.payloads()

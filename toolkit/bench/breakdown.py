@@ -42,7 +42,7 @@ def server_processes(repository: Path) -> dict[str, list[int]]:
     """tritonserver and its python stubs serving ``repository``, by label (``tritonserver``, or the
     stub's model name), found by the repository path on their command line (read-only)."""
     found: dict[str, list[int]] = {}
-    repo = str(repository)
+    repo = str(Path(repository).absolute())
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
