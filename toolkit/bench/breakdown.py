@@ -173,13 +173,23 @@ def reproduce_batches(bert_dir: Path, config: dict, texts: list[str], batch_size
 def profile_batches(model_path: Path, batches: list[list[dict[str, np.ndarray]]], threads: int = 1,
                     serving: dict | None = None) -> dict[str, Any]:
     """Run every batch's feeds through onnxruntime (the served session recipe, ``threads`` threads)
-    with its profiler on: per batch, the CPU ms of the runs (this process's CPU time, which on a
-    shared machine differs from the wall time the profiler records) and the profiler's wall ms by
-    operator and for whole runs."""
+    twice: plain, for the CPU ms per batch (this process's CPU time, which on a shared machine
+    differs from wall time), then with the profiler on (its per-node bookkeeping costs CPU too),
+    for the wall ms by operator and for whole runs."""
     import onnxruntime as ort
 
     from toolkit.runtime.onnx_hook import session as served_session
 
+    def run_all(session) -> tuple[float, float]:
+        outputs = [o.name for o in session.get_outputs()]
+        session.run(outputs, batches[0][0])  # warm-up, left out
+        started, cpu = time.perf_counter(), time.process_time()
+        for calls in batches:
+            for feed in calls:
+                session.run(outputs, feed)
+        return time.perf_counter() - started, time.process_time() - cpu
+
+    wall, cpu = run_all(served_session(ort, model_path, threads, "false", serving))
     with tempfile.TemporaryDirectory() as tmp:
         def profiled_options():
             options = ort.SessionOptions()
@@ -191,13 +201,7 @@ def profile_batches(model_path: Path, batches: list[list[dict[str, np.ndarray]]]
                                          GraphOptimizationLevel=ort.GraphOptimizationLevel,
                                          InferenceSession=ort.InferenceSession)
         session = served_session(profiled, model_path, threads, "false", serving)
-        outputs = [o.name for o in session.get_outputs()]
-        session.run(outputs, batches[0][0])  # warm-up, left out below
-        started, cpu = time.perf_counter(), time.process_time()
-        for calls in batches:
-            for feed in calls:
-                session.run(outputs, feed)
-        wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+        profiled_wall, profiled_cpu = run_all(session)
         events = json.loads(Path(session.end_profiling()).read_text())
     runs = sorted((e["ts"], e["dur"]) for e in events if e.get("name") == "model_run")[1:]
     first = runs[0][0] if runs else 0
@@ -208,6 +212,7 @@ def profile_batches(model_path: Path, batches: list[list[dict[str, np.ndarray]]]
     n = len(batches)
     return {"batches": n, "calls": sum(len(c) for c in batches), "threads": threads,
             "wall_ms_per_batch": wall * 1e3 / n, "cpu_ms_per_batch": cpu * 1e3 / n,
+            "profiled_wall_ms_per_batch": profiled_wall * 1e3 / n, "profiled_cpu_ms_per_batch": profiled_cpu * 1e3 / n,
             "run_ms_per_batch": sum(d for _, d in runs) / 1e3 / n,
             "op_ms_per_batch": {op: us / 1e3 / n for op, us in by_op.most_common()}}
 
@@ -236,16 +241,16 @@ def batch_table(window: dict[str, Any], profile: dict[str, Any], pad: dict[str, 
     """Where one BERT batch's CPU goes: CPU ms per BERT batch, its share of our processes' CPU, and
     its share of the machine's time per batch (cores x the window / BERT's batches).
 
-    BERT's onnxruntime rows are the reproduced batches' CPU in process, split in the proportions
-    of onnxruntime's profile (matrix-product kernels, other kernels, between kernels); "BERT stub,
-    the rest" is the stubs' CPU under load minus that."""
+    BERT's onnxruntime rows are the reproduced batches' CPU in process (profiler off), split in the
+    proportions of onnxruntime's profile (matrix-product kernels, other kernels, between kernels);
+    "BERT stub, the rest" is the stubs' CPU under load minus that."""
     batches = window["stats"][bert]["executions"]
     if not batches:
         raise BenchError("no BERT batch ran in the window")
     budget = cores * window["seconds"] * 1e3 / batches
     cpu = {k: v * 1e3 / batches for k, v in window["cpu_s"].items()}
     ops = profile["op_ms_per_batch"]
-    scale = profile["cpu_ms_per_batch"] / profile["run_ms_per_batch"]  # the profile's wall ms -> CPU ms
+    scale = profile["cpu_ms_per_batch"] / profile["run_ms_per_batch"]  # the profile's shares of the CPU
     matrix = scale * sum(ms for op, ms in ops.items() if is_matrix_op(op))
     kernels = scale * sum(ops.values())
     rows = [("BERT: matrix products (onnxruntime kernels)", matrix),
