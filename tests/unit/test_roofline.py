@@ -182,3 +182,16 @@ def test_an_int8_matmul_counts_like_the_float_one_it_replaces(tmp_path):
                  [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, "L", 8])],
                  [helper.make_tensor_value_info("y", TensorProto.INT32, None)], {"w": np.ones((8, 16), np.int8)})
     assert TokenFlops.of(path).linear == 2 * 8 * 16
+
+
+def test_a_workload_whose_flops_could_not_be_counted_says_so_and_keeps_its_rows(tmp_path):
+    results = _results(False)
+    results["flops"]["embedding"] = {"failed": "model.onnx: input image ['n', 'h', 'w', 3] has variable dims"}
+    for entry in results["workloads"]["embedding"].values():
+        for p in entry["points"]:
+            del p["roofline"]
+    results["targets"] = evaluate_targets(results["workloads"], results["machine"]["cpu_features"])
+    write_markdown(results, tmp_path / "report.md")
+    report = (tmp_path / "report.md").read_text()
+    assert "FLOPs per item: **not counted** (model.onnx: input image" in report
+    assert "| toolkit-fused | c=64 | 100.0 | 100.0 | 66.9 | - | 1.0 |" in report

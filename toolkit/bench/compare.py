@@ -70,8 +70,13 @@ def compare(plan: Plan, out: Path, *, progress: bool = True) -> dict[str, Any]:
         peak = results.get("roofline", {}).get("peak_gflops")
         for work in plan.workloads:
             payloads = work.payloads()
-            flops, results["flops"][work.name] = workload_flops(
-                "image" if work.model == "mobile" else "text", work.model_dir, payloads)
+            try:
+                flops, results["flops"][work.name] = workload_flops(
+                    "image" if work.model == "mobile" else "text", work.model_dir, payloads)
+            except BenchError as e:  # no GFLOP/s for this workload; its req/s and p99 still count
+                flops, results["flops"][work.name] = [], {"failed": str(e)[:500]}
+                bar.console.print(f"[red]{work.name}: FLOPs not counted: {e}")
+            point_peak = peak if flops else None
             per_contender: dict[str, Any] = {}
 
             limit_args = (work.model, work.model_dir, list(plan.batch_sizes), plan.limit_s,
@@ -100,7 +105,8 @@ def compare(plan: Plan, out: Path, *, progress: bool = True) -> dict[str, Any]:
                                              **{kind: value})
                             result, server_split = measure_point(spec, stats_url, models, plan.max_variation)
                             points.append({"load": "bulk" if items > 1 else kind, "value": value,
-                                           **result.to_dict(), **server_split, **_roofline(result.gflops, peak)})
+                                           **result.to_dict(), **server_split,
+                                           **_roofline(result.gflops, point_peak)})
                             bar.advance(task)
                 except (BenchError, ToolkitError, OSError) as e:  # reported, and the run goes on
                     per_contender[contender] = {"failed": f"{type(e).__name__}: {e}"[:500], "points": points}
@@ -110,7 +116,8 @@ def compare(plan: Plan, out: Path, *, progress: bool = True) -> dict[str, Any]:
             if "inprocess" in plan.contenders:
                 bar.update(task, description=f"{work.name}: in-process limits again")
                 limit = best_limits(first, measure_limit(*limit_args))
-                _limit_roofline(limit, results["flops"][work.name]["per_item_mean"], peak)
+                if flops:
+                    _limit_roofline(limit, results["flops"][work.name]["per_item_mean"], peak)
                 per_contender["inprocess"] = {"limit": limit}
                 bar.advance(task)
             results["workloads"][work.name] = per_contender

@@ -166,6 +166,8 @@ def _roofline_lines(results: dict[str, Any]) -> list[str]:
 
 
 def _flops_line(flops: dict[str, Any]) -> str:
+    if "failed" in flops:
+        return f"FLOPs per item: **not counted** ({flops['failed']}); no GFLOP/s for this workload."
     mean = flops["per_item_mean"] / 1e9
     if "formula" in flops:
         f = flops["formula"]
