@@ -22,12 +22,17 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def test_compare_measures_every_contender_and_writes_report_and_plot(tmp_path, minilm_export):
     plan = Plan(workloads=(workload("short", minilm_export),), concurrencies=(1, 16), bulk=(2, 8), warmup_s=0.5,
                 measure_s=1.5, batch_sizes=(1, 8), limit_s=0.3, allow_unstable=True,
-                contenders=("inprocess", "naive", "pytriton", "toolkit", "toolkit-fused"))
+                contenders=("inprocess", "naive", "pytriton", "toolkit", "toolkit-fused"), peak_s=0.5)
     results = compare(plan, tmp_path, progress=False)
     data = results["workloads"]["short"]
     assert set(data) == {"inprocess", "naive", "pytriton", "toolkit", "toolkit-fused"}
+    peak = results["roofline"]["peak_gflops"]
+    assert peak > 0 and len(results["roofline"]["shapes"]) == 7 and "vnni" in results["machine"]["cpu_features"]
+    flops = results["flops"]["short"]
+    assert flops["formula"]["linear"] == 21_233_664 and 8 <= flops["tokens_mean"] <= flops["tokens_max"] <= 64
     limit = data["inprocess"]["limit"]
     assert limit["best_throughput"] > 0 and limit["batch1_p50_ms"] > 0 and len(limit["runs"]) == 2
+    assert limit["gflops"] == pytest.approx(limit["best_throughput"] * flops["per_item_mean"] / 1e9)
     assert set(limit["stream"][16]["rates"]) == {"alone", "sorted groups of 4", "sorted groups of 8",
                                                  "sorted groups of 16"}
     for contender in ("naive", "pytriton", "toolkit", "toolkit-fused"):
@@ -36,6 +41,7 @@ def test_compare_measures_every_contender_and_writes_report_and_plot(tmp_path, m
             ("concurrency", 1, 1), ("concurrency", 16, 1), ("bulk", 2, 8)]
         assert all(p["errors"] == 0 and p["completed"] > 0 and p["p99_ms"] >= p["p50_ms"] > 0 for p in points)
         assert points[2]["items_per_s"] == pytest.approx(points[2]["throughput"] * 8)
+        assert all(p["gflops"] > 0 and p["roofline"] == pytest.approx(p["gflops"] / peak) for p in points)
     toolkit_split = data["toolkit"]["points"][1]
     assert toolkit_split["compute_ms"] > 0 and toolkit_split["queue_ms"] >= 0  # from Triton's statistics
     names = [t["target"] for t in results["targets"]]
@@ -44,6 +50,7 @@ def test_compare_measures_every_contender_and_writes_report_and_plot(tmp_path, m
     report = (tmp_path / "report.md").read_text()
     assert "| toolkit-fused | c=16 |" in report and "| naive | bulk c=2 x8 |" in report
     assert "Stream limit at c=16" in report and "Offline limit" in report
+    assert "## Roofline" in report and "| GFLOP/s | roofline |" in report
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "results.json").read_text())["machine"]["cores"] >= 1
 

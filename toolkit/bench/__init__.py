@@ -6,6 +6,8 @@
     peers.py       peer servers (mosec, infinity, ray): start, check, stop; peer_envs.py their venvs
     servers/       every server we compare against, each run as its own process
     pipelines.py, compare.py, report.py, data/
+    roofline.py    the machine's matrix-product peak, FLOPs per request from the ONNX graph, CPU flags
+    breakdown.py   where a batch's CPU and a request's latency go under load (benchmarks/breakdown.py)
     perf_analyzer.py  Triton's perf_analyzer (`toolkit bench perf`): find it, run it, read its CSV;
     perf_data.py      its --input-data, made from a generated model's config and export
 

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from toolkit.bench.loadgen import PointSpec, run_point
 from toolkit.bench.peers import WORKLOADS as PEER_WORKLOADS
 from toolkit.bench.report import evaluate_targets, write_markdown, write_plot
+from toolkit.bench.roofline import cpu_features, measure_peak, workload_flops
 from toolkit.bench.runner import CONTENDERS, best_limits, measure_limit, measure_point, serve
 from toolkit.bench.workloads import Workload
 from toolkit.errors import BenchError, ToolkitError
@@ -35,6 +36,8 @@ class Plan:
     limit_s: float = 3.0
     max_variation: float = 0.25
     allow_unstable: bool = False
+    #: Seconds of the matrix-product peak sweep before the contenders (0: no roofline).
+    peak_s: float = 15.0
 
 
 def machine() -> dict[str, Any]:
@@ -46,7 +49,8 @@ def machine() -> dict[str, Any]:
 
     versions = {p: version(p) for p in ("nvidia-pytriton", "tritonclient", "onnxruntime", "numpy", "fastapi",
                                           "uvicorn", "tokenizers")}
-    return {"cores": len(os.sched_getaffinity(0)), "cpu": cpu, "python": platform.python_version(), **versions}
+    return {"cores": len(os.sched_getaffinity(0)), "cpu": cpu, "python": platform.python_version(), **versions,
+            "cpu_features": cpu_features()}
 
 
 def compare(plan: Plan, out: Path, *, progress: bool = True) -> dict[str, Any]:
@@ -56,12 +60,23 @@ def compare(plan: Plan, out: Path, *, progress: bool = True) -> dict[str, Any]:
     if plan.bulk[0] > 0:
         loads.append(("concurrency", plan.bulk[0], plan.bulk[1]))  # items capped per workload below
     total = len(plan.workloads) * (len(servers) * len(loads) + 2 * ("inprocess" in plan.contenders))
-    results: dict[str, Any] = {"machine": machine(), "plan": _plan_dict(plan), "workloads": {}}
+    results: dict[str, Any] = {"machine": machine(), "plan": _plan_dict(plan), "workloads": {}, "flops": {}}
     columns = (TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, disable=not progress, transient=False) as bar:
         task = bar.add_task("benchmark", total=total)
+        if plan.peak_s > 0:
+            bar.update(task, description="the matrix-product peak")
+            results["roofline"] = measure_peak(plan.peak_s)
+        peak = results.get("roofline", {}).get("peak_gflops")
         for work in plan.workloads:
             payloads = work.payloads()
+            try:
+                flops, results["flops"][work.name] = workload_flops(
+                    "image" if work.model == "mobile" else "text", work.model_dir, payloads)
+            except BenchError as e:  # no GFLOP/s for this workload; its req/s and p99 still count
+                flops, results["flops"][work.name] = [], {"failed": str(e)[:500]}
+                bar.console.print(f"[red]{work.name}: FLOPs not counted: {e}")
+            point_peak = peak if flops else None
             per_contender: dict[str, Any] = {}
 
             limit_args = (work.model, work.model_dir, list(plan.batch_sizes), plan.limit_s,
@@ -86,10 +101,12 @@ def compare(plan: Plan, out: Path, *, progress: bool = True) -> dict[str, Any]:
                             items = min(items, work.max_items)
                             bar.update(task, description=f"{work.name}: {contender} {kind} {value} x{items}")
                             spec = PointSpec(target, payloads, warmup_s=min(2.0, plan.warmup_s),
-                                             measure_s=plan.measure_s, items=items, **{kind: value})
+                                             measure_s=plan.measure_s, items=items, flops=tuple(flops),
+                                             **{kind: value})
                             result, server_split = measure_point(spec, stats_url, models, plan.max_variation)
                             points.append({"load": "bulk" if items > 1 else kind, "value": value,
-                                           **result.to_dict(), **server_split})
+                                           **result.to_dict(), **server_split,
+                                           **_roofline(result.gflops, point_peak)})
                             bar.advance(task)
                 except (BenchError, ToolkitError, OSError) as e:  # reported, and the run goes on
                     per_contender[contender] = {"failed": f"{type(e).__name__}: {e}"[:500], "points": points}
@@ -98,15 +115,31 @@ def compare(plan: Plan, out: Path, *, progress: bool = True) -> dict[str, Any]:
                 per_contender[contender] = {"points": points}
             if "inprocess" in plan.contenders:
                 bar.update(task, description=f"{work.name}: in-process limits again")
-                per_contender["inprocess"] = {"limit": best_limits(first, measure_limit(*limit_args))}
+                limit = best_limits(first, measure_limit(*limit_args))
+                if flops:
+                    _limit_roofline(limit, results["flops"][work.name]["per_item_mean"], peak)
+                per_contender["inprocess"] = {"limit": limit}
                 bar.advance(task)
             results["workloads"][work.name] = per_contender
-    results["targets"] = evaluate_targets(results["workloads"])
+    results["targets"] = evaluate_targets(results["workloads"], results["machine"]["cpu_features"])
     (out / "results.json").write_text(json.dumps(results, indent=2))
     write_markdown(results, out / "report.md")
     write_plot(results["workloads"], out / "plot.png")
     _fail_if_untrustworthy(results, plan)
     return results
+
+
+def _roofline(gflops: float, peak: float | None) -> dict[str, float]:
+    """A point's share of the machine's matrix-product peak (nothing without a peak)."""
+    return {"roofline": gflops / peak} if peak else {}
+
+
+def _limit_roofline(limit: dict[str, Any], flops_per_item: float, peak: float | None) -> None:
+    """The limits' GFLOP/s: whole passes over the corpus, so its mean FLOPs per item are exact."""
+    for where in (limit, *limit.get("stream", {}).values()):
+        key = "best_throughput" if where is limit else "throughput"
+        where["gflops"] = where[key] * flops_per_item / 1e9
+        where.update(_roofline(where["gflops"], peak))
 
 
 def _plan_dict(plan: Plan) -> dict[str, Any]:

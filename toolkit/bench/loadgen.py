@@ -50,10 +50,19 @@ class PointSpec:
     measure_s: float = 10.0
     seed: int = 0
     items: int = 1  # payloads per request (> 1: bulk requests of consecutive payloads)
+    #: FLOPs of each payload (toolkit/bench/roofline.py), or empty: served GFLOP/s are then 0.
+    flops: tuple[float, ...] = ()
 
     def request(self, index: int) -> list[bytes]:
         start = index * self.items
         return [self.payloads[(start + k) % len(self.payloads)] for k in range(self.items)]
+
+    def work(self, index: int) -> float:
+        """The FLOPs of request ``index`` (its payloads' own, without padding)."""
+        if not self.flops:
+            return 0.0
+        start = index * self.items
+        return float(sum(self.flops[(start + k) % len(self.flops)] for k in range(self.items)))
 
 
 @dataclass
@@ -72,6 +81,8 @@ class PointResult:
     slices: list[float] = field(default_factory=list)
     error_samples: list[str] = field(default_factory=list)
     items: int = 1  # payloads per request
+    #: FLOPs per second of the requests completed in the window, in GFLOP/s (0 without PointSpec.flops).
+    gflops: float = 0.0
 
     @property
     def items_per_s(self) -> float:
@@ -159,18 +170,19 @@ class _Recorder:
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
-        self.samples: list[tuple[float, float]] = []
+        self.samples: list[tuple[float, float, float]] = []
         self.errors: list[str] = []
 
-    async def send(self, client: _Client, payload: list[bytes], since: float) -> None:
-        """One request; latency counts from ``since`` (sent, or scheduled in an open loop)."""
+    async def send(self, client: _Client, payload: list[bytes], since: float, work: float = 0.0) -> None:
+        """One request; latency counts from ``since`` (sent, or scheduled in an open loop); ``work``:
+        its FLOPs, counted if it completes."""
         try:
             await client.call(payload)
         except Exception as e:
             self.errors.append(f"{time.perf_counter() - self.start:.3f} {type(e).__name__}: {e}"[:300])
             return
         done = time.perf_counter()
-        self.samples.append((done - self.start, done - since))
+        self.samples.append((done - self.start, done - since, work))
 
 
 async def _closed_loop(spec: PointSpec) -> _Recorder:
@@ -180,7 +192,8 @@ async def _closed_loop(spec: PointSpec) -> _Recorder:
 
     async def worker(client: _Client) -> None:
         while (now := time.perf_counter()) < end:
-            await record.send(client, spec.request(next(counter)), now)
+            index = next(counter)
+            await record.send(client, spec.request(index), now, spec.work(index))
 
     async with _Client(spec.target) as client:
         await asyncio.gather(*(worker(client) for _ in range(spec.concurrency)))
@@ -205,7 +218,7 @@ async def _open_loop(spec: PointSpec) -> _Recorder:
                 record.errors.append(f"{scheduled - record.start:.3f} client: more than {MAX_OUTSTANDING} "
                                      "requests outstanding")
                 continue
-            task = asyncio.create_task(record.send(client, spec.request(i), scheduled))
+            task = asyncio.create_task(record.send(client, spec.request(i), scheduled, spec.work(i)))
             outstanding.add(task)
             task.add_done_callback(outstanding.discard)
             i += 1
@@ -214,19 +227,20 @@ async def _open_loop(spec: PointSpec) -> _Recorder:
     return record
 
 
-def _summarise(spec: PointSpec, samples: list[tuple[float, float]], errors: list[str]) -> PointResult:
+def _summarise(spec: PointSpec, samples: list[tuple[float, float, float]], errors: list[str]) -> PointResult:
     lo, hi = spec.warmup_s, spec.warmup_s + spec.measure_s
-    window = [(t, lat) for t, lat in samples if lo <= t < hi]
-    latencies = np.array([lat for _, lat in window]) * 1000 if window else np.array([np.nan])
+    window = [(t, lat, work) for t, lat, work in samples if lo <= t < hi]
+    latencies = np.array([lat for _, lat, _ in window]) * 1000 if window else np.array([np.nan])
     edges = np.linspace(lo, hi, 6)
-    times = np.array([t for t, _ in window]) if window else np.array([])
+    times = np.array([t for t, _, _ in window]) if window else np.array([])
     slices = [float(((times >= a) & (times < b)).sum() / (b - a)) for a, b in itertools.pairwise(edges)]
     return PointResult(
         concurrency=spec.concurrency, rate=spec.rate, window_s=spec.measure_s, completed=len(window),
         errors=len(errors), throughput=len(window) / spec.measure_s,
         p50_ms=float(np.percentile(latencies, 50)), p95_ms=float(np.percentile(latencies, 95)),
         p99_ms=float(np.percentile(latencies, 99)), mean_ms=float(np.mean(latencies)),
-        slices=slices, error_samples=errors[:5], items=spec.items)
+        slices=slices, error_samples=errors[:5], items=spec.items,
+        gflops=sum(work for _, _, work in window) / spec.measure_s / 1e9)
 
 
 def run_point_here(spec: PointSpec) -> PointResult:

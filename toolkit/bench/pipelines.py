@@ -47,6 +47,19 @@ def make_images(count: int, size: int = 224, seed: int = 0) -> list[bytes]:
     return images
 
 
+def text_tokenizer(bert_dir: Path, max_seq_length: int = 256) -> WordPieceTokenizer:
+    """The tokenizer step's hook, as the `embedding` ensemble serves it for this BERT export."""
+    tokenizer = WordPieceTokenizer()
+    tokenizer.init(_context("tokenizer", bert_dir, max_seq_length=str(max_seq_length)))
+    return tokenizer
+
+
+def token_counts(bert_dir: Path, texts: list[str], max_seq_length: int = 256) -> list[int]:
+    """Each text's tokens as served (the tokenizer step's WordPiece, [CLS]/[SEP], truncated): no padding."""
+    tokenizer = text_tokenizer(bert_dir, max_seq_length)
+    return [sum(encoding.attention_mask) for encoding in tokenizer.tokenizer.encode_batch(texts)]  # unpadded
+
+
 def _context(name: str, model_dir: Path, **parameters: str) -> HookContext:
     return HookContext(model_name=name, model_version=1, model_dir=Path(model_dir), parameters=parameters)
 
@@ -69,8 +82,7 @@ class EmbeddingPipeline:
     """Tokenize (WordPiece) -> BERT (onnxruntime) -> mean pooling + L2, on a list of texts."""
 
     def __init__(self, bert_dir: Path, *, threads: int | None = None, max_seq_length: int = 256):
-        self.tokenizer = WordPieceTokenizer()
-        self.tokenizer.init(_context("tokenizer", bert_dir, max_seq_length=str(max_seq_length)))
+        self.tokenizer = text_tokenizer(bert_dir, max_seq_length)
         self.pooling = MeanPooling()
         self.pooling.init(_context("pooling", bert_dir))
         self.session = _session(Path(bert_dir) / "model.onnx", threads)

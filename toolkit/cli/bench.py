@@ -151,8 +151,10 @@ def perf(model: str, url: str | None, protocol: str, repository: Path, default_d
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("build/bench"),
               show_default=True, help="Where results.json, report.md and plot.png go.")
 @click.option("--allow-unstable", is_flag=True, help="Report unsteady points instead of failing.")
+@click.option("--peak-seconds", type=click.FloatRange(0), default=15.0, show_default=True,
+              help="The matrix-product peak sweep before the contenders: the roofline (0: none).")
 def compare_command(workloads, bert_dir, int8_dir, mobilenet_dir, contenders, concurrency, rate, bulk, seconds,
-                    warmup, out, allow_unstable) -> None:
+                    warmup, out, allow_unstable, peak_seconds) -> None:
     """The in-process limits, the toolkit's forms and every peer on the same inputs, in one run."""
     from toolkit.bench.compare import Plan, compare
     from toolkit.bench.runner import KNOWN_CONTENDERS
@@ -174,7 +176,7 @@ def compare_command(workloads, bert_dir, int8_dir, mobilenet_dir, contenders, co
                          f"{int8_dir.parent} (./dev.sh bench does it)")
     plan = Plan(workloads=tuple(workload(n, dirs[n].absolute(), int8_dir.absolute()) for n in workloads),
                 contenders=contenders, concurrencies=concurrency, rates=rate, bulk=tuple(bulk), warmup_s=warmup,
-                measure_s=seconds, allow_unstable=allow_unstable)
+                measure_s=seconds, allow_unstable=allow_unstable, peak_s=peak_seconds)
     try:
         results = compare(plan, out)
     finally:
