@@ -252,7 +252,7 @@ def test_a_model_that_cannot_come_back_stays_not_ready_and_is_retried_until_it_c
         (tmp_path / "broken").unlink()
         wait_for(lambda: server.watchdog.heals, 30, step=0.1)
         assert server.watchdog.heals and server.watchdog.heals[0].attempts >= 2, events
-        assert server.http("GET", "/v2/health/ready")[0] == 200
+        assert server.http("GET", "/v2/health/ready")[0] == 200, "\n".join(events)
         with TritonClient(server.grpc_url, protocol="grpc") as client:
             assert client.infer("flaky", {"X": np.array([[2.0]], np.float32)})["Y"].tolist() == [[2.0]]
     finally:

@@ -578,7 +578,11 @@ class Supervisor:
                         self.server.admin.load(name, timeout=self.policy.call_timeout)
                 return
             mine = index.get(model, {})
-            if mine.get("state") == "UNAVAILABLE":
+            # Until the load call answers, UNAVAILABLE may still be the unload this heal just made
+            # ("unloaded"): Triton has not begun the load. Taken as a failure, the heal's backoff
+            # unloaded the version that then loaded, again and again, until the crash-loop limit.
+            # A load that fails answers with its reason (load.error above).
+            if mine.get("state") == "UNAVAILABLE" and load.done.is_set():
                 raise RuntimeError(f"load failed: {mine.get('reason') or 'unavailable'}")
             if mine.get("state") == "LOADING":
                 if self.alive(model):
