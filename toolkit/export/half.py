@@ -42,10 +42,10 @@ from toolkit.export.quantize import (
     Gate,
     QuantizationError,
     QuantizationReport,
-    _embed,
     _spearman,
     calibration_feeds,
     calibration_sentences,
+    gated_report,
     judge,
 )
 
@@ -274,15 +274,8 @@ def half_bert(fp32_path: Path, fp16_path: Path, vocab: Path, *, lower_case: bool
     try:
         sentences = calibration_sentences()
         extra = _fp16_candidate(fp32_path, candidate, calibration_feeds(vocab, lower_case, sentences))
-        reference = _embed(fp32_path, vocab, lower_case, sentences)
-        half = _embed(candidate, vocab, lower_case, sentences)
-        cosine = np.sum(reference * half, axis=1)
-        upper = np.triu_indices(len(sentences), 1)
-        rank = _spearman((reference @ reference.T)[upper], (half @ half.T)[upper])
-        report = QuantizationReport("fp16", len(sentences), float(cosine.min()), float(cosine.mean()), rank, gate,
-                                    fp32_path.stat().st_size / 1e6, candidate.stat().st_size / 1e6,
-                                    round(time.perf_counter() - start, 2), METHOD, extra=extra)
-        judge(report, "calibration sentences")
+        report = gated_report("fp16", fp32_path, candidate, vocab, lower_case, sentences, gate, start,
+                              method=METHOD, extra=extra)
         _promote(scratch, fp16_path.parent)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -141,17 +141,24 @@ def quantize_bert(fp32_path: Path, int8_path: Path, vocab: Path, *, lower_case: 
                              op_types_to_quantize=["MatMul"])
         except Exception as e:  # onnxruntime raises bare Exceptions for graphs it cannot quantize
             raise QuantizationError(f"onnxruntime could not quantize {fp32_path}: {e}") from e
-        sentences = calibration_sentences()
-        reference = _embed(fp32_path, vocab, lower_case, sentences)
-        quantized = _embed(candidate, vocab, lower_case, sentences)
-        cosine = np.sum(reference * quantized, axis=1)
-        upper = np.triu_indices(len(sentences), 1)
-        rank = _spearman((reference @ reference.T)[upper], (quantized @ quantized.T)[upper])
-        report = QuantizationReport("int8", len(sentences), float(cosine.min()), float(cosine.mean()), rank, gate,
-                                    fp32_path.stat().st_size / 1e6, candidate.stat().st_size / 1e6,
-                                    round(time.perf_counter() - start, 2))
-        judge(report, "calibration sentences")
+        report = gated_report("int8", fp32_path, candidate, vocab, lower_case, calibration_sentences(), gate, start)
         candidate.replace(int8_path)
+    return report
+
+
+def gated_report(scheme: str, fp32_path: Path, candidate: Path, vocab: Path, lower_case: bool,
+                 sentences: list[str], gate: Gate, start: float, **fields: Any) -> QuantizationReport:
+    """The candidate's embeddings of ``sentences`` against fp32's, judged by ``gate`` (raises
+    ``QuantizationError`` below it); ``fields`` are the report's other fields (method, extra)."""
+    reference = _embed(fp32_path, vocab, lower_case, sentences)
+    lowered = _embed(candidate, vocab, lower_case, sentences)
+    cosine = np.sum(reference * lowered, axis=1)
+    upper = np.triu_indices(len(sentences), 1)
+    rank = _spearman((reference @ reference.T)[upper], (lowered @ lowered.T)[upper])
+    report = QuantizationReport(scheme, len(sentences), float(cosine.min()), float(cosine.mean()), rank, gate,
+                                fp32_path.stat().st_size / 1e6, candidate.stat().st_size / 1e6,
+                                round(time.perf_counter() - start, 2), **fields)
+    judge(report, "calibration sentences")
     return report
 
 
