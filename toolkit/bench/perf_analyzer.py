@@ -235,14 +235,21 @@ def passthrough_shapes(extra: list[str]) -> tuple[dict[str, list[int]], bool]:
             own_data = True
         if flag == "--shape":
             value = inline if eq else (extra[i + 1] if i + 1 < len(extra) else "")
-            name, sep, dims = value.rpartition(":")
             try:
-                shapes[name] = [int(d) for d in dims.split(",")]
+                name, dims = parse_shape(value)
             except ValueError:
-                sep = ""
-            if not sep or not name:
-                raise BenchError(f"--shape {value!r}: expected NAME:d1,d2,... (perf_analyzer's form, no batch dim)")
+                raise BenchError(f"--shape {value!r}: expected NAME:d1,d2,... (perf_analyzer's form, no batch dim)") \
+                    from None
+            shapes[name] = dims
     return shapes, own_data
+
+
+def parse_shape(value: str) -> tuple[str, list[int]]:
+    """perf_analyzer's ``NAME:d1,d2,...`` (no batch dim); ValueError if it is not that."""
+    name, sep, dims = value.rpartition(":")
+    if not sep or not name:
+        raise ValueError(value)
+    return name, [int(d) for d in dims.split(",")]
 
 
 def profile(request: PerfRequest, binary: PerfAnalyzer | None = None) -> dict:

@@ -17,15 +17,15 @@ def _numbers(ctx, param, value):
 
 
 def _shapes(ctx, param, values):
+    from toolkit.bench.perf_analyzer import parse_shape
+
     shapes = {}
     for value in values:
-        name, sep, dims = value.rpartition(":")
         try:
-            shapes[name] = [int(d) for d in dims.split(",")]
+            name, dims = parse_shape(value)
         except ValueError:
-            sep = ""
-        if not sep or not name:
-            raise click.BadParameter(f"{value!r}: expected NAME:d1,d2,... (no batch dim)")
+            raise click.BadParameter(f"{value!r}: expected NAME:d1,d2,... (no batch dim)") from None
+        shapes[name] = dims
     return shapes
 
 
