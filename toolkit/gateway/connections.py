@@ -57,6 +57,7 @@ class GatewayServer(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
+        self._acceptors: list[_Acceptor] = []
         loop = asyncio.get_running_loop()
         protocol = self.config.http_protocol_class
         for server in getattr(self, "servers", []):
@@ -64,8 +65,15 @@ class GatewayServer(uvicorn.Server):
                 with socket.socket(fileno=os.dup(listening.fileno())) as same:  # the same socket, another fd
                     same.listen(max(LISTEN_BACKLOG, self.config.backlog))
                 if isinstance(protocol, type) and issubclass(protocol, GuardedH11Protocol):
-                    _Acceptor(loop, listening, server, protocol, self.server_state.connections,
-                              self.config.limit_concurrency).start()
+                    acceptor = _Acceptor(loop, listening, server, protocol, self.server_state.connections,
+                                         self.config.limit_concurrency)
+                    acceptor.start()
+                    self._acceptors.append(acceptor)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for acceptor in getattr(self, "_acceptors", []):  # no new connection from here on
+            acceptor.close()
+        await super().shutdown(sockets)
 
 
 class _Acceptor:
@@ -115,6 +123,12 @@ class _Acceptor:
                     del counts[address]
                 continue
             self.loop.create_task(self.loop.connect_accepted_socket(self.factory, conn, ssl=self.ssl))
+
+    def close(self) -> None:
+        """Stop accepting and close our descriptor of the listening socket (uvicorn closes its own)."""
+        with contextlib.suppress(OSError, ValueError):
+            self.loop.remove_reader(self.fd)
+        self.sock.close()
 
     def _resume(self) -> None:
         if self.sock.fileno() >= 0:
