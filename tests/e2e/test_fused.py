@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import urllib.request
 
 import numpy as np
@@ -90,18 +91,34 @@ def test_each_fused_step_reports_its_own_metrics(server):
         client.infer("embedding_fused", _texts(["metrics per step", "and another"]))
         with pytest.raises(InferenceError):
             client.infer("embedding_fused", {"TEXT": np.array([[b""]], dtype=object)})
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    requests, failures = {}, {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            model = sample.labels.get("model", "")
-            if sample.name == "toolkit_hook_requests_total" and model.startswith("embedding_fused/"):
-                requests[model] = sample.value
-            if sample.name == "toolkit_hook_failures_total" and model.startswith("embedding_fused/"):
-                failures[(model, sample.labels["code"])] = sample.value
+
+    def counts():
+        text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+        requests, failures = {}, {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                model = sample.labels.get("model", "")
+                if sample.name == "toolkit_hook_requests_total" and model.startswith("embedding_fused/"):
+                    requests[model] = sample.value
+                if sample.name == "toolkit_hook_failures_total" and model.startswith("embedding_fused/"):
+                    failures[(model, sample.labels["code"])] = sample.value
+        refused = sum(v for (model, _), v in failures.items() if model == "embedding_fused/tokenizer")
+        return requests, failures, refused
+
+    def settled(requests, failures, refused):
+        return (requests.get("embedding_fused/tokenizer", 0) >= 2
+                and failures.get(("embedding_fused/tokenizer", "1001"), 0) >= 1
+                and requests.get("embedding_fused/bert") == requests.get("embedding_fused/pooling")
+                == requests.get("embedding_fused/tokenizer", 0) - refused)
+
+    # the stub sends its metric updates from a thread after the answers: wait for the last of them
+    deadline = time.monotonic() + 10
+    requests, failures, refused = counts()
+    while not settled(requests, failures, refused) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        requests, failures, refused = counts()
     # the tokenizer saw both requests and refused one; bert and pooling saw only the good one
     assert requests["embedding_fused/tokenizer"] >= 2 and failures[("embedding_fused/tokenizer", "1001")] >= 1
-    refused = sum(v for (model, _), v in failures.items() if model == "embedding_fused/tokenizer")
     assert requests["embedding_fused/bert"] == requests["embedding_fused/pooling"] \
         == requests["embedding_fused/tokenizer"] - refused
 

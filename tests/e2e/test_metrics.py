@@ -3,6 +3,7 @@ counts checked against the requests this test sent (deltas: the shared server se
 
 from __future__ import annotations
 
+import time
 import urllib.request
 
 import numpy as np
@@ -30,6 +31,17 @@ def delta(before, after, name, **labels) -> float:
     return after.get(key, 0.0) - before.get(key, 0.0)
 
 
+def scrape_until(server, done, seconds: float = 10.0) -> dict[tuple[str, tuple], float]:
+    """The metrics once ``done(samples)`` holds, or as they are after ``seconds``: each stub sends its
+    updates from a thread of its own, after the answers (toolkit/runtime/metrics.py)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        samples = scrape(server)
+        if done(samples) or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.05)
+
+
 def test_hook_metrics_count_requests_failures_and_batches_per_model(example_server):
     before = scrape(example_server)
     with TritonClient(example_server.grpc_url, protocol="grpc") as client:
@@ -40,8 +52,9 @@ def test_hook_metrics_count_requests_failures_and_batches_per_model(example_serv
             with pytest.raises(InferenceError) as failed:
                 client.infer("embedding", {"TEXT": np.array([[b"   "]], dtype=object)})
             assert failed.value.code == 1001
-    after = scrape(example_server)
     tok, bert, pool = ({"model": m, "version": "1"} for m in ("tokenizer", "bert", "pooling"))
+    after = scrape_until(example_server, lambda now: delta(before, now, "toolkit_hook_requests_total", **pool) >= 8
+                         and delta(before, now, "toolkit_hook_failures_total", code="1001", **tok) >= 2)
 
     assert delta(before, after, "toolkit_hook_requests_total", **tok) == 10
     assert delta(before, after, "toolkit_hook_failures_total", code="1001", **tok) == 2

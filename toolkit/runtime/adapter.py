@@ -38,7 +38,7 @@ class TritonPythonModel:
         # Who else of this model is executing (ctx.occupancy): the ONNX hook's adaptive threads.
         self.occupancy = for_instance(self.name, args["model_version"], args.get("model_instance_name", ""),
                                       groups)
-        self.fused = None
+        self.fused = self.metrics = None
         if FUSED in params:  # execution: fused - the ensemble's steps in this process
             from toolkit.runtime.fused_runner import FusedPipeline
 
@@ -107,6 +107,10 @@ class TritonPythonModel:
 
     def finalize(self):
         self.occupancy.close()
+        if self.metrics is not None or self.fused is not None:
+            from toolkit.runtime.metrics import drain
+
+            drain()  # the last batches' metric updates, before the model's metrics go
         if self.fused is not None:
             self.fused.finalize()
             return
