@@ -183,6 +183,32 @@ def test_adaptive_is_the_default_and_one_instance_keeps_one_session(dense_onnx, 
         assert _adaptive(dense_onnx, Occupancy(tmp_path / "m.lock", slot=0, count=2)).solo is not None
 
 
+def _spin_entries(session) -> tuple[str, str]:
+    options = session.get_session_options()
+
+    def entry(key: str) -> str:  # "" where unset: onnxruntime's default
+        try:
+            return options.get_session_config_entry(key)
+        except RuntimeError:
+            return ""
+
+    return entry("session.intra_op.allow_spinning"), entry("session.force_spinning_stop")
+
+
+def test_by_default_only_the_every_core_session_spins_and_only_within_a_run(dense_onnx, tmp_path):
+    """``spin_threads: solo``: a run no peer overlaps spins between its ops and stops at its end; the
+    sessions that share the cores with a peer never spin; an explicit ``false`` keeps both asleep."""
+    from toolkit.runtime.onnx_hook import default_threads
+
+    if default_threads(1) < 2:
+        pytest.skip("one core: adaptive threads have nothing to add")
+    hook = _adaptive(dense_onnx, Occupancy(tmp_path / "m.lock", slot=0, count=2))
+    assert _spin_entries(hook.session) == ("0", "") and _spin_entries(hook.solo) == ("", "1")
+    asleep = _adaptive(dense_onnx, Occupancy(tmp_path / "m.lock", slot=0, count=2), spin_threads="false")
+    assert _spin_entries(asleep.session) == _spin_entries(asleep.solo) == ("0", "")
+    assert _spin_entries(_adaptive(dense_onnx, Occupancy()).session) == ("0", "")  # one instance: no solo
+
+
 @pytest.mark.parametrize(("key", "value"), [("intra_op_threads", "two"), ("intra_op_threads", "0"),
                                             ("spin_threads", "sometimes")])
 def test_bad_thread_parameters_are_refused_by_name(dense_onnx, key, value):

@@ -38,7 +38,7 @@ def test_load_project_reads_onnx_inputs_and_outputs_when_spec_omits_them(tmp_pat
 @pytest.mark.parametrize(("params", "words"), [
     ({"intra_op_threads": "all"}, "intra_op_threads: expected a positive integer or 'adaptive', got 'all'"),
     ({"intra_op_threads": 0}, "intra_op_threads: expected a positive integer or 'adaptive', got '0'"),
-    ({"spin_threads": "yes"}, "spin_threads: expected false, true or run, got 'yes'"),
+    ({"spin_threads": "yes"}, "spin_threads: expected false, true, run or solo, got 'yes'"),
 ])
 def test_load_project_refuses_onnx_thread_parameters_the_hook_cannot_take(tmp_path, params, words):
     folder = write_model(tmp_path, "linear", {"kind": "onnx", "max_batch_size": 4, "parameters": params})

@@ -13,9 +13,12 @@ Threads. The inter-op pool is 1 and the intra-op pool's threads sleep between op
   instances share the cores without oversubscribing them, which beats both fixed choices (BENCHMARKS.md,
   "Adaptive threads"). With one instance (or one core) there is one session of every core.
 - a positive integer: that many threads, always (one session).
-``spin_threads: "run"`` lets the threads spin within a run and stop at its end (a lone convolutional
-net's batch-1 latency drops, MobileNetV2 27.8 -> 22.7 ms on a slow 2-core VM, but two instances then
-spin against each other: 56 -> 43 images/s at c=16), ``"true"`` always.
+``spin_threads``: ``solo`` (the default) lets adaptive's every-core session spin within a run and
+stop at its end, while the sessions that share the cores sleep between ops (a lone documentation
+sentence through BERT: 6.8 -> 5.6-5.9 ms in process, the same CPU). ``"run"`` lets every session's
+threads spin within a run (a lone convolutional net's batch-1 latency drops, MobileNetV2 27.8 -> 22.7
+ms on a slow 2-core VM, but two instances then spin against each other: 56 -> 43 images/s at c=16),
+``"true"`` always, ``"false"`` never.
 
 Inputs are checked per request in ``api_entry`` (microseconds), so a bad one fails alone with a
 clear code instead of onnxruntime's error (or, worse, a silently wrong answer: its Gather wraps a
@@ -43,7 +46,7 @@ import os
 import numpy as np
 
 from toolkit.runtime.hooks import Hook, HookContext, HookError
-from toolkit.runtime.params import SERVING_KEY, gpu_parameters, read_export, thread_parameters
+from toolkit.runtime.params import SERVING_KEY, SOLO_SPIN, gpu_parameters, read_export, thread_parameters
 
 INPUT_OUT_OF_RANGE = 1301
 INPUT_NOT_FINITE = 1302
@@ -74,10 +77,13 @@ class OnnxModel(Hook):
         self.occupancy = ctx.occupancy
         self.solo = None  # adaptive: the session with every core, for runs no peer overlaps
         self.providers = execution_providers(ort, ctx)
-        self.session = session(ort, path, threads or share, spin, export.get(SERVING_KEY), self.providers)
+        # solo (the default): only adaptive's every-core session spins, within a run no peer overlaps
+        self.session = session(ort, path, threads or share, "false" if spin == SOLO_SPIN else spin,
+                               export.get(SERVING_KEY), self.providers)
         self.providers = confirm_gpu(self.session, self.providers, ctx)
         if threads is None and default_threads(1) > share and ctx.occupancy.shared and self.on_cpu:
-            self.solo = session(ort, path, default_threads(1), spin, export.get(SERVING_KEY))
+            self.solo = session(ort, path, default_threads(1), "run" if spin == SOLO_SPIN else spin,
+                                export.get(SERVING_KEY))
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.dynamic_axes, self.shared_dims = _graph_dims(self.session.get_inputs())

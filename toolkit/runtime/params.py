@@ -23,6 +23,9 @@ BUCKET_ROWS = "toolkit.bucket_rows"
 FUSED = "toolkit.fused"
 #: ``intra_op_threads: adaptive``: every core for a run no other instance overlaps, the share otherwise.
 ADAPTIVE = "adaptive"
+#: ``spin_threads: solo`` (the default): adaptive's every-core session spins within a run and stops at
+#: its end (no peer runs then); the sessions that share the cores with peers never spin.
+SOLO_SPIN = "solo"
 #: export.json's key for what the served ONNX session needs (see ``onnx_hook.session``).
 SERVING_KEY = "onnxruntime"
 
@@ -47,9 +50,9 @@ def thread_parameters(params, where: str = "parameter") -> tuple[int | None, str
         if not (value.isdigit() and int(value) > 0):
             raise ValueError(f"{where} intra_op_threads: expected a positive integer or {ADAPTIVE!r}, got {raw!r}")
         threads = int(value)
-    spin = str(params.get("spin_threads", "false")).lower()
-    if spin not in ("false", "true", "run"):
-        raise ValueError(f"{where} spin_threads: expected false, true or run, got {spin!r}")
+    spin = str(params.get("spin_threads", SOLO_SPIN)).lower()
+    if spin not in ("false", "true", "run", SOLO_SPIN):
+        raise ValueError(f"{where} spin_threads: expected false, true, run or {SOLO_SPIN}, got {spin!r}")
     return threads, spin
 
 
