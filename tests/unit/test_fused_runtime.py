@@ -79,6 +79,23 @@ def test_load_project_notes_a_fused_ensemble_with_one_instance_behind_a_queue_po
     assert not [n for n in notes if "one instance with a queue policy" in n]
 
 
+def test_the_fused_model_batches_as_its_busiest_step_does(tmp_path):
+    """The fused model's batches are mostly the busiest step's work (BERT's, in the example): its
+    batcher, not the entry step's, unless the ensemble sets one."""
+    _chain(tmp_path)
+    write_model(tmp_path, "first", python_model(
+        [("X", "FP32", [-1])], [("Y", "FP32", [-1])], hook="hooks:Hook1", parameters={"factor": 2},
+        pad_inputs={"X": 0}, trim_outputs={"Y": "X"}, dynamic_batching={"max_queue_delay_microseconds": 300}),
+        files={"hooks.py": HOOK_A})
+    write_model(tmp_path, "second", python_model(
+        [("Y", "FP32", [-1])], [("Z", "FP32", [-1])], hook="hooks:Hook1", parameters={"factor": 10},
+        instance_count=3, dynamic_batching={"preferred_batch_size": [4]}), files={"hooks.py": HOOK_B})
+    repo = generate_repository(load_project(tmp_path / "models", tmp_path / "ensembles"), tmp_path / "repo").path
+    config = (repo / "chain" / "config.pbtxt").read_text()
+    assert "count: 3" in config and "preferred_batch_size: [ 4 ]" in config
+    assert "max_queue_delay_microseconds: 300" not in config
+
+
 def test_fused_settings_override_the_defaults(tmp_path):
     _chain(tmp_path, fused={"instance_count": 1, "dynamic_batching": {"max_queue_delay_microseconds": 500,
                                                                        "preferred_batch_size": [4]},

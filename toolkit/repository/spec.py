@@ -355,7 +355,8 @@ class EnsembleStep(_Strict):
 
 class FusedOptions(_Strict):
     """How Triton serves a fused ensemble, which is one python model: its instances and batcher.
-    Defaults: as many instances as the busiest step, and the entry step's batcher settings."""
+    Defaults: the busiest step's instance count and batcher (the first step with the most instances:
+    the one whose work the fused model's batches mostly are, e.g. BERT's preferred batch size)."""
 
     instance_count: int | None = Field(default=None, ge=1, le=64)
     dynamic_batching: DynamicBatching | None = None
@@ -372,9 +373,11 @@ class FusedOptions(_Strict):
 
     def resolved(self, steps: list[ModelSpec]) -> tuple[int, DynamicBatching]:
         """The fused model's instance count and batcher, for its step models in dependency order:
-        these options where set, else the busiest step's count and the entry step's batcher."""
-        count = self.instance_count or max(s.instance_count for s in steps)
-        return count, self.dynamic_batching or steps[0].dynamic_batching or DynamicBatching()
+        these options where set, else the busiest step's count and batcher (the entry step's batcher
+        when the busiest has none)."""
+        busiest = max(steps, key=lambda s: s.instance_count)
+        batching = self.dynamic_batching or busiest.dynamic_batching or steps[0].dynamic_batching
+        return self.instance_count or busiest.instance_count, batching or DynamicBatching()
 
 
 class EnsembleSpec(_ModelBase):
