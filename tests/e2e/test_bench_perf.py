@@ -17,9 +17,10 @@ from toolkit.cli.main import cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-#: Two load points, windows of 0.8 s, at most 4 of them per point, any spread accepted (the numbers are
-#: not judged here: BENCHMARKS.md's are).
-SHORT = ["--concurrency-range", "1:2", "-p", "800", "--max-trials", "4", "-s", "100"]
+#: Two load points, windows of 0.8 s, at most 10 of them per point (8 s), any spread accepted (the
+#: numbers are not judged here: BENCHMARKS.md's are). perf_analyzer wants 3 windows in a row within
+#: the spread; with 4 at most, one outlier window on a busy machine failed a whole-suite run.
+SHORT = ["--concurrency-range", "1:2", "-p", "800", "--max-trials", "10", "-s", "100"]
 
 
 def perf(server, model, out, *extra):
