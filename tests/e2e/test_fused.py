@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 import urllib.request
 
 import numpy as np
 import pytest
 import yaml
+from bounded import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from serving import ROOT, call_concurrently, free_ports
 
@@ -111,12 +111,12 @@ def test_each_fused_step_reports_its_own_metrics(server):
                 and requests.get("embedding_fused/bert") == requests.get("embedding_fused/pooling")
                 == requests.get("embedding_fused/tokenizer", 0) - refused)
 
+    def sent():
+        now = counts()
+        return now if settled(*now) else None
+
     # the stub sends its metric updates from a thread after the answers: wait for the last of them
-    deadline = time.monotonic() + 10
-    requests, failures, refused = counts()
-    while not settled(requests, failures, refused) and time.monotonic() < deadline:
-        time.sleep(0.05)
-        requests, failures, refused = counts()
+    requests, failures, refused = wait_for(sent, 10) or counts()
     # the tokenizer saw both requests and refused one; bert and pooling saw only the good one
     assert requests["embedding_fused/tokenizer"] >= 2 and failures[("embedding_fused/tokenizer", "1001")] >= 1
     assert requests["embedding_fused/bert"] == requests["embedding_fused/pooling"] \

@@ -3,11 +3,11 @@ counts checked against the requests this test sent (deltas: the shared server se
 
 from __future__ import annotations
 
-import time
 import urllib.request
 
 import numpy as np
 import pytest
+from bounded import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from toolkit.client import TritonClient
@@ -31,17 +31,6 @@ def delta(before, after, name, **labels) -> float:
     return after.get(key, 0.0) - before.get(key, 0.0)
 
 
-def scrape_until(server, done, seconds: float = 10.0) -> dict[tuple[str, tuple], float]:
-    """The metrics once ``done(samples)`` holds, or as they are after ``seconds``: each stub sends its
-    updates from a thread of its own, after the answers (toolkit/runtime/metrics.py)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        samples = scrape(server)
-        if done(samples) or time.monotonic() > deadline:
-            return samples
-        time.sleep(0.05)
-
-
 def test_hook_metrics_count_requests_failures_and_batches_per_model(example_server):
     before = scrape(example_server)
     with TritonClient(example_server.grpc_url, protocol="grpc") as client:
@@ -53,8 +42,13 @@ def test_hook_metrics_count_requests_failures_and_batches_per_model(example_serv
                 client.infer("embedding", {"TEXT": np.array([[b"   "]], dtype=object)})
             assert failed.value.code == 1001
     tok, bert, pool = ({"model": m, "version": "1"} for m in ("tokenizer", "bert", "pooling"))
-    after = scrape_until(example_server, lambda now: delta(before, now, "toolkit_hook_requests_total", **pool) >= 8
-                         and delta(before, now, "toolkit_hook_failures_total", code="1001", **tok) >= 2)
+    # each stub sends its metric updates from a thread of its own, after the answers: wait for them
+    def sent():
+        now = scrape(example_server)
+        return now if (delta(before, now, "toolkit_hook_requests_total", **pool) >= 8
+                       and delta(before, now, "toolkit_hook_failures_total", code="1001", **tok) >= 2) else None
+
+    after = wait_for(sent, 10) or scrape(example_server)
 
     assert delta(before, after, "toolkit_hook_requests_total", **tok) == 10
     assert delta(before, after, "toolkit_hook_failures_total", code="1001", **tok) == 2

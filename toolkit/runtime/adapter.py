@@ -107,10 +107,9 @@ class TritonPythonModel:
 
     def finalize(self):
         self.occupancy.close()
-        if self.metrics is not None or self.fused is not None:
-            from toolkit.runtime.metrics import drain
+        from toolkit.runtime.metrics import drain
 
-            drain()  # the last batches' metric updates, before the model's metrics go
+        drain()  # the last batches' metric updates, before the model's metrics go (no-op without any)
         if self.fused is not None:
             self.fused.finalize()
             return

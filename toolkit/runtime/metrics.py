@@ -34,33 +34,34 @@ ROW_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 
 class _Sender:
-    """The stub's one metrics thread: runs each handed-over batch of updates in order."""
+    """The stub's one metrics thread: runs each handed-over batch of updates in order. Each thread
+    has a queue of its own, so the stop that ``drain`` sends can only reach the thread it drains."""
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue | None = None  # the running thread's
+        self._thread: threading.Thread | None = None
 
     def submit(self, send: Callable[[], None]) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="toolkit-metrics", daemon=True)
+                self._queue = queue.SimpleQueue()
+                self._thread = threading.Thread(target=self._run, args=(self._queue,), name="toolkit-metrics",
+                                                daemon=True)
                 self._thread.start()
-        self._queue.put(send)
+            self._queue.put(send)
 
-    def _run(self) -> None:
-        while True:
-            send = self._queue.get()
-            if send is None:
-                return
+    @staticmethod
+    def _run(sends: queue.SimpleQueue) -> None:
+        while (send := sends.get()) is not None:
             send()
 
     def drain(self, timeout: float = 5.0) -> None:
         """Send everything submitted so far, then stop the thread (the next ``submit`` starts another)."""
         with self._lock:
-            thread, self._thread = self._thread, None
+            thread, sends, self._thread, self._queue = self._thread, self._queue, None, None
         if thread is not None and thread.is_alive():
-            self._queue.put(None)
+            sends.put(None)
             thread.join(timeout)
 
 
